@@ -1,0 +1,591 @@
+"""minibard tests: the math against naive references, then tiny end-to-end runs (subprocess).
+
+Run: python -m pytest -q test_all.py     (about a minute on 2 cores; tiny configs, not the defaults)
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt import GPT, GPTConfig, KVCache, configure, decode, encode, load_model, save_checkpoint, token_logprobs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
+TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed=0, config=TINY):
+    torch.manual_seed(seed)
+    return GPT(config).eval()
+
+
+def run(script, *args, cwd=HERE):
+    """Run a stage as a user would; returns (exit code, stdout + stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+# ======================================================================== gpt.py
+def test_shapes_and_loss():
+    m = tiny_model()
+    idx = torch.randint(0, 65, (3, 16))
+    logits, loss = m(idx)
+    assert logits.shape == (3, 16, 65) and loss is None
+    _, loss = m(idx, torch.randint(0, 65, (3, 16)))
+    assert loss.shape == () and abs(loss.item() - math.log(65)) < 0.5  # near-uniform at init
+
+
+def test_causal_mask_leaks_nothing():
+    m = tiny_model()
+    a = torch.randint(0, 65, (2, 16))
+    for t in range(15):
+        b = a.clone()
+        b[:, t + 1:] = torch.randint(0, 65, (2, 15 - t))  # change the future only
+        la, lb = m(a)[0], m(b)[0]
+        assert torch.equal(la[:, :t + 1], lb[:, :t + 1]), f'position <= {t} saw the future'
+    assert not torch.allclose(la[:, -1], lb[:, -1])  # and the change is visible where it may be
+
+
+def test_kv_cache_matches_full_forward_within_block():
+    m = tiny_model()
+    idx = torch.randint(0, 65, (2, 16))
+    full = m(idx)[0]                                        # (B, T, V)
+    cache = KVCache(TINY, 2, 'cpu', torch.float32)
+    steps = [m(idx[:, :5], cache=cache)[0]]                 # prefill 5 tokens
+    steps += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]  # then one at a time
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_kv_cache_generate_matches_recompute_past_block_size():
+    """generate() past block_size: every logit it sampled from equals a plain forward over its window.
+
+    Window rule (documented in generate): start at the cropped prompt; whenever the context
+    would exceed block_size, restart it from the last block_size // 2 tokens."""
+    m, bs = tiny_model(), TINY.block_size
+    seen = []
+    hook = m.register_forward_hook(lambda mod, inp, out: seen.append(out[0][:, -1].clone()))
+    prompt = torch.randint(0, 65, (3, 20))                  # longer than the context: gets cropped
+    out, logps = m.generate(prompt, 40, generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    hook.remove()
+    assert out.shape == (3, 60) and logps.shape == (3, 40) and torch.equal(out[:, :20], prompt)
+    s = max(0, 20 - bs)
+    for i in range(40):
+        n = 20 + i                                          # tokens before new token i
+        if n - s > bs:
+            s = n - bs // 2
+        ref = m(out[:, s:n])[0][:, -1]                      # (B, V) full recompute of the window
+        assert (seen[i] - ref).abs().max() <= 1e-4, f'step {i}'
+        ref_lp = F.log_softmax(ref, -1).gather(-1, out[:, n:n + 1]).squeeze(-1)
+        assert (logps[:, i] - ref_lp).abs().max() <= 1e-4
+
+
+def test_generate_seeded_reproducible_and_temperature_zero_is_argmax():
+    m = tiny_model()
+    p = torch.randint(0, 65, (4, 3))
+    a = m.generate(p, 10, generator=torch.Generator().manual_seed(1))
+    b = m.generate(p, 10, generator=torch.Generator().manual_seed(1))
+    c = m.generate(p, 10, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy, ref = m.generate(p, 10, temperature=0), p
+    for _ in range(10):                                     # naive greedy: full forward, argmax
+        ref = torch.cat([ref, m(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, ref)
+
+
+def test_top_k_and_logprobs_at_temperature():
+    m = tiny_model()
+    p = torch.randint(0, 65, (64, 4))
+    out, lp = m.generate(p, 1, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(0),
+                         return_logprobs=True)
+    logits = m(p)[0][:, -1]
+    top3 = logits.topk(3).indices
+    assert all(out[b, -1] in top3[b] for b in range(64))   # never outside the top 3
+    masked = logits.masked_fill(logits < logits.topk(3).values[:, [-1]], float('-inf'))
+    assert torch.allclose(lp[:, 0], token_logprobs(masked, out[:, -1], 0.7), atol=1e-5)
+    assert torch.allclose(lp[:, 0], F.log_softmax(masked / 0.7, -1).gather(-1, out[:, -1:]).squeeze(-1), atol=1e-5)
+
+
+def test_codec_round_trip():
+    s = 'ROMEO:\nO, she doth teach the torches to burn bright!'
+    assert decode(encode(s, VOCAB), VOCAB) == s and len(VOCAB) == 65
+
+
+def test_overrides_parse_and_type_check(capsys):
+    g = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None, '_hidden': 1}
+    cfg = configure(g, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True', '--top_k=5'])
+    assert cfg == {'batch_size': 8, 'learning_rate': 1.0, 'out_dir': '/tmp/x', 'compile': True, 'top_k': 5}
+    assert type(g['learning_rate']) is float
+    for bad, words in [('--batch_size=abc', 'expects int'), ('--compile=1', 'expects bool'),
+                       ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2', 'unknown option'),
+                       ('batch_size=3', '--key=value')]:
+        with pytest.raises(SystemExit) as e:
+            configure(dict(g), [bad])
+        assert e.value.code != 0 and words in capsys.readouterr().err
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = tiny_model(3)
+    path = str(tmp_path / 'm.pt')
+    save_checkpoint({'model': m.state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, path)
+    assert os.listdir(tmp_path) == ['m.pt']                 # no temp file left behind
+    m2, vocab, _ = load_model(path)
+    idx = torch.randint(0, 65, (2, 16))
+    assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
+
+
+# ------------------------------------------------------------------ a tiny pipeline, shared
+TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=16',
+            '--max_iters=150', '--eval_interval=50', '--eval_iters=4', '--log_interval=50',
+            '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
+
+
+@pytest.fixture(scope='session')
+def pipeline(tmp_path_factory):
+    """out_dir of a tiny gpt run (later stages add their checkpoints to it)."""
+    out = str(tmp_path_factory.mktemp('out'))
+    code, log = run('gpt.py', f'--out_dir={out}', *TINY_GPT)
+    assert code == 0, log
+    return out, log
+
+
+def test_tiny_training_lowers_loss(pipeline):
+    out, log = pipeline
+    first = float(log.split('step 0: ')[1].split('val loss ')[1].split('\n')[0])
+    metrics = json.load(open(os.path.join(out, 'gpt.json')))
+    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec', 'device'}
+    assert first > 4.0 and metrics['val_loss'] < first - 1.0, (first, metrics)
+
+
+# ======================================================================== reward.py
+from reward import (RewardModel, all_pairs, best_of_n, choice_prob, gold_score, label, pairwise_loss,
+                    evaluate as rm_evaluate)
+
+
+def test_gold_score_on_hand_written_lines():
+    assert gold_score('O sweet love, my gentle joy!') == 4
+    assert gold_score('Death and blood, thou foul villain.') == -4
+    assert gold_score('love love LOVE, Love.') == 1                 # distinct words, any case
+    assert gold_score('A lovely glove; undead.') == 0               # whole words only
+    assert gold_score("Fair Juliet's love is death to me") == 2 - 1
+
+
+def test_labeler_choice_frequency_matches_bradley_terry():
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
+        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau, generator=g).mean().item()
+        p = 1 / (1 + math.exp(-(gi - gj) / tau))
+        assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
+    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3                # a one-word lead wins ~73%
+
+
+def test_all_pairs_once_each():
+    for k in range(2, 8):
+        i, j = all_pairs(k)
+        pairs = list(zip(i.tolist(), j.tolist()))
+        assert len(pairs) == k * (k - 1) // 2 == len(set(pairs)) and all(a < b for a, b in pairs)
+
+
+def test_pairwise_loss_matches_hand_computation():
+    r = torch.tensor([[1.0, 0.0, 2.0]])            # pairs (0,1), (0,2), (1,2)
+    prefs = torch.tensor([[1.0, 0.0, 1.0]])       # winners: 0, 2, 1
+    loss, acc = pairwise_loss(r, prefs)
+    # -log sigmoid(r_w - r_l): margins 1 - 0, 2 - 1, 0 - 2
+    hand = (math.log(1 + math.exp(-1)) * 2 + math.log(1 + math.exp(2))) / 3
+    assert abs(loss.item() - hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
+
+
+class StubRM(torch.nn.Module):
+    """A 'reward model' whose reward is the first token of the sequence (for checks of the plumbing)."""
+    prompt_len = 1
+
+    def forward(self, idx, response_len):
+        return idx[:, 0].float() + 0.01 * idx[:, -1].float()
+
+
+def test_evaluate_bayes_limit_on_hand_case():
+    g = torch.tensor([[0.0, 1.0, 1.0, 3.0]])                  # gold of 4 responses
+    seqs = g.long().view(1, 4, 1).repeat(1, 1, 3)             # the stub RM reads g back: r = g (+ tiny)
+    prefs = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    m = rm_evaluate(StubRM(), seqs, g, prefs, tau=1.0)
+    s = lambda x: 1 / (1 + math.exp(-x))
+    # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): gold diffs -1 -1 -3 0 -2 -2
+    bayes = (s(1) + s(1) + s(3) + 0.5 + s(2) + s(2)) / 6
+    assert abs(m['bayes_acc'] - bayes) < 1e-6
+    assert m['gold_acc'] == 1.0                               # r orders all 5 differing pairs like g
+    assert abs(m['val_acc'] - 5 / 6) < 1e-6                   # the (1,2) tie: r1 == r2 -> says j; label said i
+
+
+def test_best_of_n_returns_the_reward_models_argmax():
+    m = tiny_model()
+    prompts = torch.randint(0, 65, (5, 4))
+    best, best_r, all_y, all_r = best_of_n(m, StubRM(), prompts, 8, 6, 1.0, torch.Generator().manual_seed(0))
+    assert all_y.shape == (5, 8, 6) and all_r.shape == (5, 8)
+    for p in range(5):
+        k = all_r[p].argmax()
+        assert torch.equal(best[p], all_y[p, k]) and best_r[p] == all_r[p].max()
+        assert all_r[p, k] == prompts[p, -1] + 0.01 * all_y[p, k, -1]   # scored on cropped prompt + answer
+
+
+def test_tiny_reward_model_learns_a_toy_preference():
+    """Preferences for sequences with more of character 'e': accuracy well above chance in seconds."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    e = VOCAB.index('e')
+    def batch(P):
+        seqs = torch.randint(0, 65, (P, 4, 12), generator=g)
+        seqs[torch.rand(seqs.shape, generator=g) < 0.3] = e     # a random share of 'e'
+        gold = (seqs == e).sum(-1).float()                      # (P, K)
+        i, j = all_pairs(4)
+        return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
+    rm = RewardModel(TINY, prompt_len=1)
+    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    for _ in range(150):
+        seqs, _, prefs = batch(16)
+        loss, _ = pairwise_loss(rm(seqs.view(-1, 12), 11).view(16, 4), prefs)
+        opt.zero_grad(); loss.backward(); opt.step()
+    rm.eval()
+    seqs, gold, prefs = batch(200)
+    m = rm_evaluate(rm, seqs, gold, prefs, tau=0.5)
+    assert m['gold_acc'] > 0.8 and m['val_acc'] > m['bayes_acc'] - 0.1, m
+
+
+# ======================================================================== ppo.py
+from ppo import (AdaptiveKLController, Critic, exact_kl, gae, kl_estimates, per_token_rewards, ppo_losses,
+                 train as ppo_train)
+
+
+def test_gae_matches_naive_double_loop():
+    torch.manual_seed(0)
+    for _ in range(5):
+        gamma, lam = torch.rand(2).tolist()
+        rewards, values = torch.randn(3, 9), torch.randn(3, 9)
+        adv, ret = gae(rewards, values, gamma, lam)
+        v_next = torch.cat([values[:, 1:], torch.zeros(3, 1)], 1)
+        delta = rewards + gamma * v_next - values
+        naive = torch.zeros(3, 9)
+        for t in range(9):                                      # A_t = sum_l (gamma lam)^l delta_{t+l}
+            for l in range(9 - t):
+                naive[:, t] += (gamma * lam) ** l * delta[:, t + l]
+        assert torch.allclose(adv, naive, atol=1e-5) and torch.allclose(ret, naive + values, atol=1e-5)
+
+
+def test_clipped_surrogate_gradient():
+    adv = torch.tensor([[1.0, -2.0, 0.5, -1.0]])
+    old = torch.log(torch.tensor([[0.3, 0.2, 0.6, 0.1]]))
+    zeros = torch.zeros(1, 4)
+    # ratio 1: the gradient is the plain policy gradient, d/dlogp of -A pi/pi_old = -A / N
+    new = old.clone().requires_grad_()
+    pg, *_ = ppo_losses(new, old, adv, zeros, zeros, zeros, 0.2, 0.2)
+    pg.backward()
+    assert torch.allclose(new.grad, -adv / 4)
+    # ratio 1.5 with A > 0, ratio 0.5 with A < 0: the clip binds, no gradient; the others are pessimistic
+    ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5]])
+    new = (old + ratios.log()).requires_grad_()
+    pg, _, clipfrac, _ = ppo_losses(new, old, adv, zeros, zeros, zeros, 0.2, 0.2)
+    pg.backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0
+    assert torch.allclose(new.grad[0, 2:], -adv[0, 2:] * ratios[0, 2:] / 4)
+    assert clipfrac.item() == 1.0
+
+
+def test_value_loss_is_clipped():
+    old_v, ret = torch.zeros(1, 2), torch.tensor([[1.0, 1.0]])
+    v = torch.tensor([[0.5, -0.5]], requires_grad=True)
+    _, v_loss, _, _ = ppo_losses(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), v, old_v, ret, 0.2, 0.2)
+    # 1/2 mean(max((v - R)^2, (clip(v, -0.2, 0.2) - R)^2)): (0.8^2 vs 0.5^2) and (1.5^2 vs 1.2^2)
+    assert abs(v_loss.item() - 0.5 * (0.8 ** 2 + 1.5 ** 2) / 2) < 1e-6
+    v_loss.backward()
+    assert v.grad[0, 0] == 0 and v.grad[0, 1] != 0             # clipped branch: no gradient
+
+
+def test_per_token_rewards_put_the_score_on_the_last_token():
+    logp, ref = torch.randn(2, 5), torch.randn(2, 5)
+    scores = torch.tensor([3.0, -1.0])
+    r = per_token_rewards(scores, logp, ref, 0.1)
+    assert torch.allclose(r[:, :-1], -0.1 * (logp - ref)[:, :-1])
+    assert torch.allclose(r[:, -1], scores - 0.1 * (logp - ref)[:, -1])
+    assert torch.equal(per_token_rewards(scores, logp, logp, 0.1)[:, :-1], torch.zeros(2, 4))
+
+
+def test_adaptive_kl_controller_hand_numbers():
+    c = AdaptiveKLController(0.1, 6.0, 10000)
+    assert abs(c.update(9.0, 64) - 0.1 * (1 + 0.2 * 64 / 10000)) < 1e-12      # error 0.5 clipped to 0.2
+    c = AdaptiveKLController(0.1, 6.0, 10000)
+    assert abs(c.update(5.4, 100) - 0.1 * (1 - 0.1 * 100 / 10000)) < 1e-12    # error -0.1
+    c = AdaptiveKLController(0.1, 6.0, 10000)
+    assert abs(c.update(0.0, 100) - 0.1 * (1 - 0.2 * 100 / 10000)) < 1e-12    # error -1 clipped to -0.2
+    assert AdaptiveKLController(0.1, 0.0, 10000).update(50.0, 100) == 0.1      # target 0: fixed
+
+
+def test_exact_kl_and_sampled_estimators():
+    torch.manual_seed(0)
+    lp, lq = torch.randn(65), torch.randn(65)
+    p, q = F.softmax(lp, -1), F.softmax(lq, -1)
+    brute = sum(p[v] * math.log(p[v] / q[v]) for v in range(65))
+    assert abs(exact_kl(lp, lq).item() - brute) < 1e-5
+    assert abs(exact_kl(lp, lq, temperature=0.7).item()
+               - (F.softmax(lp / 0.7, -1) * (F.log_softmax(lp / 0.7, -1) - F.log_softmax(lq / 0.7, -1))).sum()) < 1e-5
+    x = torch.multinomial(p, 400000, replacement=True, generator=torch.Generator().manual_seed(0))
+    k1, k3 = kl_estimates(torch.log(p[x]), torch.log(q[x]))
+    assert abs(k1.mean().item() - brute) < 0.03 * brute + 0.01
+    assert abs(k3.mean().item() - brute) < 0.03 * brute + 0.01 and (k3 >= 0).all()
+
+
+def test_tiny_ppo_raises_a_toy_reward():
+    """Reward = share of 'e' in the response: a few PPO iterations from a random tiny GPT raise it."""
+    torch.manual_seed(0)
+    e = VOCAB.index('e')
+    policy, ref = tiny_model(1), tiny_model(1)
+    critic = Critic(RewardModel(TINY, prompt_len=4))
+    reward_fn = lambda seqs: (seqs[:, 4:] == e).float().mean(1) * 10
+    g = torch.Generator().manual_seed(0)
+    cfg = dict(prompt_len=4, response_len=12, temperature=1.0, learning_rate=3e-3, init_beta=0.01, kl_target=0.0,
+               kl_horizon=10000, seed=0, max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0, lam=0.95,
+               ppo_epochs=2, num_minibatches=2, clip_coef=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.0,
+               ptx_coef=0.0, grad_clip=1.0)
+    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=g), cfg, log=lambda s: None)
+    first, last = hist[0]['score'], sum(h['score'] for h in hist[-3:]) / 3
+    assert last > 3 * first and last > 1.0, (first, last)
+    assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist)
+
+
+# ======================================================================== the tiny pipeline, end to end
+TINY_RM = ['--prompt_len=16', '--response_len=32', '--train_prompts=96', '--val_prompts=48',
+           '--prompts_per_batch=8', '--log_interval=4']
+TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of=4']
+
+
+@pytest.fixture(scope='session')
+def trained(pipeline):
+    """The tiny pipeline after reward.py and ppo.py."""
+    out, _ = pipeline
+    code, log = run('reward.py', f'--out_dir={out}', *TINY_RM)
+    assert code == 0, log
+    code, log2 = run('ppo.py', f'--out_dir={out}', *TINY_PPO)
+    assert code == 0, log2
+    return out, log, log2
+
+
+def test_reward_stage_writes_its_metrics(trained):
+    out, log, _ = trained
+    m = json.load(open(os.path.join(out, 'reward.json')))
+    for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'seconds']:
+        assert key in m, key
+    assert m['pairs_train'] == 96 * 6 and m['pairs_val'] == 48 * 6
+    assert 0.5 <= m['bayes_acc'] <= 1 and 0 <= m['ece'] <= 1 and 'iter 0: loss' in log
+    ck = torch.load(os.path.join(out, 'reward.pt'), weights_only=True)
+    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias'} <= set(ck)
+
+
+def test_ppo_stage_writes_log_and_eval(trained):
+    out, _, log = trained
+    m = json.load(open(os.path.join(out, 'ppo.json')))
+    assert m['iters'] == 3 and m['seconds'] > 0
+    for name in ['base', 'best_of_4', 'ppo']:
+        assert set(m['eval'][name]) == {'gold', 'rm', 'prob', 'kl', 'samples'}
+        assert 0 <= m['eval'][name]['prob'] <= 1 and len(m['eval'][name]['samples']) == 3
+    assert m['eval']['base']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
+    assert abs(m['eval']['best_of_4']['kl'] - (math.log(4) - 3 / 4)) < 1e-9
+    rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
+    assert len(rows) == 4 and rows[0].startswith('iter,score,gold,kl,kl_k1,kl_k3,beta')
+    for word in ['score', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
+        assert f' {word} ' in log.split('iter 2:')[1].split('\n')[0]
+
+
+def test_sample_eval_mode_writes_all_keys(trained):
+    out = trained[0]
+    code, log = run('sample.py', f'--out_dir={out}', '--mode=eval', '--eval_prompts=8')
+    assert code == 0, log
+    m = json.load(open(os.path.join(out, 'eval.json')))
+    assert set(m) == {'base', 'best_of_16', 'ppo', 'prompts'}
+    for name in ['base', 'best_of_16', 'ppo']:
+        assert set(m[name]) == {'gold', 'rm', 'prob', 'kl', 'samples'}
+    assert 'best_of_16' in log and 'ppo' in log
+
+
+def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(trained):
+    out = trained[0]
+    code, log = run('sample.py', f'--out_dir={out}', "--start=ROMEO:\\nO gentle", '--num_samples=4')
+    assert code == 0, log
+    lines = [l for l in log.splitlines() if l.startswith('--- reward')]
+    assert len(lines) == 4
+    for l in lines:
+        r, p = float(l.split('reward ')[1].split(',')[0]), float(l.split('= ')[1].split()[0])
+        assert 0 <= p <= 1 and abs(p - 1 / (1 + math.exp(-r))) < 2e-3
+
+
+def test_chat_mode_with_piped_lines(trained):
+    out = trained[0]
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={out}', '--mode=chat'],
+                       input='Good morrow, fair lady.\nWhat news, 7 émissaries?\n', capture_output=True, text=True,
+                       timeout=120, cwd=HERE)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count('JULIET: ') == 2 and p.stdout.count('[P = ') == 2
+    assert "knows no '7é'" in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_chat_format_and_trimming():
+    from sample import end_of_turn, format_chat
+    turns = [('ROMEO', 'Hi'), ('JULIET', 'Hello'), ('ROMEO', 'Bye')]
+    assert format_chat(turns, 'JULIET', 100) == 'ROMEO:\nHi\n\nJULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
+    assert format_chat(turns, 'JULIET', 35) == 'JULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'  # oldest turn dropped
+    assert format_chat(turns, 'JULIET', 20) == 'ROMEO:\nBye\n\nJULIET:\n'
+    assert format_chat([('ROMEO', 'x' * 50)], 'JULIET', 20) == ('ROMEO:\n' + 'x' * 50 + '\n\nJULIET:\n')[-20:]
+    assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == 'Ay, my lord.\nGo.'
+
+
+def test_out_of_vocabulary_prompt_is_one_clear_line(trained):
+    code, log = run('sample.py', f'--out_dir={trained[0]}', '--start=Hello wörld 7')
+    assert code != 0 and 'Traceback' not in log
+    assert "characters not in the vocabulary: '7ö'" in log
+
+
+# ======================================================================== hardening: user mistakes
+import shutil
+import signal
+import time
+
+
+def assert_one_clear_line(code, log, *words):
+    assert code != 0, log
+    assert 'Traceback' not in log, log
+    errors = [l for l in log.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1, log
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+
+
+def test_stages_run_out_of_order(tmp_path):
+    empty = str(tmp_path)
+    assert_one_clear_line(*run('reward.py', f'--out_dir={empty}'), 'gpt.pt', 'run python gpt.py first')
+    assert_one_clear_line(*run('sample.py', f'--out_dir={empty}'), 'run python gpt.py first')
+    assert_one_clear_line(*run('ppo.py', f'--out_dir={empty}'), 'run python gpt.py first')
+
+
+def test_ppo_before_reward(pipeline, tmp_path):
+    shutil.copy(os.path.join(pipeline[0], 'gpt.pt'), tmp_path)
+    assert_one_clear_line(*run('ppo.py', f'--out_dir={tmp_path}'), 'reward.pt', 'run python reward.py first')
+
+
+def test_bad_overrides():
+    assert_one_clear_line(*run('gpt.py', '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
+    assert_one_clear_line(*run('ppo.py', '--learning_rat=1'), 'did you mean --learning_rate?')
+    assert_one_clear_line(*run('reward.py', '--batch_size=abc'), 'did you mean --')  # reward.py has no batch_size
+    assert_one_clear_line(*run('gpt.py', '--batch_size=abc'), '--batch_size expects int', "'abc'")
+
+
+def test_corrupt_and_truncated_checkpoints(pipeline, tmp_path):
+    good = open(os.path.join(pipeline[0], 'gpt.pt'), 'rb').read()
+    for name, blob in [('truncated', good[:len(good) // 2]), ('garbage', b'not a checkpoint at all')]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'gpt.pt').write_bytes(blob)
+        assert_one_clear_line(*run('reward.py', f'--out_dir={d}'), f'cannot load {d}/gpt.pt', 'python gpt.py')
+        assert (d / 'gpt.pt').read_bytes() == blob               # the file is left as it was
+
+
+def test_malicious_pickle_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / 'pwned'
+    payload = (f"import os\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+               f"import torch\ntorch.save({{'model': P()}}, {str(tmp_path / 'gpt.pt')!r})\n")
+    subprocess.run([sys.executable, '-c', payload], check=True)
+    assert not marker.exists()
+    for script in ['reward.py', 'sample.py']:
+        assert_one_clear_line(*run(script, f'--out_dir={tmp_path}'), 'cannot load')
+    assert not marker.exists(), 'a checkpoint ran code'
+
+
+def test_checkpoints_of_another_shape_or_vocabulary(trained, tmp_path):
+    other = str(tmp_path / 'other')
+    code, log = run('gpt.py', f'--out_dir={other}', *TINY_GPT, '--n_embd=32', '--max_iters=2', '--eval_interval=1')
+    assert code == 0, log
+    shutil.copy(os.path.join(trained[0], 'reward.pt'), other)      # a reward model of another gpt
+    assert_one_clear_line(*run('ppo.py', f'--out_dir={other}'), 'not trained from this', 'python reward.py')
+    odd = tmp_path / 'odd.txt'
+    odd.write_text(open(os.path.join(HERE, 'input.txt')).read() + ' ~ ' * 100)
+    assert_one_clear_line(*run('ppo.py', f'--out_dir={trained[0]}', f'--data_path={odd}', '--max_iters=1'),
+                          "characters the checkpoint never saw ('~')")
+
+
+def test_empty_or_missing_input(tmp_path):
+    (tmp_path / 'empty.txt').write_text('')
+    assert_one_clear_line(*run('gpt.py', f'--data_path={tmp_path}/empty.txt', f'--out_dir={tmp_path}'),
+                          'empty.txt has only 0 characters')
+    assert_one_clear_line(*run('gpt.py', f'--data_path={tmp_path}/nope.txt', f'--out_dir={tmp_path}'),
+                          'no ', 'nope.txt')
+
+
+def test_unwritable_out_dir(tmp_path):
+    (tmp_path / 'afile').write_text('x')
+    assert_one_clear_line(*run('gpt.py', f'--out_dir={tmp_path}/afile/out'), 'cannot write to out_dir')
+
+
+def test_nan_stops_without_overwriting(trained, tmp_path):
+    d = str(tmp_path)
+    for f in ['gpt.pt', 'reward.pt', 'ppo.pt']:
+        shutil.copy(os.path.join(trained[0], f), d)
+    before = {f: open(os.path.join(d, f), 'rb').read() for f in ['gpt.pt', 'ppo.pt']}
+    assert_one_clear_line(*run('ppo.py', f'--out_dir={d}', *TINY_PPO, '--learning_rate=1e30'),
+                          'is nan', 'ppo.pt was not overwritten')
+    assert_one_clear_line(*run('gpt.py', f'--out_dir={d}', *TINY_GPT, '--learning_rate=1e30', '--log_interval=1',
+                               '--init_from=resume', '--max_iters=400'), 'loss is nan')
+    for f, blob in before.items():
+        assert open(os.path.join(d, f), 'rb').read() == blob
+
+
+def test_ctrl_c_keeps_the_previous_checkpoint(pipeline, tmp_path):
+    shutil.copy(os.path.join(pipeline[0], 'gpt.pt'), tmp_path)
+    before = (tmp_path / 'gpt.pt').read_bytes()
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, 'gpt.py'), f'--out_dir={tmp_path}', *TINY_GPT,
+                          '--max_iters=100000', '--eval_interval=20'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=HERE)
+    for line in p.stdout:                                          # wait until it has begun training
+        if line.startswith('step 0:'):
+            break
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode != 0 and 'Traceback' not in out and 'interrupted' in out, out
+    assert (tmp_path / 'gpt.pt').read_bytes() == before           # the scratch run had not beaten it
+    assert [f for f in os.listdir(tmp_path) if 'tmp' in f] == []
+
+
+def test_resume_continues_from_the_checkpoint(pipeline, tmp_path):
+    shutil.copy(os.path.join(pipeline[0], 'gpt.pt'), tmp_path)
+    code, log = run('gpt.py', f'--out_dir={tmp_path}', *TINY_GPT, '--init_from=resume', '--max_iters=200')
+    assert code == 0, log
+    assert 'resuming from' in log and 'at iter 150' in log
+    first = log.split('step 150: ')[1].split('\n')[0]
+    assert first == pipeline[1].split('step 150: ')[1].split('\n')[0]  # same model, same eval batches
+    assert 'iter 50:' not in log and 'iter 200:' in log
+    assert json.load(open(tmp_path / 'gpt.json'))['iters'] == 200
+
+
+def strip_times(log):
+    return [l.split(', time')[0] for l in log.splitlines() if l.startswith(('iter', 'step'))]
+
+
+def test_same_seed_same_losses(trained, tmp_path):
+    """Every stage, run twice with the same seed and settings: identical logged numbers."""
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    for d in (a, b):
+        os.makedirs(d)
+        code, log = run('gpt.py', f'--out_dir={d}', *TINY_GPT, '--max_iters=20', '--log_interval=1')
+        assert code == 0, log
+        shutil.copy(os.path.join(trained[0], 'gpt.pt'), d)        # later stages start from the same gpt
+        code, log2 = run('reward.py', f'--out_dir={d}', *TINY_RM, '--train_prompts=48', '--val_prompts=16',
+                         '--log_interval=1')
+        assert code == 0, log2
+        code, log3 = run('ppo.py', f'--out_dir={d}', *TINY_PPO, '--eval_prompts=2')
+        assert code == 0, log3
+        if d == a:
+            logs = (log, log2, log3)
+    for first, second in zip(logs, (log, log2, log3)):
+        assert strip_times(first) == strip_times(second) and len(strip_times(first)) >= 3

@@ -8,7 +8,10 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
  2. Log-probabilities of the sampled characters under the policy and the frozen reference
     (the pretrained GPT) are computed at the sampling temperature, with dropout off.
  3. Reward per token: r_t = -beta (log pi(y_t|s_t) - log pi_ref(y_t|s_t)), and the frozen
-    reward model's (normalised) score is added on the last response token.
+    reward model's score is added on the last response token, scaled to unit std on base-policy
+    answers (Ziegler et al. normalise the RM so; ours is already centred there). How far the RM
+    spreads answers depends on how well it trained, so without the gain the same beta meant a
+    3x different KL pressure from one reward.pt to the next.
  4. beta is adapted (Ziegler et al.): e = clip(KL / target - 1, -0.2, 0.2),
     beta <- beta (1 + e n / horizon), n = episodes per iteration; fixed when kl_target = 0.
     The controller is fed the exact KL (below): same mean as the sampled estimate, less noise.
@@ -19,9 +22,9 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     bonus and optional PPO-ptx (LM loss on input.txt, InstructGPT eq. 2; off by default).
  7. The value function is a separate critic initialised from the reward model (as in
     InstructGPT). Our RM sums a per-token head over the answer, so its running sum
-    V(s_t) = b + sum_{k<t} w . h_k (the score of what has been said so far) is a good value
-    from the first iteration: GAE's TD errors then give every character its own share of the
-    final score, delta_t = c_t - beta kl_t, where a fresh value head would pass back only
+    V(s_t) = b + sum_{k<t} c_k + (Tr - t) c_bar (the score so far plus the expected rest) is a
+    good value from the first iteration: GAE's TD errors then give every character its own
+    share of the final score, delta_t = c_t - c_bar - beta kl_t, where a fresh value head passes
     lambda^(T-1-t) of it (0.95^63 = 0.04 to the first character). The critic is then trained
     with the clipped value loss.
  8. KL to the reference, logged three ways per iteration (nats per sequence): k1 = sum_t
@@ -57,14 +60,15 @@ device = 'cuda' if _gpu else 'cpu'
 out_dir = 'out'                 # reads gpt.pt and reward.pt, writes ppo.pt, ppo.json, ppo_log.csv
 data_path = 'input.txt'
 seed = 1337
-max_iters = 45                  # PPO iterations (rollout + update)
+max_iters = 28                  # PPO iterations (rollout + update); KL grows ~0.2 nats/iter here
 batch_size = 64                 # episodes (prompts) per iteration
 prompt_len = None               # None: as out/reward.pt was trained (the RM knows only that shape)
 response_len = None             # None: as out/reward.pt was trained
 temperature = 1.0               # sampling and log-prob temperature (must be the same: Huang et al.)
 ppo_epochs = 2                  # passes over each rollout
 num_minibatches = 2             # minibatches per pass
-learning_rate = 3e-4            # AdamW, constant, policy and critic
+learning_rate = 3e-4            # AdamW, constant, policy
+critic_lr = 1e-5                # the critic: its value is a sum over 64 characters, so small steps
 clip_coef = 0.2                 # PPO ratio clip epsilon
 vf_clip = 0.2                   # value clip around the rollout's values
 vf_coef = 0.5                   # value loss weight (separate networks: it matters only via grad_clip)
@@ -72,7 +76,7 @@ ent_coef = 0.0                  # entropy bonus (0: the KL penalty already keeps
 ptx_coef = 0.0                  # PPO-ptx: weight of the pretraining LM loss (InstructGPT: 27.8)
 gamma = 1.0                     # discount: episodes are short and the reward comes at the end
 lam = 0.95                      # GAE lambda
-init_beta = 0.05                # initial KL coefficient (InstructGPT: 0.02)
+init_beta = 0.6                 # initial KL coefficient, for rewards of unit std (see point 3)
 kl_target = 6.0                 # nats per sequence; 0 = fixed beta
 kl_horizon = 10000              # episodes for the controller to close the gap
 grad_clip = 1.0
@@ -83,15 +87,23 @@ best_of = 16
 
 
 class Critic(nn.Module):
-    """V(s_t) for t = 0..Tr-1, from a trainable copy of the reward model (see point 7 above)."""
-    def __init__(self, rm):
+    """V(s_t) for t = 0..Tr-1, from a trainable copy of the reward model (see point 7 above).
+
+    The RM scores b + sum_k c_k, c_k = w . h_k per character. The value of a half-said answer is
+    what it has scored so far plus what the rest is expected to add: V(s_t) = b + sum_{k<t} c_k +
+    (Tr - t) c_bar, with c_bar = -b / Tr the mean share per character of a base answer (whose
+    score is 0 after normalisation). Then V(s_0) = 0 and delta_t = c_t - c_bar - beta kl_t."""
+    def __init__(self, rm, response_len, gain=1.0):
         super().__init__()
         self.rm = copy.deepcopy(rm)
+        self.c_bar = nn.Parameter(-rm.bias.detach().clone() / response_len)
+        self.register_buffer('gain', torch.tensor(float(gain)))     # the same scale as PPO's rewards
 
     def forward(self, seqs, prompt_len):
         h = self.rm.trunk.hidden(seqs)[:, prompt_len:]              # (B, Tr, C) answer positions
         c = self.rm.head(h).squeeze(-1)                             # (B, Tr) each character's share
-        return self.rm.bias + torch.cumsum(c, 1) - c                # (B, Tr) b + sum_{k<t} c_k
+        to_come = torch.arange(c.size(1), 0, -1, device=c.device)   # Tr - t characters still to say
+        return self.gain * (self.rm.bias + torch.cumsum(c, 1) - c + to_come * self.c_bar)  # (B, Tr)
 
 
 def response_logits(logits, prompt_len):
@@ -194,7 +206,8 @@ def train(policy, ref, critic, reward_fn, get_prompts, cfg, gold_fn=None, lm_bat
     A NaN/inf loss raises FloatingPointError before the update, so nothing bad gets saved."""
     Tp, Tr, temp = cfg['prompt_len'], cfg['response_len'], cfg['temperature']
     params = list(policy.parameters()) + list(critic.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg['learning_rate'], weight_decay=0.0)
+    opt = torch.optim.AdamW([{'params': policy.parameters(), 'lr': cfg['learning_rate']},
+                             {'params': critic.parameters(), 'lr': cfg['critic_lr']}], weight_decay=0.0)
     kl_ctl = AdaptiveKLController(cfg['init_beta'], cfg['kl_target'], cfg['kl_horizon'])
     gen = torch.Generator(next(policy.parameters()).device).manual_seed(cfg['seed'])
     shuffle = torch.Generator().manual_seed(cfg['seed'])
@@ -322,7 +335,6 @@ if __name__ == '__main__':
         p.requires_grad_(False)                                       # frozen reference and RM
     policy = GPT(GPTConfig(**dict(base.config.__dict__, dropout=0.0))).to(device)
     policy.load_state_dict(base.state_dict())
-    critic = Critic(rm).requires_grad_(True)                          # a trainable copy of the frozen RM
     prompt_gen = torch.Generator().manual_seed(seed)
     get_prompts = lambda b: sample_prompts(train_data, b, prompt_len, prompt_gen).to(device)
     block = base.config.block_size
@@ -348,9 +360,15 @@ if __name__ == '__main__':
                          'model_args': dict(policy.config.__dict__), 'config': config, 'vocab': vocab,
                          **extra}, ckpt_path)
 
-    print(f'PPO: {max_iters} iters x {batch_size} episodes of {response_len} chars, device {device}')
+    with torch.no_grad():  # the RM's std on base answers -> rewards of unit scale (Ziegler et al.)
+        seqs0 = base.generate(get_prompts(forward_batch_size), response_len, temperature=temperature,
+                              generator=torch.Generator(device).manual_seed(seed))
+        gain = 1.0 / rm(seqs0, response_len).std().clamp_min(1e-6).item()
+    critic = Critic(rm, response_len, gain).requires_grad_(True)      # a trainable copy of the frozen RM
+    print(f'PPO: {max_iters} iters x {batch_size} episodes of {response_len} chars, device {device}; '
+          f'RM std on base answers {1 / gain:.4f}, so score = RM x {gain:.2f}')
     try:
-        history = train(policy, base, critic, lambda s: rm(s, response_len), get_prompts, config, gold_fn=lambda y: gold_scores(y.cpu(), vocab),
+        history = train(policy, base, critic, lambda s: gain * rm(s, response_len), get_prompts, config, gold_fn=lambda y: gold_scores(y.cpu(), vocab),
                         lm_batch_fn=lm_batch, on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')

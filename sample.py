@@ -140,6 +140,8 @@ if __name__ == '__main__':
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 break
+            if not sys.stdin.isatty():                            # piped: show the line, as a terminal would
+                print(line)
             line, dropped = clean(line.strip(), vocab)
             if dropped:
                 print(f'note: the bard knows no {dropped!r}; left out', file=sys.stderr)

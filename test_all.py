@@ -5,6 +5,8 @@ Run: python -m pytest -q test_all.py     (about a minute on 2 cores; tiny config
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -24,11 +26,24 @@ def tiny_model(seed=0, config=TINY):
     return GPT(config).eval()
 
 
-def run(script, *args, cwd=HERE):
+def start(script, *args, stdin=None):
+    """Start a stage as a user would, in the background (probes run side by side to keep the suite fast)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT), stdin
+
+
+def finish(job):
+    """(exit code, stdout + stderr) of a started stage."""
+    p, stdin = job
+    out = p.communicate(stdin, timeout=300)[0]
+    return p.returncode, out
+
+
+def run(script, *args):
     """Run a stage as a user would; returns (exit code, stdout + stderr)."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
-    return p.returncode, p.stdout + p.stderr
+    return finish(start(script, *args))
 
 
 # ======================================================================== gpt.py
@@ -140,14 +155,15 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------ a tiny pipeline, shared
-TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=16',
-            '--max_iters=150', '--eval_interval=50', '--eval_iters=4', '--log_interval=50',
+TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
+            '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 
 
 @pytest.fixture(scope='session')
-def pipeline(tmp_path_factory):
-    """out_dir of a tiny gpt run (later stages add their checkpoints to it)."""
+def pipeline(tmp_path_factory, probes_started):
+    """out_dir of a tiny gpt run (later stages add their checkpoints to it). The user-mistake
+    probes were started just before and run alongside."""
     out = str(tmp_path_factory.mktemp('out'))
     code, log = run('gpt.py', f'--out_dir={out}', *TINY_GPT)
     assert code == 0, log
@@ -343,10 +359,10 @@ def test_tiny_ppo_raises_a_toy_reward():
     torch.manual_seed(0)
     e = VOCAB.index('e')
     policy, ref = tiny_model(1), tiny_model(1)
-    critic = Critic(RewardModel(TINY, prompt_len=4))
+    critic = Critic(RewardModel(TINY, prompt_len=4), 12)
     reward_fn = lambda seqs: (seqs[:, 4:] == e).float().mean(1) * 10
     g = torch.Generator().manual_seed(0)
-    cfg = dict(prompt_len=4, response_len=12, temperature=1.0, learning_rate=3e-3, init_beta=0.01, kl_target=0.0,
+    cfg = dict(prompt_len=4, response_len=12, temperature=1.0, learning_rate=3e-3, critic_lr=1e-4, init_beta=0.01, kl_target=0.0,
                kl_horizon=10000, seed=0, max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0, lam=0.95,
                ppo_epochs=2, num_minibatches=2, clip_coef=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.0,
                ptx_coef=0.0, grad_clip=1.0)
@@ -357,14 +373,14 @@ def test_tiny_ppo_raises_a_toy_reward():
 
 
 # ======================================================================== the tiny pipeline, end to end
-TINY_RM = ['--prompt_len=16', '--response_len=32', '--train_prompts=96', '--val_prompts=48',
-           '--prompts_per_batch=8', '--log_interval=4']
+TINY_RM = ['--prompt_len=16', '--response_len=32', '--train_prompts=64', '--val_prompts=32',
+           '--prompts_per_batch=8', '--log_interval=1']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of=4']
 
 
 @pytest.fixture(scope='session')
 def trained(pipeline):
-    """The tiny pipeline after reward.py and ppo.py."""
+    """The tiny pipeline after reward.py and ppo.py: (out_dir, reward log, ppo log)."""
     out, _ = pipeline
     code, log = run('reward.py', f'--out_dir={out}', *TINY_RM)
     assert code == 0, log
@@ -373,12 +389,50 @@ def trained(pipeline):
     return out, log, log2
 
 
+def copy_ckpts(src, dst, *names):
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copy(os.path.join(src, n), dst)
+    return str(dst)
+
+
+@pytest.fixture(scope='session')
+def late(trained, tmp_path_factory):
+    """Every stage run that needs the trained tiny pipeline, started side by side: {name: (code, log)}."""
+    out, d = trained[0], tmp_path_factory.mktemp('late')
+    other = copy_ckpts(out, d / 'other', 'reward.pt')             # a gpt.pt of another shape + this reward.pt
+    ck = torch.load(os.path.join(out, 'gpt.pt'), weights_only=True)
+    args = dict(ck['model_args'], n_embd=32)
+    save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'vocab': ck['vocab']},
+                    os.path.join(other, 'gpt.pt'))
+    nan = copy_ckpts(out, d / 'nan', 'gpt.pt', 'reward.pt', 'ppo.pt')
+    resume = copy_ckpts(out, d / 'resume', 'gpt.pt')
+    again = {s: copy_ckpts(out, d / f'again_{s}', *f) for s, f in
+             [('gpt', []), ('reward', ['gpt.pt']), ('ppo', ['gpt.pt', 'reward.pt'])]}
+    jobs = {
+        'other_shape': start('ppo.py', f'--out_dir={other}'),
+        'ppo_nan': start('ppo.py', f'--out_dir={nan}', *TINY_PPO, '--learning_rate=1e30'),
+        'resume': start('gpt.py', f'--out_dir={resume}', *TINY_GPT, '--init_from=resume', '--max_iters=120'),
+        'gpt_again': start('gpt.py', f'--out_dir={again["gpt"]}', *TINY_GPT),
+        'reward_again': start('reward.py', f'--out_dir={again["reward"]}', *TINY_RM),
+        'ppo_again': start('ppo.py', f'--out_dir={again["ppo"]}', *TINY_PPO),
+        'eval': start('sample.py', f'--out_dir={out}', '--mode=eval', '--eval_prompts=8'),
+        'sample': start('sample.py', f'--out_dir={out}', "--start=ROMEO:\\nO gentle", '--num_samples=4'),
+        'chat': start('sample.py', f'--out_dir={out}', '--mode=chat',
+                      stdin='Good morrow, fair lady.\nWhat news, 7 émissaries?\n'),
+        'oov': start('sample.py', f'--out_dir={out}', '--start=Hello wörld 7'),
+    }
+    results = {name: finish(job) for name, job in jobs.items()}
+    results['dirs'] = dict(nan=nan, resume=resume, out=out)
+    return results
+
+
 def test_reward_stage_writes_its_metrics(trained):
     out, log, _ = trained
     m = json.load(open(os.path.join(out, 'reward.json')))
     for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'seconds']:
         assert key in m, key
-    assert m['pairs_train'] == 96 * 6 and m['pairs_val'] == 48 * 6
+    assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6
     assert 0.5 <= m['bayes_acc'] <= 1 and 0 <= m['ece'] <= 1 and 'iter 0: loss' in log
     ck = torch.load(os.path.join(out, 'reward.pt'), weights_only=True)
     assert {'model', 'model_args', 'config', 'vocab', 'norm_bias'} <= set(ck)
@@ -399,20 +453,18 @@ def test_ppo_stage_writes_log_and_eval(trained):
         assert f' {word} ' in log.split('iter 2:')[1].split('\n')[0]
 
 
-def test_sample_eval_mode_writes_all_keys(trained):
-    out = trained[0]
-    code, log = run('sample.py', f'--out_dir={out}', '--mode=eval', '--eval_prompts=8')
+def test_sample_eval_mode_writes_all_keys(late):
+    code, log = late['eval']
     assert code == 0, log
-    m = json.load(open(os.path.join(out, 'eval.json')))
+    m = json.load(open(os.path.join(late['dirs']['out'], 'eval.json')))
     assert set(m) == {'base', 'best_of_16', 'ppo', 'prompts'}
     for name in ['base', 'best_of_16', 'ppo']:
         assert set(m[name]) == {'gold', 'rm', 'prob', 'kl', 'samples'}
     assert 'best_of_16' in log and 'ppo' in log
 
 
-def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(trained):
-    out = trained[0]
-    code, log = run('sample.py', f'--out_dir={out}', "--start=ROMEO:\\nO gentle", '--num_samples=4')
+def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(late):
+    code, log = late['sample']
     assert code == 0, log
     lines = [l for l in log.splitlines() if l.startswith('--- reward')]
     assert len(lines) == 4
@@ -421,14 +473,11 @@ def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(trained):
         assert 0 <= p <= 1 and abs(p - 1 / (1 + math.exp(-r))) < 2e-3
 
 
-def test_chat_mode_with_piped_lines(trained):
-    out = trained[0]
-    p = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={out}', '--mode=chat'],
-                       input='Good morrow, fair lady.\nWhat news, 7 émissaries?\n', capture_output=True, text=True,
-                       timeout=120, cwd=HERE)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.count('JULIET: ') == 2 and p.stdout.count('[P = ') == 2
-    assert "knows no '7é'" in p.stderr and 'Traceback' not in p.stderr
+def test_chat_mode_with_piped_lines(late):
+    code, log = late['chat']
+    assert code == 0, log
+    assert log.count('JULIET: ') == 2 and log.count('[P = ') == 2
+    assert "knows no '7é'" in log and 'Traceback' not in log
 
 
 def test_chat_format_and_trimming():
@@ -441,18 +490,11 @@ def test_chat_format_and_trimming():
     assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == 'Ay, my lord.\nGo.'
 
 
-def test_out_of_vocabulary_prompt_is_one_clear_line(trained):
-    code, log = run('sample.py', f'--out_dir={trained[0]}', '--start=Hello wörld 7')
-    assert code != 0 and 'Traceback' not in log
-    assert "characters not in the vocabulary: '7ö'" in log
+def test_out_of_vocabulary_prompt_is_one_clear_line(late):
+    assert_one_clear_line(*late['oov'], "characters not in the vocabulary: '7ö'")
 
 
 # ======================================================================== hardening: user mistakes
-import shutil
-import signal
-import time
-
-
 def assert_one_clear_line(code, log, *words):
     assert code != 0, log
     assert 'Traceback' not in log, log
@@ -462,82 +504,112 @@ def assert_one_clear_line(code, log, *words):
         assert w in errors[0], (w, errors[0])
 
 
-def test_stages_run_out_of_order(tmp_path):
-    empty = str(tmp_path)
-    assert_one_clear_line(*run('reward.py', f'--out_dir={empty}'), 'gpt.pt', 'run python gpt.py first')
-    assert_one_clear_line(*run('sample.py', f'--out_dir={empty}'), 'run python gpt.py first')
-    assert_one_clear_line(*run('ppo.py', f'--out_dir={empty}'), 'run python gpt.py first')
+class Evil:
+    """Unpickling this calls os.system(cmd): what a malicious checkpoint would do."""
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
 
 
-def test_ppo_before_reward(pipeline, tmp_path):
-    shutil.copy(os.path.join(pipeline[0], 'gpt.pt'), tmp_path)
-    assert_one_clear_line(*run('ppo.py', f'--out_dir={tmp_path}'), 'reward.pt', 'run python reward.py first')
+@pytest.fixture(scope='session')
+def probes_started(tmp_path_factory):
+    """The user-mistake probes that need no trained model, started in the background."""
+    d = tmp_path_factory.mktemp('probes')
+    (d / 'gpt_only').mkdir()
+    save_checkpoint({'model': tiny_model().state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB},
+                    str(d / 'gpt_only' / 'gpt.pt'))
+    good = (d / 'gpt_only' / 'gpt.pt').read_bytes()
+    files = {'truncated': good[:len(good) // 2]}
+    for name, blob in files.items():
+        (d / name).mkdir()
+        (d / name / 'gpt.pt').write_bytes(blob)
+    evil = d / 'evil'
+    evil.mkdir()
+    torch.save({'model': Evil(f"touch {d / 'pwned'}")}, str(evil / 'gpt.pt'))  # a pickle that runs a command
+    assert not (d / 'pwned').exists()
+    (d / 'empty').mkdir()
+    (d / 'empty.txt').write_text('')
+    (d / 'afile').write_text('x')
+    jobs = {
+        'reward_first': start('reward.py', f'--out_dir={d}/empty'),
+        'sample_first': start('sample.py', f'--out_dir={d}/empty'),
+        'ppo_no_rm': start('ppo.py', f'--out_dir={d}/gpt_only'),
+        'unknown_key': start('gpt.py', '--unknown_key=1'),
+        'bad_type': start('gpt.py', '--batch_size=abc'),
+        'truncated': start('reward.py', f'--out_dir={d}/truncated'),
+        'evil_reward': start('reward.py', f'--out_dir={evil}'),
+        'unwritable': start('gpt.py', f'--out_dir={d}/afile/out'),
+    }
+    return jobs, d, files
 
 
-def test_bad_overrides():
-    assert_one_clear_line(*run('gpt.py', '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
-    assert_one_clear_line(*run('ppo.py', '--learning_rat=1'), 'did you mean --learning_rate?')
-    assert_one_clear_line(*run('reward.py', '--batch_size=abc'), 'did you mean --')  # reward.py has no batch_size
-    assert_one_clear_line(*run('gpt.py', '--batch_size=abc'), '--batch_size expects int', "'abc'")
+@pytest.fixture(scope='session')
+def probes(probes_started):
+    jobs, d, files = probes_started
+    results = {name: finish(job) for name, job in jobs.items()}
+    results.update(dir=d, files=files)
+    return results
 
 
-def test_corrupt_and_truncated_checkpoints(pipeline, tmp_path):
-    good = open(os.path.join(pipeline[0], 'gpt.pt'), 'rb').read()
-    for name, blob in [('truncated', good[:len(good) // 2]), ('garbage', b'not a checkpoint at all')]:
-        d = tmp_path / name
-        d.mkdir()
-        (d / 'gpt.pt').write_bytes(blob)
-        assert_one_clear_line(*run('reward.py', f'--out_dir={d}'), f'cannot load {d}/gpt.pt', 'python gpt.py')
-        assert (d / 'gpt.pt').read_bytes() == blob               # the file is left as it was
+def test_stages_run_out_of_order(probes):
+    assert_one_clear_line(*probes['reward_first'], 'gpt.pt', 'run python gpt.py first')
+    assert_one_clear_line(*probes['sample_first'], 'run python gpt.py first')
+    assert_one_clear_line(*probes['ppo_no_rm'], 'reward.pt', 'run python reward.py first')
 
 
-def test_malicious_pickle_is_refused_without_running_its_code(tmp_path):
-    marker = tmp_path / 'pwned'
-    payload = (f"import os\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
-               f"import torch\ntorch.save({{'model': P()}}, {str(tmp_path / 'gpt.pt')!r})\n")
-    subprocess.run([sys.executable, '-c', payload], check=True)
-    assert not marker.exists()
-    for script in ['reward.py', 'sample.py']:
-        assert_one_clear_line(*run(script, f'--out_dir={tmp_path}'), 'cannot load')
-    assert not marker.exists(), 'a checkpoint ran code'
+def test_bad_overrides(probes):
+    assert_one_clear_line(*probes['unknown_key'], 'unknown option --unknown_key', 'did you mean --')
+    assert_one_clear_line(*probes['bad_type'], '--batch_size expects int', "'abc'")
 
 
-def test_checkpoints_of_another_shape_or_vocabulary(trained, tmp_path):
-    other = str(tmp_path / 'other')
-    code, log = run('gpt.py', f'--out_dir={other}', *TINY_GPT, '--n_embd=32', '--max_iters=2', '--eval_interval=1')
-    assert code == 0, log
-    shutil.copy(os.path.join(trained[0], 'reward.pt'), other)      # a reward model of another gpt
-    assert_one_clear_line(*run('ppo.py', f'--out_dir={other}'), 'not trained from this', 'python reward.py')
-    odd = tmp_path / 'odd.txt'
-    odd.write_text(open(os.path.join(HERE, 'input.txt')).read() + ' ~ ' * 100)
-    assert_one_clear_line(*run('ppo.py', f'--out_dir={trained[0]}', f'--data_path={odd}', '--max_iters=1'),
-                          "characters the checkpoint never saw ('~')")
+def test_corrupt_and_truncated_checkpoints(probes):
+    d = probes['dir']
+    for name, blob in probes['files'].items():
+        assert_one_clear_line(*probes[name], f'cannot load {d}/{name}/gpt.pt', 'python gpt.py')
+        assert (d / name / 'gpt.pt').read_bytes() == blob           # the file is left as it was
 
 
-def test_empty_or_missing_input(tmp_path):
+def test_malicious_pickle_is_refused_without_running_its_code(probes):
+    assert_one_clear_line(*probes['evil_reward'], 'cannot load')
+    assert not (probes['dir'] / 'pwned').exists(), 'a checkpoint ran code'
+
+
+def in_process_error(capsys, fn, *args):
+    """The one line a die() path prints (the subprocess probes above show it exits cleanly)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith('error: ')
+    return err[0]
+
+
+def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
+    from gpt import load_checkpoint, load_splits, load_text
     (tmp_path / 'empty.txt').write_text('')
-    assert_one_clear_line(*run('gpt.py', f'--data_path={tmp_path}/empty.txt', f'--out_dir={tmp_path}'),
-                          'empty.txt has only 0 characters')
-    assert_one_clear_line(*run('gpt.py', f'--data_path={tmp_path}/nope.txt', f'--out_dir={tmp_path}'),
-                          'no ', 'nope.txt')
+    assert 'empty.txt has only 0 characters' in in_process_error(capsys, load_text, str(tmp_path / 'empty.txt'))
+    assert 'no ' in in_process_error(capsys, load_text, str(tmp_path / 'nope.txt'))
+    (tmp_path / 'odd.txt').write_text(open(os.path.join(HERE, 'input.txt')).read() + ' ~ ')
+    assert "characters the checkpoint never saw ('~')" in in_process_error(
+        capsys, load_splits, str(tmp_path / 'odd.txt'), VOCAB)
+    (tmp_path / 'g.pt').write_bytes(b'not a checkpoint at all')
+    assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
 
 
-def test_unwritable_out_dir(tmp_path):
-    (tmp_path / 'afile').write_text('x')
-    assert_one_clear_line(*run('gpt.py', f'--out_dir={tmp_path}/afile/out'), 'cannot write to out_dir')
+def test_unwritable_out_dir(probes):
+    assert_one_clear_line(*probes['unwritable'], 'cannot write to out_dir')
 
 
-def test_nan_stops_without_overwriting(trained, tmp_path):
-    d = str(tmp_path)
-    for f in ['gpt.pt', 'reward.pt', 'ppo.pt']:
-        shutil.copy(os.path.join(trained[0], f), d)
-    before = {f: open(os.path.join(d, f), 'rb').read() for f in ['gpt.pt', 'ppo.pt']}
-    assert_one_clear_line(*run('ppo.py', f'--out_dir={d}', *TINY_PPO, '--learning_rate=1e30'),
-                          'is nan', 'ppo.pt was not overwritten')
-    assert_one_clear_line(*run('gpt.py', f'--out_dir={d}', *TINY_GPT, '--learning_rate=1e30', '--log_interval=1',
-                               '--init_from=resume', '--max_iters=400'), 'loss is nan')
-    for f, blob in before.items():
-        assert open(os.path.join(d, f), 'rb').read() == blob
+def test_checkpoints_of_another_shape(late):
+    assert_one_clear_line(*late['other_shape'], 'not trained from this', 'python reward.py')
+
+
+def test_nan_stops_without_overwriting(trained, late):
+    d = late['dirs']['nan']
+    assert_one_clear_line(*late['ppo_nan'], 'is nan', 'ppo.pt was not overwritten')
+    for f in ['gpt.pt', 'ppo.pt']:
+        assert open(os.path.join(d, f), 'rb').read() == open(os.path.join(trained[0], f), 'rb').read()
 
 
 def test_ctrl_c_keeps_the_previous_checkpoint(pipeline, tmp_path):
@@ -547,9 +619,8 @@ def test_ctrl_c_keeps_the_previous_checkpoint(pipeline, tmp_path):
                           '--max_iters=100000', '--eval_interval=20'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, cwd=HERE)
     for line in p.stdout:                                          # wait until it has begun training
-        if line.startswith('step 0:'):
+        if line.startswith('iter 5:'):
             break
-    time.sleep(1.0)
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=60)[0]
     assert p.returncode != 0 and 'Traceback' not in out and 'interrupted' in out, out
@@ -557,35 +628,45 @@ def test_ctrl_c_keeps_the_previous_checkpoint(pipeline, tmp_path):
     assert [f for f in os.listdir(tmp_path) if 'tmp' in f] == []
 
 
-def test_resume_continues_from_the_checkpoint(pipeline, tmp_path):
-    shutil.copy(os.path.join(pipeline[0], 'gpt.pt'), tmp_path)
-    code, log = run('gpt.py', f'--out_dir={tmp_path}', *TINY_GPT, '--init_from=resume', '--max_iters=200')
+def test_resume_continues_from_the_checkpoint(pipeline, late):
+    code, log = late['resume']
     assert code == 0, log
-    assert 'resuming from' in log and 'at iter 150' in log
-    first = log.split('step 150: ')[1].split('\n')[0]
-    assert first == pipeline[1].split('step 150: ')[1].split('\n')[0]  # same model, same eval batches
-    assert 'iter 50:' not in log and 'iter 200:' in log
-    assert json.load(open(tmp_path / 'gpt.json'))['iters'] == 200
+    assert 'resuming from' in log and 'at iter 80' in log
+    first = log.split('step 80: ')[1].split('\n')[0]
+    assert first == pipeline[1].split('step 80: ')[1].split('\n')[0]  # same model, same eval batches
+    assert 'iter 50:' not in log and 'iter 120:' in log
+    assert json.load(open(os.path.join(late['dirs']['resume'], 'gpt.json')))['iters'] == 120
 
 
-def strip_times(log):
-    return [l.split(', time')[0] for l in log.splitlines() if l.startswith(('iter', 'step'))]
+def strip_times(log, n=20):
+    """The first n logged iterations, without their timings."""
+    return [l.split(', time')[0] for l in log.splitlines() if l.startswith('iter ')][:n]
 
 
-def test_same_seed_same_losses(trained, tmp_path):
-    """Every stage, run twice with the same seed and settings: identical logged numbers."""
-    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    for d in (a, b):
-        os.makedirs(d)
-        code, log = run('gpt.py', f'--out_dir={d}', *TINY_GPT, '--max_iters=20', '--log_interval=1')
-        assert code == 0, log
-        shutil.copy(os.path.join(trained[0], 'gpt.pt'), d)        # later stages start from the same gpt
-        code, log2 = run('reward.py', f'--out_dir={d}', *TINY_RM, '--train_prompts=48', '--val_prompts=16',
-                         '--log_interval=1')
-        assert code == 0, log2
-        code, log3 = run('ppo.py', f'--out_dir={d}', *TINY_PPO, '--eval_prompts=2')
-        assert code == 0, log3
-        if d == a:
-            logs = (log, log2, log3)
-    for first, second in zip(logs, (log, log2, log3)):
-        assert strip_times(first) == strip_times(second) and len(strip_times(first)) >= 3
+def test_same_seed_same_losses(pipeline, trained, late):
+    """Every stage run a second time with the same seed and settings: the same first 20 iterations."""
+    for first, (code, second) in [(pipeline[1], late['gpt_again']), (trained[1], late['reward_again']),
+                                  (trained[2], late['ppo_again'])]:
+        assert code == 0, second
+        assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3
+
+
+def test_rm_initialised_critic_gives_each_character_its_share():
+    """With the critic = the RM's running score plus the expected rest, GAE's TD errors are each
+    character's share of the score, read off the RM on prefixes (it is causal): delta_t =
+    r(x, y_<=t) - r(x, y_<t) - c_bar, with c_bar = -b / Tr; and V(s_0) = 0 (a typical answer)."""
+    torch.manual_seed(0)
+    rm = RewardModel(TINY, prompt_len=4).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    rm.bias.data.fill_(0.6)
+    seqs = torch.randint(0, 65, (3, 16))
+    with torch.no_grad():
+        values = Critic(rm, 12)(seqs, 4)                                # (3, 12)
+        score = rm(seqs, 12)
+        prefix = torch.stack([rm(seqs[:, :4 + t], t) if t else rm.bias.expand(3) for t in range(13)], 1)  # (3, 13)
+    c_bar = -0.6 / 12
+    zeros = torch.zeros(3, 12)
+    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1), values, 1.0, 0.0)  # lambda 0: A_t = delta_t
+    assert torch.allclose(values, prefix[:, :12] + torch.arange(12, 0, -1) * c_bar, atol=1e-5)
+    assert torch.allclose(values[:, 0], torch.zeros(3), atol=1e-6)
+    assert torch.allclose(adv, prefix[:, 1:] - prefix[:, :12] - c_bar, atol=1e-5)

@@ -7,9 +7,9 @@ This file is also the library every later step imports: the model (`GPTConfig`, 
 training happens under `if __name__ == '__main__':`.
 
 Run:
-    python gpt.py                        # CPU: ~4 min on 2 cores, best val loss ~1.5x
+    python gpt.py                        # CPU: ~4 min on 2 cores, val loss ~1.60-1.62
     python gpt.py --max_iters=200        # any global below can be overridden
-    python gpt.py --init_from=resume     # continue from out/gpt.pt (optimizer + iter too)
+    python gpt.py --init_from=resume --max_iters=5000  # continue from out/gpt.pt (optimizer, iter, data order)
 On a CUDA machine the same command picks the bigger GPU defaults (nanoGPT's baby GPT shape).
 
 Writes out/gpt.pt (the best-val checkpoint) and out/gpt.json (val_loss, train_loss, iters,
@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -34,7 +34,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
  Left out: reward whitening (the RM is already centred on base samples), padding and EOS
  handling (every response has exactly response_len characters).
 
-Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~3 min on 2 cores)
+Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~2 min on 2 cores)
 Writes out/ppo.pt, out/ppo.json (iters, seconds, eval: base / best_of_16 / ppo), out/ppo_log.csv.
 """
 import copy

@@ -22,7 +22,7 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     (val_acc), the Bayes limit of any model on those pairs (bayes_acc), agreement with the
     noiseless gold order (gold_acc), calibration of sigmoid(r_i - r_j) (ece, prob_mae).
 
-Run:  python reward.py              (after python gpt.py; CPU: ~2 min on 2 cores)
+Run:  python reward.py              (after python gpt.py; CPU: ~3 min on 2 cores)
 Writes out/reward.pt (model, config, vocab, norm_bias) and out/reward.json.
 """
 import json

@@ -15,7 +15,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
  4. beta is adapted (Ziegler et al.): e = clip(KL / target - 1, -0.2, 0.2),
     beta <- beta (1 + e n / horizon), n = episodes per iteration; fixed when kl_target = 0.
     The controller is fed the exact KL (below): same mean as the sampled estimate, less noise.
- 5. Advantages by GAE (gamma 1, lambda 0.95) from a value head, returns = advantages + values;
+ 5. Advantages by GAE (gamma 1, lambda 0.95) from the critic (7), returns = advantages + values;
     advantages are whitened over the rollout batch.
  6. PPO update: `ppo_epochs` passes over `num_minibatches` shuffled minibatches; clipped
     surrogate (clip 0.2), clipped value loss (0.2), global grad-norm clip; optional entropy
@@ -31,7 +31,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     log(pi/pi_ref) at the sampled tokens, k3 = sum_t (ratio - 1) - log ratio with ratio =
     pi_ref/pi (Schulman's estimator, never negative), and the exact sum_t KL(pi(.|s_t) ||
     pi_ref(.|s_t)) over all 65 characters.
- Left out: reward whitening (the RM is already centred on base samples), padding and EOS
+ Left out: per-batch reward whitening (scores are centred and scaled on base answers), padding and EOS
  handling (every response has exactly response_len characters).
 
 Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~2 min on 2 cores)
@@ -100,8 +100,7 @@ class Critic(nn.Module):
         self.register_buffer('gain', torch.tensor(float(gain)))     # the same scale as PPO's rewards
 
     def forward(self, seqs, prompt_len):
-        h = self.rm.trunk.hidden(seqs)[:, prompt_len:]              # (B, Tr, C) answer positions
-        c = self.rm.head(h).squeeze(-1)                             # (B, Tr) each character's share
+        c = self.rm.contributions(seqs, seqs.size(1) - prompt_len)  # (B, Tr) each character's share
         to_come = torch.arange(c.size(1), 0, -1, device=c.device)   # Tr - t characters still to say
         return self.gain * (self.rm.bias + torch.cumsum(c, 1) - c + to_come * self.c_bar)  # (B, Tr)
 
@@ -339,13 +338,10 @@ if __name__ == '__main__':
     get_prompts = lambda b: sample_prompts(train_data, b, prompt_len, prompt_gen).to(device)
     block = base.config.block_size
 
-    def lm_batch():  # pretraining batches for PPO-ptx
-        ix = torch.randint(len(train_data) - block - 1, (batch_size,), generator=prompt_gen)
-        x = torch.stack([train_data[i:i + block] for i in ix])
-        y = torch.stack([train_data[i + 1:i + 1 + block] for i in ix])
-        return x.to(device), y.to(device)
+    def lm_batch():  # pretraining batches for PPO-ptx: windows of block + 1, inputs and next characters
+        w = sample_prompts(train_data, batch_size, block + 1, prompt_gen).to(device)
+        return w[:, :-1], w[:, 1:]
 
-    os.makedirs(out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(out_dir, 'ppo_log.csv'), os.path.join(out_dir, 'ppo.pt')
     log_file = open(log_path, 'w', newline='')
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)

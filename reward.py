@@ -126,10 +126,13 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         self.bias = nn.Parameter(torch.zeros(()))             # Bradley-Terry ignores it; set by normalisation
 
+    def contributions(self, idx, response_len):
+        """Each response character's share c_t = w . h_t: idx (B, T), the last response_len the response -> (B, Tr)."""
+        return self.head(self.trunk.hidden(idx)[:, -response_len:]).squeeze(-1)
+
     def forward(self, idx, response_len):
-        """idx (B, T) prompt+response tokens, the last response_len of them the response -> rewards (B,)."""
-        h = self.trunk.hidden(idx)[:, -response_len:]         # (B, Tr, C)
-        return self.head(h).squeeze(-1).sum(1) + self.bias    # (B,)
+        """idx (B, T) prompt+response tokens -> rewards r = sum_t c_t + b, (B,)."""
+        return self.contributions(idx, response_len).sum(1) + self.bias
 
 
 @torch.no_grad()

@@ -101,11 +101,10 @@ if __name__ == '__main__':
     rm, rm_vocab, rm_ckpt = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
     if rm_vocab != vocab:
         die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
-    if mode == 'eval':
-        prepare_out_dir(out_dir)                                 # eval.json goes there
     max_new_tokens = max_new_tokens or rm_ckpt['response_len']
 
     if mode == 'eval':
+        prepare_out_dir(out_dir)                                 # eval.json goes there
         t0 = time.time()
         base, _, _ = load_model(os.path.join(out_dir, 'gpt.pt'), device=device)
         _, val_data, _ = load_splits(data_path, vocab)

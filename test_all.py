@@ -1,14 +1,19 @@
 """minibard tests: the math against naive references, then tiny end-to-end runs (subprocess).
 
-Run: python -m pytest -q test_all.py     (about a minute on 2 cores; tiny configs, not the defaults)
+Run: python -m pytest -q test_all.py     (under a minute on 2 cores; tiny configs, not the defaults)
+
+The end-to-end runs (fixture `runs`) start in the background with the first test and go on
+while the in-process tests run; each test that reads one waits for it.
 """
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ from gpt import GPT, GPTConfig, KVCache, configure, decode, encode, load_model, 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
 TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+torch.set_num_threads(1)  # the stage runs in the background take one thread each: share the 2 cores, not fight
 
 
 def tiny_model(seed=0, config=TINY):
@@ -27,7 +33,7 @@ def tiny_model(seed=0, config=TINY):
 
 
 def start(script, *args, stdin=None):
-    """Start a stage as a user would, in the background (probes run side by side to keep the suite fast)."""
+    """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
     return subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -41,9 +47,9 @@ def finish(job):
     return p.returncode, out
 
 
-def run(script, *args):
+def run(script, *args, stdin=None):
     """Run a stage as a user would; returns (exit code, stdout + stderr)."""
-    return finish(start(script, *args))
+    return finish(start(script, *args, stdin=stdin))
 
 
 # ======================================================================== gpt.py
@@ -152,30 +158,6 @@ def test_checkpoint_round_trip(tmp_path):
     m2, vocab, _ = load_model(path)
     idx = torch.randint(0, 65, (2, 16))
     assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
-
-
-# ------------------------------------------------------------------ a tiny pipeline, shared
-TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
-            '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
-            '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
-
-
-@pytest.fixture(scope='session')
-def pipeline(tmp_path_factory, probes_started):
-    """out_dir of a tiny gpt run (later stages add their checkpoints to it). The user-mistake
-    probes were started just before and run alongside."""
-    out = str(tmp_path_factory.mktemp('out'))
-    code, log = run('gpt.py', f'--out_dir={out}', *TINY_GPT)
-    assert code == 0, log
-    return out, log
-
-
-def test_tiny_training_lowers_loss(pipeline):
-    out, log = pipeline
-    first = float(log.split('step 0: ')[1].split('val loss ')[1].split('\n')[0])
-    metrics = json.load(open(os.path.join(out, 'gpt.json')))
-    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec', 'device'}
-    assert first > 4.0 and metrics['val_loss'] < first - 1.0, (first, metrics)
 
 
 # ======================================================================== reward.py
@@ -372,21 +354,57 @@ def test_tiny_ppo_raises_a_toy_reward():
     assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist)
 
 
+def test_rm_initialised_critic_gives_each_character_its_share():
+    """With the critic = the RM's running score plus the expected rest, GAE's TD errors are each
+    character's share of the score, read off the RM on prefixes (it is causal): delta_t =
+    r(x, y_<=t) - r(x, y_<t) - c_bar, with c_bar = -b / Tr; and V(s_0) = 0 (a typical answer)."""
+    torch.manual_seed(0)
+    rm = RewardModel(TINY, prompt_len=4).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    rm.bias.data.fill_(0.6)
+    seqs = torch.randint(0, 65, (3, 16))
+    with torch.no_grad():
+        values = Critic(rm, 12)(seqs, 4)                                # (3, 12)
+        score = rm(seqs, 12)
+        prefix = torch.stack([rm(seqs[:, :4 + t], t) if t else rm.bias.expand(3) for t in range(13)], 1)  # (3, 13)
+    c_bar = -0.6 / 12
+    zeros = torch.zeros(3, 12)
+    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1), values, 1.0, 0.0)  # lambda 0: A_t = delta_t
+    assert torch.allclose(values, prefix[:, :12] + torch.arange(12, 0, -1) * c_bar, atol=1e-5)
+    assert torch.allclose(values[:, 0], torch.zeros(3), atol=1e-6)
+    assert torch.allclose(adv, prefix[:, 1:] - prefix[:, :12] - c_bar, atol=1e-5)
+
 # ======================================================================== the tiny pipeline, end to end
+TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
+            '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
+            '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 TINY_RM = ['--prompt_len=16', '--response_len=32', '--train_prompts=64', '--val_prompts=32',
            '--prompts_per_batch=8', '--log_interval=1']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of=4']
 
 
-@pytest.fixture(scope='session')
-def trained(pipeline):
-    """The tiny pipeline after reward.py and ppo.py: (out_dir, reward log, ppo log)."""
-    out, _ = pipeline
-    code, log = run('reward.py', f'--out_dir={out}', *TINY_RM)
-    assert code == 0, log
-    code, log2 = run('ppo.py', f'--out_dir={out}', *TINY_PPO)
-    assert code == 0, log2
-    return out, log, log2
+class Runs:
+    """Stage runs as a user would start them, each begun in the background as soon as the
+    checkpoints it needs exist, so they go side by side with each other and with the in-process
+    tests. runs[name] waits for one and gives (exit code, stdout + stderr); runs.dirs[name] is
+    the out_dir it worked in."""
+    def __init__(self, root):
+        self.root, self.pool, self.jobs = root, ThreadPoolExecutor(max_workers=16), {}
+        self.dirs = {'out': str(root / 'out')}                      # the main chain gpt -> reward -> ppo
+
+    def add(self, name, script, *args, after=None, own=None, stdin=None, job=run):
+        """Run `script` once the run `after` has succeeded: in out/, or, given `own` (a list of
+        checkpoint names), in a fresh folder of its own holding copies of those from out/."""
+        def work():
+            if after is not None and self[after][0] != 0:
+                return 1, f'not run: {after} failed\n{self[after][1]}'
+            if own is not None:
+                self.dirs[name] = copy_ckpts(self.dirs['out'], self.root / name, *own)
+            return job(script, f'--out_dir={self.dirs.get(name, self.dirs["out"])}', *args, stdin=stdin)
+        self.jobs[name] = self.pool.submit(work)
+
+    def __getitem__(self, name):
+        return self.jobs[name].result()
 
 
 def copy_ckpts(src, dst, *names):
@@ -396,50 +414,68 @@ def copy_ckpts(src, dst, *names):
     return str(dst)
 
 
+def interrupted(script, *args, stdin=None):
+    """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after)."""
+    p, _ = start(script, *args, '--max_iters=100000', '--eval_interval=20')
+    for line in p.stdout:                                           # wait until it has begun training
+        if line.startswith('iter 5:'):
+            break
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    return p.returncode, out
+
+
+@pytest.fixture(scope='session', autouse=True)
+def start_runs_early(request):
+    """Begin the end-to-end runs with the first test, when any selected test reads them."""
+    if any('runs' in item.fixturenames for item in request.session.items):
+        request.getfixturevalue('runs')
+
+
 @pytest.fixture(scope='session')
-def late(trained, tmp_path_factory):
-    """Every stage run that needs the trained tiny pipeline, started side by side: {name: (code, log)}."""
-    out, d = trained[0], tmp_path_factory.mktemp('late')
-    other = copy_ckpts(out, d / 'other', 'reward.pt')             # a gpt.pt of another shape + this reward.pt
-    ck = torch.load(os.path.join(out, 'gpt.pt'), weights_only=True)
-    args = dict(ck['model_args'], n_embd=32)
-    save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'vocab': ck['vocab']},
-                    os.path.join(other, 'gpt.pt'))
-    nan = copy_ckpts(out, d / 'nan', 'gpt.pt', 'reward.pt', 'ppo.pt')
-    resume = copy_ckpts(out, d / 'resume', 'gpt.pt')
-    again = {s: copy_ckpts(out, d / f'again_{s}', *f) for s, f in
-             [('gpt', []), ('reward', ['gpt.pt']), ('ppo', ['gpt.pt', 'reward.pt'])]}
-    jobs = {
-        'other_shape': start('ppo.py', f'--out_dir={other}'),
-        'ppo_nan': start('ppo.py', f'--out_dir={nan}', *TINY_PPO, '--learning_rate=1e30'),
-        'resume': start('gpt.py', f'--out_dir={resume}', *TINY_GPT, '--init_from=resume', '--max_iters=120'),
-        'gpt_again': start('gpt.py', f'--out_dir={again["gpt"]}', *TINY_GPT),
-        'reward_again': start('reward.py', f'--out_dir={again["reward"]}', *TINY_RM),
-        'ppo_again': start('ppo.py', f'--out_dir={again["ppo"]}', *TINY_PPO),
-        'eval': start('sample.py', f'--out_dir={out}', '--mode=eval', '--eval_prompts=8'),
-        'sample': start('sample.py', f'--out_dir={out}', "--start=ROMEO:\\nO gentle", '--num_samples=4'),
-        'chat': start('sample.py', f'--out_dir={out}', '--mode=chat',
-                      stdin='Good morrow, fair lady.\nWhat news, 7 émissaries?\n'),
-        'oov': start('sample.py', f'--out_dir={out}', '--start=Hello wörld 7'),
-    }
-    results = {name: finish(job) for name, job in jobs.items()}
-    results['dirs'] = dict(nan=nan, resume=resume, out=out)
-    return results
+def runs(tmp_path_factory):
+    """Every end-to-end run of the suite, each started as soon as it can be."""
+    r = Runs(tmp_path_factory.mktemp('runs'))
+    r.add('gpt', 'gpt.py', *TINY_GPT)
+    r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[])                 # same seed, same settings, alongside
+    r.add('reward', 'reward.py', *TINY_RM, after='gpt')
+    r.add('reward_again', 'reward.py', *TINY_RM, after='gpt', own=['gpt.pt'])
+    r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
+    r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
+    r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
+    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['gpt.pt', 'reward.pt'])
+    r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['gpt.pt', 'reward.pt', 'ppo.pt'])
+    r.add('eval', 'sample.py', '--mode=eval', '--eval_prompts=8', after='ppo')
+    r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
+    r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='Good morrow, fair lady.\nWhat news, 7 émissaries?\n')
+    return r
 
 
-def test_reward_stage_writes_its_metrics(trained):
-    out, log, _ = trained
-    m = json.load(open(os.path.join(out, 'reward.json')))
+def test_tiny_training_lowers_loss(runs):
+    code, log = runs['gpt']
+    assert code == 0, log
+    first = float(log.split('step 0: ')[1].split('val loss ')[1].split('\n')[0])
+    metrics = json.load(open(os.path.join(runs.dirs['out'], 'gpt.json')))
+    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec', 'device'}
+    assert first > 4.0 and metrics['val_loss'] < first - 1.0, (first, metrics)
+
+
+def test_reward_stage_writes_its_metrics(runs):
+    code, log = runs['reward']
+    assert code == 0, log
+    m = json.load(open(os.path.join(runs.dirs['out'], 'reward.json')))
     for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'seconds']:
         assert key in m, key
     assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6
     assert 0.5 <= m['bayes_acc'] <= 1 and 0 <= m['ece'] <= 1 and 'iter 0: loss' in log
-    ck = torch.load(os.path.join(out, 'reward.pt'), weights_only=True)
+    ck = torch.load(os.path.join(runs.dirs['out'], 'reward.pt'), weights_only=True)
     assert {'model', 'model_args', 'config', 'vocab', 'norm_bias'} <= set(ck)
 
 
-def test_ppo_stage_writes_log_and_eval(trained):
-    out, _, log = trained
+def test_ppo_stage_writes_log_and_eval(runs):
+    code, log = runs['ppo']
+    assert code == 0, log
+    out = runs.dirs['out']
     m = json.load(open(os.path.join(out, 'ppo.json')))
     assert m['iters'] == 3 and m['seconds'] > 0
     for name in ['base', 'best_of_4', 'ppo']:
@@ -453,18 +489,18 @@ def test_ppo_stage_writes_log_and_eval(trained):
         assert f' {word} ' in log.split('iter 2:')[1].split('\n')[0]
 
 
-def test_sample_eval_mode_writes_all_keys(late):
-    code, log = late['eval']
+def test_sample_eval_mode_writes_all_keys(runs):
+    code, log = runs['eval']
     assert code == 0, log
-    m = json.load(open(os.path.join(late['dirs']['out'], 'eval.json')))
+    m = json.load(open(os.path.join(runs.dirs['out'], 'eval.json')))
     assert set(m) == {'base', 'best_of_16', 'ppo', 'prompts'}
     for name in ['base', 'best_of_16', 'ppo']:
         assert set(m[name]) == {'gold', 'rm', 'prob', 'kl', 'samples'}
     assert 'best_of_16' in log and 'ppo' in log
 
 
-def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(late):
-    code, log = late['sample']
+def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(runs):
+    code, log = runs['sample']
     assert code == 0, log
     lines = [l for l in log.splitlines() if l.startswith('--- reward')]
     assert len(lines) == 4
@@ -473,8 +509,8 @@ def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(late):
         assert 0 <= p <= 1 and abs(p - 1 / (1 + math.exp(-r))) < 2e-3
 
 
-def test_chat_mode_with_piped_lines(late):
-    code, log = late['chat']
+def test_chat_mode_with_piped_lines(runs):
+    code, log = runs['chat']
     assert code == 0, log
     assert log.count('JULIET: ') == 2 and log.count('[P = ') == 2
     assert "knows no '7é'" in log and 'Traceback' not in log
@@ -490,8 +526,27 @@ def test_chat_format_and_trimming():
     assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == 'Ay, my lord.\nGo.'
 
 
-def test_out_of_vocabulary_prompt_is_one_clear_line(late):
-    assert_one_clear_line(*late['oov'], "characters not in the vocabulary: '7ö'")
+def test_resume_continues_from_the_checkpoint(runs):
+    code, log = runs['resume']
+    assert code == 0, log
+    assert 'resuming from' in log and 'at iter 80' in log
+    first = log.split('step 80: ')[1].split('\n')[0]
+    assert first == runs['gpt'][1].split('step 80: ')[1].split('\n')[0]  # same model, same eval batches
+    assert 'iter 50:' not in log and 'iter 120:' in log
+    assert json.load(open(os.path.join(runs.dirs['resume'], 'gpt.json')))['iters'] == 120
+
+
+def strip_times(log, n=20):
+    """The first n logged iterations, without their timings."""
+    return [l.split(', time')[0] for l in log.splitlines() if l.startswith('iter ')][:n]
+
+
+def test_same_seed_same_losses(runs):
+    """Every stage run a second time with the same seed and settings: the same first 20 iterations."""
+    for stage in ['gpt', 'reward', 'ppo']:
+        (code, first), (code2, second) = runs[stage], runs[f'{stage}_again']
+        assert code == 0 and code2 == 0, second
+        assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3
 
 
 # ======================================================================== hardening: user mistakes
@@ -504,6 +559,43 @@ def assert_one_clear_line(code, log, *words):
         assert w in errors[0], (w, errors[0])
 
 
+def test_nan_stops_without_overwriting(runs):
+    """In a real process: one line, no traceback, and the checkpoints it started from are untouched."""
+    assert_one_clear_line(*runs['ppo_nan'], 'is nan', 'ppo.pt was not overwritten')
+    for f in ['gpt.pt', 'ppo.pt']:
+        assert open(os.path.join(runs.dirs['ppo_nan'], f), 'rb').read() == \
+            open(os.path.join(runs.dirs['out'], f), 'rb').read()
+
+
+def test_ctrl_c_keeps_the_previous_checkpoint(runs):
+    code, out = runs['ctrl_c']
+    d = runs.dirs['ctrl_c']
+    assert code != 0 and 'Traceback' not in out and 'interrupted' in out, out
+    assert open(os.path.join(d, 'gpt.pt'), 'rb').read() == \
+        open(os.path.join(runs.dirs['out'], 'gpt.pt'), 'rb').read()  # the scratch run had not beaten it
+    assert [f for f in os.listdir(d) if 'tmp' in f] == []
+
+
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """Run a stage's __main__ in this process, as `python script args` would: (exit code, what it
+    printed). For the mistakes that end before any work, so the suite does not pay a process
+    start and a torch import for each. An exception other than die()'s SystemExit propagates
+    and fails the test with its traceback, just as a user would see one."""
+    def go(script, *args):
+        monkeypatch.chdir(HERE)
+        monkeypatch.setattr(sys, 'argv', [script, *args])
+        monkeypatch.setattr(sys, 'excepthook', sys.excepthook)      # configure() installs a Ctrl-C hook: undo it after
+        code = 0
+        try:
+            runpy.run_path(os.path.join(HERE, script), run_name='__main__')
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out + out.err
+    return go
+
+
 class Evil:
     """Unpickling this calls os.system(cmd): what a malicious checkpoint would do."""
     def __init__(self, cmd):
@@ -513,68 +605,56 @@ class Evil:
         return (os.system, (self.cmd,))
 
 
-@pytest.fixture(scope='session')
-def probes_started(tmp_path_factory):
-    """The user-mistake probes that need no trained model, started in the background."""
-    d = tmp_path_factory.mktemp('probes')
-    (d / 'gpt_only').mkdir()
+def test_stages_run_out_of_order(run_here, tmp_path):
+    os.mkdir(tmp_path / 'gpt_only')
     save_checkpoint({'model': tiny_model().state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB},
-                    str(d / 'gpt_only' / 'gpt.pt'))
-    good = (d / 'gpt_only' / 'gpt.pt').read_bytes()
-    files = {'truncated': good[:len(good) // 2]}
-    for name, blob in files.items():
-        (d / name).mkdir()
-        (d / name / 'gpt.pt').write_bytes(blob)
-    evil = d / 'evil'
-    evil.mkdir()
-    torch.save({'model': Evil(f"touch {d / 'pwned'}")}, str(evil / 'gpt.pt'))  # a pickle that runs a command
-    assert not (d / 'pwned').exists()
-    (d / 'empty').mkdir()
-    (d / 'empty.txt').write_text('')
-    (d / 'afile').write_text('x')
-    jobs = {
-        'reward_first': start('reward.py', f'--out_dir={d}/empty'),
-        'sample_first': start('sample.py', f'--out_dir={d}/empty'),
-        'ppo_no_rm': start('ppo.py', f'--out_dir={d}/gpt_only'),
-        'unknown_key': start('gpt.py', '--unknown_key=1'),
-        'bad_type': start('gpt.py', '--batch_size=abc'),
-        'truncated': start('reward.py', f'--out_dir={d}/truncated'),
-        'evil_reward': start('reward.py', f'--out_dir={evil}'),
-        'unwritable': start('gpt.py', f'--out_dir={d}/afile/out'),
-    }
-    return jobs, d, files
+                    str(tmp_path / 'gpt_only' / 'gpt.pt'))
+    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}'), 'gpt.pt', 'run python gpt.py first')
+    assert_one_clear_line(*run_here('sample.py', f'--out_dir={tmp_path}'), 'run python gpt.py first')
+    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={tmp_path}/gpt_only'), 'reward.pt',
+                          'run python reward.py first')
 
 
-@pytest.fixture(scope='session')
-def probes(probes_started):
-    jobs, d, files = probes_started
-    results = {name: finish(job) for name, job in jobs.items()}
-    results.update(dir=d, files=files)
-    return results
+def test_bad_overrides(run_here):
+    assert_one_clear_line(*run_here('gpt.py', '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
+    assert_one_clear_line(*run_here('gpt.py', '--batch_size=abc'), '--batch_size expects int', "'abc'")
+    assert_one_clear_line(*run_here('ppo.py', 'max_iters=3'), 'overrides look like --key=value')
 
 
-def test_stages_run_out_of_order(probes):
-    assert_one_clear_line(*probes['reward_first'], 'gpt.pt', 'run python gpt.py first')
-    assert_one_clear_line(*probes['sample_first'], 'run python gpt.py first')
-    assert_one_clear_line(*probes['ppo_no_rm'], 'reward.pt', 'run python reward.py first')
+def test_unwritable_out_dir(run_here, tmp_path):
+    (tmp_path / 'afile').write_text('x')
+    assert_one_clear_line(*run_here('gpt.py', f'--out_dir={tmp_path}/afile/out'), 'cannot write to out_dir')
 
 
-def test_bad_overrides(probes):
-    assert_one_clear_line(*probes['unknown_key'], 'unknown option --unknown_key', 'did you mean --')
-    assert_one_clear_line(*probes['bad_type'], '--batch_size expects int', "'abc'")
+def test_truncated_checkpoint_and_malicious_pickle(run_here, tmp_path):
+    good = tmp_path / 'good.pt'
+    save_checkpoint({'model': tiny_model().state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, str(good))
+    os.mkdir(tmp_path / 'truncated')
+    blob = good.read_bytes()[:good.stat().st_size // 2]
+    (tmp_path / 'truncated' / 'gpt.pt').write_bytes(blob)
+    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/truncated'),
+                          f'cannot load {tmp_path}/truncated/gpt.pt', 'python gpt.py')
+    assert (tmp_path / 'truncated' / 'gpt.pt').read_bytes() == blob  # the file is left as it was
+    os.mkdir(tmp_path / 'evil')
+    torch.save({'model': Evil(f"touch {tmp_path / 'pwned'}")}, str(tmp_path / 'evil' / 'gpt.pt'))  # runs a command
+    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/evil'), 'cannot load')
+    assert not (tmp_path / 'pwned').exists(), 'a checkpoint ran code'
 
 
-def test_corrupt_and_truncated_checkpoints(probes):
-    d = probes['dir']
-    for name, blob in probes['files'].items():
-        assert_one_clear_line(*probes[name], f'cannot load {d}/{name}/gpt.pt', 'python gpt.py')
-        assert (d / name / 'gpt.pt').read_bytes() == blob           # the file is left as it was
+def test_checkpoints_of_another_shape(runs, run_here, tmp_path):
+    assert runs['reward'][0] == 0
+    other = copy_ckpts(runs.dirs['out'], tmp_path, 'reward.pt')     # this reward.pt + a gpt.pt of another shape
+    ck = torch.load(os.path.join(runs.dirs['out'], 'gpt.pt'), weights_only=True)
+    args = dict(ck['model_args'], n_embd=32)
+    save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'vocab': ck['vocab']},
+                    os.path.join(other, 'gpt.pt'))
+    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}'), 'not trained from this', 'python reward.py')
 
 
-def test_malicious_pickle_is_refused_without_running_its_code(probes):
-    assert_one_clear_line(*probes['evil_reward'], 'cannot load')
-    assert not (probes['dir'] / 'pwned').exists(), 'a checkpoint ran code'
-
+def test_out_of_vocabulary_prompt_is_one_clear_line(runs, run_here):
+    assert runs['ppo'][0] == 0
+    assert_one_clear_line(*run_here('sample.py', f'--out_dir={runs.dirs["out"]}', '--start=Hello wörld 7'),
+                          "characters not in the vocabulary: '7ö'")
 
 def in_process_error(capsys, fn, *args):
     """The one line a die() path prints (the subprocess probes above show it exits cleanly)."""
@@ -595,78 +675,3 @@ def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
         capsys, load_splits, str(tmp_path / 'odd.txt'), VOCAB)
     (tmp_path / 'g.pt').write_bytes(b'not a checkpoint at all')
     assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
-
-
-def test_unwritable_out_dir(probes):
-    assert_one_clear_line(*probes['unwritable'], 'cannot write to out_dir')
-
-
-def test_checkpoints_of_another_shape(late):
-    assert_one_clear_line(*late['other_shape'], 'not trained from this', 'python reward.py')
-
-
-def test_nan_stops_without_overwriting(trained, late):
-    d = late['dirs']['nan']
-    assert_one_clear_line(*late['ppo_nan'], 'is nan', 'ppo.pt was not overwritten')
-    for f in ['gpt.pt', 'ppo.pt']:
-        assert open(os.path.join(d, f), 'rb').read() == open(os.path.join(trained[0], f), 'rb').read()
-
-
-def test_ctrl_c_keeps_the_previous_checkpoint(pipeline, tmp_path):
-    shutil.copy(os.path.join(pipeline[0], 'gpt.pt'), tmp_path)
-    before = (tmp_path / 'gpt.pt').read_bytes()
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, 'gpt.py'), f'--out_dir={tmp_path}', *TINY_GPT,
-                          '--max_iters=100000', '--eval_interval=20'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, cwd=HERE)
-    for line in p.stdout:                                          # wait until it has begun training
-        if line.startswith('iter 5:'):
-            break
-    p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=60)[0]
-    assert p.returncode != 0 and 'Traceback' not in out and 'interrupted' in out, out
-    assert (tmp_path / 'gpt.pt').read_bytes() == before           # the scratch run had not beaten it
-    assert [f for f in os.listdir(tmp_path) if 'tmp' in f] == []
-
-
-def test_resume_continues_from_the_checkpoint(pipeline, late):
-    code, log = late['resume']
-    assert code == 0, log
-    assert 'resuming from' in log and 'at iter 80' in log
-    first = log.split('step 80: ')[1].split('\n')[0]
-    assert first == pipeline[1].split('step 80: ')[1].split('\n')[0]  # same model, same eval batches
-    assert 'iter 50:' not in log and 'iter 120:' in log
-    assert json.load(open(os.path.join(late['dirs']['resume'], 'gpt.json')))['iters'] == 120
-
-
-def strip_times(log, n=20):
-    """The first n logged iterations, without their timings."""
-    return [l.split(', time')[0] for l in log.splitlines() if l.startswith('iter ')][:n]
-
-
-def test_same_seed_same_losses(pipeline, trained, late):
-    """Every stage run a second time with the same seed and settings: the same first 20 iterations."""
-    for first, (code, second) in [(pipeline[1], late['gpt_again']), (trained[1], late['reward_again']),
-                                  (trained[2], late['ppo_again'])]:
-        assert code == 0, second
-        assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3
-
-
-def test_rm_initialised_critic_gives_each_character_its_share():
-    """With the critic = the RM's running score plus the expected rest, GAE's TD errors are each
-    character's share of the score, read off the RM on prefixes (it is causal): delta_t =
-    r(x, y_<=t) - r(x, y_<t) - c_bar, with c_bar = -b / Tr; and V(s_0) = 0 (a typical answer)."""
-    torch.manual_seed(0)
-    rm = RewardModel(TINY, prompt_len=4).eval()
-    torch.nn.init.normal_(rm.head.weight, std=0.3)
-    rm.bias.data.fill_(0.6)
-    seqs = torch.randint(0, 65, (3, 16))
-    with torch.no_grad():
-        values = Critic(rm, 12)(seqs, 4)                                # (3, 12)
-        score = rm(seqs, 12)
-        prefix = torch.stack([rm(seqs[:, :4 + t], t) if t else rm.bias.expand(3) for t in range(13)], 1)  # (3, 13)
-    c_bar = -0.6 / 12
-    zeros = torch.zeros(3, 12)
-    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1), values, 1.0, 0.0)  # lambda 0: A_t = delta_t
-    assert torch.allclose(values, prefix[:, :12] + torch.arange(12, 0, -1) * c_bar, atol=1e-5)
-    assert torch.allclose(values[:, 0], torch.zeros(3), atol=1e-6)
-    assert torch.allclose(adv, prefix[:, 1:] - prefix[:, :12] - c_bar, atol=1e-5)

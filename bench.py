@@ -45,7 +45,8 @@ def median_time(fn):
 if __name__ == '__main__':
     configure(globals(), sys.argv[1:])
     torch.manual_seed(seed)
-    cfg = GPTConfig(block_size=gpt.block_size, n_layer=gpt.n_layer, n_head=gpt.n_head, n_embd=gpt.n_embd)
+    cfg = GPTConfig(block_size=gpt.block_size, n_layer=gpt.n_layer, n_head=gpt.n_head, n_embd=gpt.n_embd,
+                    token_mix=gpt.token_mix)
     model = GPT(cfg).eval()
     print(f'model: {model.num_params() / 1e6:.2f}M params, block_size {cfg.block_size}, '
           f'{torch.get_num_threads()} threads')

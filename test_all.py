@@ -29,7 +29,9 @@ torch.set_num_threads(1)  # the stage runs in the background take one thread eac
 
 def tiny_model(seed=0, config=TINY):
     torch.manual_seed(seed)
-    return GPT(config).eval()
+    model = GPT(config).eval()
+    torch.nn.init.normal_(model.tok_mix, std=0.5)  # a token mix that mixes, as after training (it starts as identity)
+    return model
 
 
 def start(script, *args, stdin=None):

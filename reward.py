@@ -22,7 +22,7 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     (val_acc), the Bayes limit of any model on those pairs (bayes_acc), agreement with the
     noiseless gold order (gold_acc), calibration of sigmoid(r_i - r_j) (ece, prob_mae).
 
-Run:  python reward.py              (after python gpt.py; CPU: ~3 min on 2 cores)
+Run:  python reward.py              (after python gpt.py; CPU: ~1.5 min on 2 cores)
 Writes out/reward.pt (model, config, vocab, norm_bias) and out/reward.json.
 """
 import json
@@ -115,9 +115,9 @@ class RewardModel(nn.Module):
 
     InstructGPT reads one head at the last token only. Measured here (README): on 2 CPU cores'
     worth of preference data that head stays at chance (gold_acc 0.49-0.51, even on noiseless
-    labels), while the summed head learns (0.59): a word-counting gold score is a sum over
-    positions, so this head only has to learn per-position word features, not also where to
-    attend. The head starts at zero (r = 0: no preference); b carries the normalisation."""
+    labels), while the summed head learns (0.57-0.60 on a 4-layer base, 0.69 on the 2-layer
+    default): a word-counting gold score is a sum over positions, so this head only has to
+    learn per-position word features, not also where to attend. The head starts at zero (r = 0: no preference); b carries the normalisation."""
     def __init__(self, config, prompt_len=32):
         super().__init__()
         self.prompt_len = prompt_len                          # score_answers() crops prompts to it

@@ -447,6 +447,8 @@ if __name__ == '__main__':
         die(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
     if lr_decay not in ('cosine', 'linear'):
         die(f"--lr_decay must be 'cosine' or 'linear', got {lr_decay!r}")
+    if model_args['token_mix'] < 1:
+        die(f'--token_mix must be at least 1 (1 = off), got {token_mix}')
     model = GPT(GPTConfig(**model_args)).to(device)
     # AdamW; weight decay on matrices only, as in nanoGPT / GPT-2 (not on norms, and not on the
     # token mix, whose decay would pull it towards 'see no character' instead of the identity)

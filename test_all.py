@@ -621,6 +621,8 @@ def test_bad_overrides(run_here):
     assert_one_clear_line(*run_here('gpt.py', '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
     assert_one_clear_line(*run_here('gpt.py', '--batch_size=abc'), '--batch_size expects int', "'abc'")
     assert_one_clear_line(*run_here('ppo.py', 'max_iters=3'), 'overrides look like --key=value')
+    assert_one_clear_line(*run_here('gpt.py', '--lr_decay=step'), "--lr_decay must be 'cosine' or 'linear'")
+    assert_one_clear_line(*run_here('gpt.py', '--token_mix=0'), '--token_mix must be at least 1')
 
 
 def test_unwritable_out_dir(run_here, tmp_path):

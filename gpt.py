@@ -417,6 +417,10 @@ def load_splits(path, vocab=None):
 # ------------------------------------------------------------------ pretraining
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])
+    if lr_decay not in ('cosine', 'linear'):
+        die(f"--lr_decay must be 'cosine' or 'linear', got {lr_decay!r}")
+    if token_mix < 1:
+        die(f'--token_mix must be at least 1 (1 = off), got {token_mix}')
     t_start = time.time()
     cuda = device == 'cuda'
     prepare_out_dir(out_dir)
@@ -445,10 +449,6 @@ if __name__ == '__main__':
         gen.set_state(ckpt['rng_state'])
     elif init_from != 'scratch':
         die(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
-    if lr_decay not in ('cosine', 'linear'):
-        die(f"--lr_decay must be 'cosine' or 'linear', got {lr_decay!r}")
-    if model_args['token_mix'] < 1:
-        die(f'--token_mix must be at least 1 (1 = off), got {token_mix}')
     model = GPT(GPTConfig(**model_args)).to(device)
     # AdamW; weight decay on matrices only, as in nanoGPT / GPT-2 (not on norms, and not on the
     # token mix, whose decay would pull it towards 'see no character' instead of the identity)

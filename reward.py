@@ -117,7 +117,8 @@ class RewardModel(nn.Module):
     worth of preference data that head stays at chance (gold_acc 0.49-0.51, even on noiseless
     labels), while the summed head learns (0.57-0.60 on a 4-layer base, 0.69 on the 2-layer
     default): a word-counting gold score is a sum over positions, so this head only has to
-    learn per-position word features, not also where to attend. The head starts at zero (r = 0: no preference); b carries the normalisation."""
+    learn per-position word features, not also where to attend. The head starts at zero
+    (r = 0: no preference); b carries the normalisation."""
     def __init__(self, config, prompt_len=32):
         super().__init__()
         self.prompt_len = prompt_len                          # score_answers() crops prompts to it

@@ -27,6 +27,9 @@ TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 torch.set_num_threads(1)  # the stage runs in the background take one thread each: share the 2 cores, not fight
 
 
+STARTED = []  # every stage process, so that the end of the session can stop what is left
+
+
 def tiny_model(seed=0, config=TINY):
     torch.manual_seed(seed)
     model = GPT(config).eval()
@@ -37,9 +40,11 @@ def tiny_model(seed=0, config=TINY):
 def start(script, *args, stdin=None):
     """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
-    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
-                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT), stdin
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+                         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    STARTED.append(p)
+    return p, stdin
 
 
 def finish(job):
@@ -395,8 +400,8 @@ class Runs:
         self.dirs = {'out': str(root / 'out')}                      # the main chain gpt -> reward -> ppo
 
     def add(self, name, script, *args, after=None, own=None, stdin=None, job=run):
-        """Run `script` once the run `after` has succeeded: in out/, or, given `own` (a list of
-        checkpoint names), in a fresh folder of its own holding copies of those from out/."""
+        """Run `script` once the run `after` (added before this one) has succeeded: in out/, or,
+        given `own` (a list of checkpoint names), in a fresh folder holding copies of those."""
         def work():
             if after is not None and self[after][0] != 0:
                 return 1, f'not run: {after} failed\n{self[after][1]}'
@@ -450,7 +455,11 @@ def runs(tmp_path_factory):
     r.add('eval', 'sample.py', '--mode=eval', '--eval_prompts=8', after='ppo')
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='Good morrow, fair lady.\nWhat news, 7 émissaries?\n')
-    return r
+    yield r
+    r.pool.shutdown(wait=False, cancel_futures=True)                # a stopped or failed session: stop the rest
+    for p in STARTED:
+        if p.poll() is None:
+            p.kill()
 
 
 def test_tiny_training_lowers_loss(runs):
@@ -571,8 +580,8 @@ def test_nan_stops_without_overwriting(runs):
 
 def test_ctrl_c_keeps_the_previous_checkpoint(runs):
     code, out = runs['ctrl_c']
-    d = runs.dirs['ctrl_c']
     assert code != 0 and 'Traceback' not in out and 'interrupted' in out, out
+    d = runs.dirs['ctrl_c']
     assert open(os.path.join(d, 'gpt.pt'), 'rb').read() == \
         open(os.path.join(runs.dirs['out'], 'gpt.pt'), 'rb').read()  # the scratch run had not beaten it
     assert [f for f in os.listdir(d) if 'tmp' in f] == []
@@ -589,10 +598,11 @@ def run_here(monkeypatch, capsys):
         monkeypatch.setattr(sys, 'argv', [script, *args])
         monkeypatch.setattr(sys, 'excepthook', sys.excepthook)      # configure() installs a Ctrl-C hook: undo it after
         code = 0
-        try:
-            runpy.run_path(os.path.join(HERE, script), run_name='__main__')
-        except SystemExit as e:
-            code = e.code
+        with torch.random.fork_rng():                               # the scripts seed torch: keep ours
+            try:
+                runpy.run_path(os.path.join(HERE, script), run_name='__main__')
+            except SystemExit as e:
+                code = e.code
         out = capsys.readouterr()
         return code, out.out + out.err
     return go
@@ -661,7 +671,7 @@ def test_out_of_vocabulary_prompt_is_one_clear_line(runs, run_here):
                           "characters not in the vocabulary: '7ö'")
 
 def in_process_error(capsys, fn, *args):
-    """The one line a die() path prints (the subprocess probes above show it exits cleanly)."""
+    """The one line a die() path prints (the probes through run_here show the whole exit)."""
     with pytest.raises(SystemExit) as e:
         fn(*args)
     err = capsys.readouterr().err.strip().splitlines()

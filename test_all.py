@@ -37,6 +37,11 @@ def tiny_model(seed=0, config=TINY):
     return model
 
 
+def save_tiny(model, path):
+    """Save a TINY model as a checkpoint with the keys every stage reads."""
+    save_checkpoint({'model': model.state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, str(path))
+
+
 def start(script, *args, stdin=None):
     """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
@@ -160,7 +165,7 @@ def test_overrides_parse_and_type_check(capsys):
 def test_checkpoint_round_trip(tmp_path):
     m = tiny_model(3)
     path = str(tmp_path / 'm.pt')
-    save_checkpoint({'model': m.state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, path)
+    save_tiny(m, path)
     assert os.listdir(tmp_path) == ['m.pt']                 # no temp file left behind
     m2, vocab, _ = load_model(path)
     idx = torch.randint(0, 65, (2, 16))
@@ -619,8 +624,7 @@ class Evil:
 
 def test_stages_run_out_of_order(run_here, tmp_path):
     os.mkdir(tmp_path / 'gpt_only')
-    save_checkpoint({'model': tiny_model().state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB},
-                    str(tmp_path / 'gpt_only' / 'gpt.pt'))
+    save_tiny(tiny_model(), tmp_path / 'gpt_only' / 'gpt.pt')
     assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}'), 'gpt.pt', 'run python gpt.py first')
     assert_one_clear_line(*run_here('sample.py', f'--out_dir={tmp_path}'), 'run python gpt.py first')
     assert_one_clear_line(*run_here('ppo.py', f'--out_dir={tmp_path}/gpt_only'), 'reward.pt',
@@ -642,7 +646,7 @@ def test_unwritable_out_dir(run_here, tmp_path):
 
 def test_truncated_checkpoint_and_malicious_pickle(run_here, tmp_path):
     good = tmp_path / 'good.pt'
-    save_checkpoint({'model': tiny_model().state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, str(good))
+    save_tiny(tiny_model(), good)
     os.mkdir(tmp_path / 'truncated')
     blob = good.read_bytes()[:good.stat().st_size // 2]
     (tmp_path / 'truncated' / 'gpt.pt').write_bytes(blob)

@@ -108,7 +108,7 @@ if __name__ == '__main__':
         t0 = time.time()
         base, _, _ = load_model(os.path.join(out_dir, 'gpt.pt'), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
-        result = evaluate(model, base, rm, held_out_prompts(val_data, eval_prompts, rm.prompt_len, seed, device),
+        result = evaluate(model, base, rm, held_out_prompts(val_data, eval_prompts, rm_ckpt['prompt_len'], seed, device),
                           vocab, rm_ckpt['response_len'], temperature, 16, seed)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)

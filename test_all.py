@@ -212,10 +212,14 @@ def test_pairwise_loss_matches_hand_computation():
 
 
 class StubRM(torch.nn.Module):
-    """A 'reward model' whose reward is the first token of the sequence (for checks of the plumbing)."""
-    prompt_len = 1
+    """A 'reward model' that reads one prompt character and the answer, and rewards the first
+    character it reads (for checks of the plumbing)."""
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))     # score() puts inputs on the RM's device
 
     def forward(self, idx, response_len):
+        idx = idx[:, idx.size(1) - response_len - 1:]       # what RewardModel.window does, context 1
         return idx[:, 0].float() + 0.01 * idx[:, -1].float()
 
 
@@ -223,7 +227,7 @@ def test_evaluate_bayes_limit_on_hand_case():
     g = torch.tensor([[0.0, 1.0, 1.0, 3.0]])                  # gold of 4 responses
     seqs = g.long().view(1, 4, 1).repeat(1, 1, 3)             # the stub RM reads g back: r = g (+ tiny)
     prefs = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
-    m = rm_evaluate(StubRM(), seqs, g, prefs, tau=1.0)
+    m = rm_evaluate(StubRM(), seqs, g, prefs, 1.0, 2)
     s = lambda x: 1 / (1 + math.exp(-x))
     # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): gold diffs -1 -1 -3 0 -2 -2
     bayes = (s(1) + s(1) + s(3) + 0.5 + s(2) + s(2)) / 6
@@ -254,7 +258,7 @@ def test_tiny_reward_model_learns_a_toy_preference():
         gold = (seqs == e).sum(-1).float()                      # (P, K)
         i, j = all_pairs(4)
         return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
-    rm = RewardModel(TINY, prompt_len=1)
+    rm = RewardModel(TINY, context=1)
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     for _ in range(150):
         seqs, _, prefs = batch(16)
@@ -262,8 +266,54 @@ def test_tiny_reward_model_learns_a_toy_preference():
         opt.zero_grad(); loss.backward(); opt.step()
     rm.eval()
     seqs, gold, prefs = batch(200)
-    m = rm_evaluate(rm, seqs, gold, prefs, tau=0.5)
+    m = rm_evaluate(rm, seqs, gold, prefs, 0.5, 11)
     assert m['gold_acc'] > 0.8 and m['val_acc'] > m['bayes_acc'] - 0.1, m
+
+
+def test_bag_of_words_recovers_a_planted_lexicon():
+    """Synthetic answers of random words; the labeler likes w0..w9 and dislikes w10..w19. The
+    reference learner, told nothing of that, finds them from the sampled labels alone."""
+    from reward import bow_features, bow_rewards, fit_bow, pair_metrics
+    g = torch.Generator().manual_seed(0)
+    vocab_w = [f'w{chr(97 + i // 26)}{chr(97 + i % 26)}' for i in range(200)]   # 'waa', 'wab', ...
+    liked, disliked = set(vocab_w[:10]), set(vocab_w[10:20])
+
+    def answers(P, K=4):
+        texts = [' '.join(vocab_w[t] for t in torch.randint(0, 200, (8,), generator=g)) for _ in range(P * K)]
+        gold = torch.tensor([float(len(set(t.split()) & liked) - len(set(t.split()) & disliked))
+                             for t in texts]).view(P, K)
+        i, j = all_pairs(K)
+        return texts, gold, label(gold[:, i], gold[:, j], 1.0, generator=g)
+    texts, gold, prefs = answers(1500)
+    index = {w: n for n, w in enumerate(vocab_w)}
+    theta = fit_bow(bow_features(texts, index), prefs, len(index), 1e-4)
+    neutral = theta[20:]                   # every planted word stands clear of all 180 neutral ones
+    assert theta[:10].min() > neutral.max() + 0.3 and theta[10:20].max() < neutral.min() - 0.3
+    texts, gold, prefs = answers(200)
+    r = bow_rewards(theta, bow_features(texts, index)).view_as(gold)
+    assert pair_metrics(r, gold, prefs, 1.0)['gold_acc'] > 0.95
+
+
+def test_early_stopping_keeps_the_best_dev_checkpoint():
+    """Train on 'more e is better' but score dev against the opposite: dev loss rises as the RM
+    learns, so the state kept must be the first evaluated one, not the last."""
+    from reward import train_reward_model
+    g = torch.Generator().manual_seed(0)
+    e = VOCAB.index('e')
+
+    def pairs(P, flip):
+        seqs = torch.randint(0, 65, (P, 4, 12), generator=g)
+        seqs[torch.rand(seqs.shape, generator=g) < 0.3] = e
+        gold = (seqs == e).sum(-1).float() * (-1 if flip else 1)
+        i, j = all_pairs(4)
+        return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
+    torch.manual_seed(0)
+    rm = RewardModel(TINY, context=1)
+    dev = pairs(40, True)
+    history = train_reward_model(rm, pairs(320, False), dev, 11, 0.5, 3e-3, 1, 16, 4, 1.0, g, log=lambda s: None)
+    losses = [m['loss'] for _, m in history]
+    assert [s for s, _ in history] == [5, 10, 15, 20] and losses[0] == min(losses) < losses[-1] - 0.05
+    assert abs(rm_evaluate(rm, *dev, 0.5, 11)['loss'] - losses[0]) < 1e-6   # the kept state is that one
 
 
 # ======================================================================== ppo.py
@@ -353,7 +403,7 @@ def test_tiny_ppo_raises_a_toy_reward():
     torch.manual_seed(0)
     e = VOCAB.index('e')
     policy, ref = tiny_model(1), tiny_model(1)
-    critic = Critic(RewardModel(TINY, prompt_len=4), 12)
+    critic = Critic(RewardModel(TINY, context=4), 12)
     reward_fn = lambda seqs: (seqs[:, 4:] == e).float().mean(1) * 10
     g = torch.Generator().manual_seed(0)
     cfg = dict(prompt_len=4, response_len=12, temperature=1.0, learning_rate=3e-3, critic_lr=1e-4, init_beta=0.01, kl_target=0.0,
@@ -371,7 +421,7 @@ def test_rm_initialised_critic_gives_each_character_its_share():
     character's share of the score, read off the RM on prefixes (it is causal): delta_t =
     r(x, y_<=t) - r(x, y_<t) - c_bar, with c_bar = -b / Tr; and V(s_0) = 0 (a typical answer)."""
     torch.manual_seed(0)
-    rm = RewardModel(TINY, prompt_len=4).eval()
+    rm = RewardModel(TINY, context=4).eval()
     torch.nn.init.normal_(rm.head.weight, std=0.3)
     rm.bias.data.fill_(0.6)
     seqs = torch.randint(0, 65, (3, 16))
@@ -390,8 +440,8 @@ def test_rm_initialised_critic_gives_each_character_its_share():
 TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
             '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
-TINY_RM = ['--prompt_len=16', '--response_len=32', '--train_prompts=64', '--val_prompts=32',
-           '--prompts_per_batch=8', '--log_interval=1']
+TINY_RM = ['--prompt_len=16', '--response_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
+           '--val_prompts=32', '--prompts_per_batch=8', '--log_interval=1']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of=4']
 
 
@@ -480,12 +530,15 @@ def test_reward_stage_writes_its_metrics(runs):
     code, log = runs['reward']
     assert code == 0, log
     m = json.load(open(os.path.join(runs.dirs['out'], 'reward.json')))
-    for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'seconds']:
+    for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'bow_val_acc',
+                'bow_gold_acc', 'repeat_gain', 'best_step', 'seconds']:
         assert key in m, key
     assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6
-    assert 0.5 <= m['bayes_acc'] <= 1 and 0 <= m['ece'] <= 1 and 'iter 0: loss' in log
+    assert 'iter 0: loss' in log and f"eval {m['best_step']}: dev loss" in log
+    for row, acc in [('Bayes limit', m['bayes_acc']), ('bag of words', m['bow_val_acc']), ('reward model', m['val_acc'])]:
+        assert f'{row:22}{acc:8.4f}' in log                         # the three side by side, as reward.json says
     ck = torch.load(os.path.join(runs.dirs['out'], 'reward.pt'), weights_only=True)
-    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias'} <= set(ck)
+    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias', 'rm_context', 'prompt_len'} <= set(ck)
 
 
 def test_ppo_stage_writes_log_and_eval(runs):

@@ -15,11 +15,19 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
  4. beta is adapted (Ziegler et al.): e = clip(KL / target - 1, -0.2, 0.2),
     beta <- beta (1 + e n / horizon), n = episodes per iteration; fixed when kl_target = 0.
     The controller is fed the exact KL (below): same mean as the sampled estimate, less noise.
+    Ziegler's horizon of 10,000 episodes is for runs of millions; ours has 8,192, so the
+    horizon is 5,120: beta can move by up to a third over a run (the old 28 x 64 episodes
+    moved it 3%). It starts at 0.5: at 1 the RL objective's optimum is below best-of-16
+    (a gain of about 1/beta std at a KL of 1/(2 beta^2) for Gaussian rewards), and at 0.4 the
+    KL passed 6 nats. It steers to 3 nats, where the best-of-n curve is still measured.
  5. Advantages by GAE (gamma 1, lambda 0.95) from the critic (7), returns = advantages + values;
     advantages are whitened over the rollout batch.
  6. PPO update: `ppo_epochs` passes over `num_minibatches` shuffled minibatches; clipped
     surrogate (clip 0.2), clipped value loss (0.2), global grad-norm clip; optional entropy
     bonus and optional PPO-ptx (LM loss on input.txt, InstructGPT eq. 2; off by default).
+    Small steps spend less KL per unit of gold: lr 1.25e-4 and 128 episodes per iteration
+    instead of 3e-4 and 64 (README, section 3: the noise of a policy-gradient step is KL that
+    buys no reward). 4 epochs per rollout did worse than 2.
  7. The value function is a separate critic initialised from the reward model (as in
     InstructGPT). Our RM sums a per-token head over the answer, so its running sum
     V(s_t) = b + sum_{k<t} c_k + (Tr - t) c_bar (the score so far plus the expected rest) is a
@@ -31,11 +39,18 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     log(pi/pi_ref) at the sampled tokens, k3 = sum_t (ratio - 1) - log ratio with ratio =
     pi_ref/pi (Schulman's estimator, never negative), and the exact sum_t KL(pi(.|s_t) ||
     pi_ref(.|s_t)) over all 65 characters.
+ 9. Evaluation on held-out prompts of the validation text: best-of-n for n = 1, 2, 4, ..., 64
+    from one pass of 64 base samples per prompt, with the unbiased estimator over their order
+    statistics (Nakano et al. 2021, appendix), at the KL bound log n - (n-1)/n (Gao et al.
+    2022); and the policy every `eval_interval` iterations (gold, RM score, exact KL). Gold is
+    hidden from training: it is only ever measured, never used to pick a point.
  Left out: per-batch reward whitening (scores are centred and scaled on base answers), padding and EOS
  handling (every response has exactly response_len characters).
 
-Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~1 min on 2 cores)
-Writes out/ppo.pt, out/ppo.json (iters, seconds, eval: base / best_of_16 / ppo), out/ppo_log.csv.
+Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~2.5 min on 2 cores)
+      python ppo.py --seed=1      (other prompts, rollouts and held-out prompts; same gpt.pt, reward.pt)
+Writes out/ppo.pt, out/ppo.json (iters, seconds, eval: base / best_of_16 / ppo / best_of_n curve,
+ppo_path), out/ppo_log.csv, out/frontier.csv (+ frontier.png with matplotlib).
 """
 import copy
 import csv
@@ -60,14 +75,14 @@ device = 'cuda' if _gpu else 'cpu'
 out_dir = 'out'                 # reads gpt.pt and reward.pt, writes ppo.pt, ppo.json, ppo_log.csv
 data_path = 'input.txt'
 seed = 1337
-max_iters = 28                  # PPO iterations (rollout + update); KL grows ~0.13-0.17 nats/iter here
-batch_size = 64                 # episodes (prompts) per iteration
+max_iters = 64                  # PPO iterations (rollout + update)
+batch_size = 128                # episodes (prompts) per iteration
 prompt_len = None               # None: as out/reward.pt was trained (the RM knows only that shape)
 response_len = None             # None: as out/reward.pt was trained
 temperature = 1.0               # sampling and log-prob temperature (must be the same: Huang et al.)
 ppo_epochs = 2                  # passes over each rollout
 num_minibatches = 2             # minibatches per pass
-learning_rate = 3e-4            # AdamW, constant, policy
+learning_rate = 1.25e-4         # AdamW, constant, policy
 critic_lr = 1e-5                # the critic: its value is a sum over 64 characters, so small steps
 clip_coef = 0.2                 # PPO ratio clip epsilon
 vf_clip = 0.2                   # value clip around the rollout's values
@@ -76,15 +91,15 @@ ent_coef = 0.0                  # entropy bonus (0: the KL penalty already keeps
 ptx_coef = 0.0                  # PPO-ptx: weight of the pretraining LM loss (InstructGPT: 27.8)
 gamma = 1.0                     # discount: episodes are short and the reward comes at the end
 lam = 0.95                      # GAE lambda
-init_beta = 1.0                 # initial KL coefficient, for rewards of unit std (see point 3); at 0.6
-                                # the policy found a 'good good good' mode and ran to 15 nats, at 1.3 it
-                                # stayed under 2.1 nats with little gain
-kl_target = 6.0                 # nats per sequence; 0 = fixed beta
-kl_horizon = 10000              # episodes for the controller to close the gap
+init_beta = 0.5                 # initial KL coefficient, for rewards of unit std (see point 3)
+kl_target = 3.0                 # nats per answer the controller steers to; 0 = fixed beta
+kl_horizon = 5120               # episodes for the controller to close the gap
 grad_clip = 1.0
 forward_batch_size = 256        # sequences per no-grad forward over the rollout (memory bound)
-eval_prompts = 128              # held-out prompts for the base / best-of-16 / PPO comparison
-best_of = 16
+eval_prompts = 256              # held-out prompts (validation text) for every reported number
+eval_samples = 2                # answers per held-out prompt at each point of the PPO path
+eval_interval = 8               # evaluate the policy every this many iterations
+best_of_max = 64                # best-of-n curve for n = 1, 2, 4, ..., this (one pass of this many samples)
 # ----------------------------------------------------------------------------------------
 
 
@@ -276,28 +291,65 @@ def explained_variance(values, returns):
     return float('nan') if var == 0 else 1 - (returns - values).var().item() / var
 
 
+def best_of_n_weights(N, n):
+    """w_i = P(the best of n samples drawn without replacement from N is the i-th lowest-ranked)
+    = C(i-1, n-1) / C(N, n), i = 1..N: the unbiased best-of-n estimator over order statistics
+    (Nakano et al. 2021, appendix; Gao et al. 2022). (N,) float64, summing to 1."""
+    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(N, n) for i in range(1, N + 1)], dtype=torch.float64)
+
+
+def best_of_n_curve(rm_scores, gold, ns):
+    """Expected RM score and gold of best-of-n, per prompt, from one set of N samples per prompt.
+    rm_scores, gold (P, N) -> {n: (rm (P,), gold (P,))} for each n in ns (n <= N)."""
+    order = rm_scores.argsort(1)                                   # rank samples by the RM, lowest first
+    r, g = rm_scores.gather(1, order).double(), gold.gather(1, order).double()
+    return {n: (r @ best_of_n_weights(r.size(1), n), g @ best_of_n_weights(r.size(1), n)) for n in ns}
+
+
+def mean_se(x):
+    """(mean, standard error of the mean) of a 1-D tensor of per-prompt values."""
+    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
+
+
+def point(name, n_or_iter, rm_per_prompt, gold_per_prompt, kl):
+    """One row of the frontier: means and standard errors over prompts, and a KL in nats."""
+    (rm, rm_se), (gold, gold_se) = mean_se(rm_per_prompt), mean_se(gold_per_prompt)
+    return {'method': name, 'n_or_iter': n_or_iter, 'gold': gold, 'gold_se': gold_se, 'rm': rm, 'rm_se': rm_se,
+            'prob': torch.sigmoid(rm_per_prompt.float()).mean().item(), 'kl': kl}
+
+
 @torch.no_grad()
-def evaluate(policy_gpt, base, rm, prompts, vocab, response_len, temperature=1.0, n_best=16, seed=0, chunk=256):
-    """Three ways to answer the same held-out prompts (P, Tp): base, best-of-n (RM reranking of n base
-    samples) and the PPO policy. gold / rm / prob = sigmoid(rm) means, and kl in nats to the base:
-    exact for base (0) and ppo, the bound log n - (n-1)/n for best-of-n (Gao et al. 2022)."""
+def best_of_n_frontier(base, rm, prompts, vocab, response_len, temperature, n_max, seed, chunk=256):
+    """Best-of-n for n = 1, 2, 4, ..., n_max on held-out prompts (P, Tp), from one pass of n_max
+    base samples per prompt. Returns the rows and three sample answers (plain and best-of-16).
+    KL to the base: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the base itself)."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
-    Tp, P = prompts.size(1), prompts.size(0)
-    bon_y, bon_r, base_y, base_r = best_of_n(base, rm, prompts, n_best, response_len, temperature, gen, chunk)
-    ppo_y, _ = sample_responses(policy_gpt, prompts, response_len, temperature, gen, chunk)
-    seqs = torch.cat([prompts, ppo_y], 1)
-    kl = torch.cat([exact_kl(response_logits(policy_gpt(s)[0], Tp), response_logits(base(s)[0], Tp), temperature).sum(1)
-                    for s in seqs.split(chunk)])                      # (P,) nats per answer
-    answers = {'base': (base_y[:, 0], base_r[:, 0], 0.0),             # the first of the n base samples
-               f'best_of_{n_best}': (bon_y, bon_r, math.log(n_best) - (n_best - 1) / n_best),
-               'ppo': (ppo_y, score_answers(rm, prompts, ppo_y, chunk), kl.mean().item())}
-    result = {}
-    for name, (y, r, k) in answers.items():
-        result[name] = {'gold': gold_scores(y.cpu(), vocab).mean().item(), 'rm': r.mean().item(),
-                        'prob': torch.sigmoid(r).mean().item(), 'kl': k,
-                        'samples': [decode(y[i], vocab) for i in range(min(3, P))]}
-    result['prompts'] = [decode(prompts[i], vocab) for i in range(min(3, P))]
-    return result
+    P = prompts.size(0)
+    _, _, y, r = best_of_n(base, rm, prompts, n_max, response_len, temperature, gen, chunk)  # (P, N, Tr), (P, N)
+    gold = gold_scores(y.view(P * n_max, -1).cpu(), vocab).view(P, n_max)
+    ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
+    curve = best_of_n_curve(r.cpu(), gold, ns)
+    rows = [point('best_of_n', n, *curve[n], math.log(n) - (n - 1) / n) for n in ns]
+    best16 = r[:3, :16].argmax(1).cpu()                            # best of the first 16 samples
+    samples = {'base': [decode(y[i, 0], vocab) for i in range(min(3, P))],
+               'best_of_16': [decode(y[i, best16[i]], vocab) for i in range(min(3, P))]}
+    return rows, samples
+
+
+@torch.no_grad()
+def policy_point(policy, base, rm, prompts, vocab, response_len, temperature, n_samples, seed, it, chunk=256):
+    """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt mean gold and RM
+    score, and the exact KL to the base summed over the answer (nats), averaged over answers."""
+    gen = torch.Generator(prompts.device).manual_seed(seed)
+    P, Tp = prompts.shape
+    rep = prompts.repeat_interleave(n_samples, 0)
+    y, _ = sample_responses(policy, rep, response_len, temperature, gen, chunk)
+    seqs = torch.cat([rep, y], 1)
+    kl = torch.cat([exact_kl(response_logits(policy(s)[0], Tp), response_logits(base(s)[0], Tp), temperature).sum(1)
+                    for s in seqs.split(chunk)])                   # (P n,) nats per answer
+    r = score_answers(rm, rep, y, chunk).view(P, n_samples).mean(1)
+    gold = gold_scores(y.cpu(), vocab).view(P, n_samples).mean(1)
+    return point('ppo', it, r.cpu(), gold, kl.mean().item()), [decode(y[i * n_samples], vocab) for i in range(min(3, P))]
 
 
 def held_out_prompts(val_data, n, prompt_len, seed, device):
@@ -305,16 +357,69 @@ def held_out_prompts(val_data, n, prompt_len, seed, device):
     return sample_prompts(val_data, n, prompt_len, torch.Generator().manual_seed(seed + 1)).to(device)
 
 
-def print_eval(result):
-    names = [k for k in result if k != 'prompts']
-    print(f"{'policy':<12} {'gold':>7} {'rm':>7} {'prob':>7} {'kl':>7}")
-    for name in names:
-        r = result[name]
-        print(f"{name:<12} {r['gold']:7.3f} {r['rm']:7.3f} {r['prob']:7.3f} {r['kl']:7.2f}")
+def gold_at_kl(curve, kl):
+    """The best-of-n curve's gold at a KL: linear in KL between its points, and past its last point
+    linear from the last two (then extrapolated is True). curve: rows sorted by KL."""
+    k = next((k for k in range(1, len(curve)) if kl <= curve[k]['kl']), len(curve) - 1)
+    a, b = curve[k - 1], curve[k]
+    return a['gold'] + (b['gold'] - a['gold']) * (kl - a['kl']) / (b['kl'] - a['kl']), kl > curve[-1]['kl']
+
+
+def summary(curve, ppo_row, samples, ppo_samples, prompts, vocab):
+    """ppo.json's eval block: base, best_of_16 and ppo (gold, rm, prob, kl, standard errors,
+    samples), the whole best-of-n curve, best-of-n's gold at PPO's KL, and the sample prompts."""
+    by_n = {row['n_or_iter']: row for row in curve}
+    keep = lambda row, s: {**{k: row[k] for k in ('gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl')}, 'samples': s}
+    same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
+    return {'base': keep(by_n[1], samples['base']), 'best_of_16': keep(by_n[16], samples['best_of_16']),
+            'ppo': keep(ppo_row, ppo_samples), 'best_of_n': curve,
+            'best_of_n_at_ppo_kl': {'gold': same_kl, 'extrapolated': extrapolated},
+            'prompts': [decode(p, vocab) for p in prompts[:3]]}
+
+
+def print_frontier(curve, path, result):
+    """The gold-vs-KL table: best-of-n, then the PPO policy along its run; then the comparisons."""
+    print(f"{'method':<10} {'n/iter':>6} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>6}")
+    for row in curve + path:
+        bound = '<=' if row['method'] == 'best_of_n' and row['n_or_iter'] > 1 else '  '
+        print(f"{row['method']:<10} {row['n_or_iter']:>6} {row['gold']:7.3f} {row['gold_se']:6.3f} "
+              f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f}")
+    base, bo16, ppo, same = result['base'], result['best_of_16'], result['ppo'], result['best_of_n_at_ppo_kl']
+    print(f"gold gained over the base: PPO {ppo['gold'] - base['gold']:+.3f} at KL {ppo['kl']:.2f}, "
+          f"best-of-16 {bo16['gold'] - base['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
+    print(f"best-of-n at PPO's KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
+          f"{curve[-1]['n_or_iter']})" if same['extrapolated'] else '') + f", PPO {ppo['gold']:.3f}")
+
+
+def print_samples(result):
     for i, p in enumerate(result['prompts']):
         print(f'\n--- prompt {i}: {p!r}')
-        for name in names:
+        for name in ('base', 'best_of_16', 'ppo'):
             print(f"{name:>12}: {result[name]['samples'][i]!r}")
+
+
+def save_frontier(curve, path, out_dir):
+    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed."""
+    with open(os.path.join(out_dir, 'frontier.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['method', 'n_or_iter', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl'])
+        w.writeheader()
+        w.writerows(curve + path)
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ('gold', 'rm')):
+        for rows, label, style in [(curve, 'best-of-n (KL bound)', 'o-'), (path, 'PPO (exact KL)', 's-')]:
+            ax.errorbar([r['kl'] for r in rows], [r[key] for r in rows], yerr=[r[key + '_se'] for r in rows],
+                        fmt=style, label=label, capsize=2)
+        ax.set_xlabel('KL to the base model (nats)')
+        ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score'}[key])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'frontier.png'))
 
 
 if __name__ == '__main__':
@@ -349,48 +454,45 @@ if __name__ == '__main__':
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
     writer.writeheader()
 
-    def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps its log
-        writer.writerow(row)
-        log_file.flush()
-
-    def ckpt(extra):
-        save_checkpoint({'model': policy.state_dict(), 'critic': critic.state_dict(),
-                         'model_args': dict(policy.config.__dict__), 'config': config, 'vocab': vocab,
-                         **extra}, ckpt_path)
-
     with torch.no_grad():  # the RM's std on base answers -> rewards of unit scale (Ziegler et al.)
         seqs0 = base.generate(get_prompts(forward_batch_size), response_len, temperature=temperature,
                               generator=torch.Generator(device).manual_seed(seed))
         gain = 1.0 / rm(seqs0, response_len).std().clamp_min(1e-6).item()
     critic = Critic(rm, response_len, gain).requires_grad_(True)      # a trainable copy of the frozen RM
-    print(f'PPO: {max_iters} iters x {batch_size} episodes of {response_len} chars, device {device}; '
-          f'RM std on base answers {1 / gain:.4f}, so score = RM x {gain:.2f}')
+    held_out = held_out_prompts(val_data, eval_prompts, prompt_len, seed, device)
+    print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
+    curve, samples = best_of_n_frontier(base, rm, held_out, vocab, response_len, temperature, best_of_max, seed)
+    path, ppo_samples = [], []
+
+    def evaluate_policy(it):  # the policy on the held-out prompts: one point of its path
+        row, s = policy_point(policy, base, rm, held_out, vocab, response_len, temperature, eval_samples, seed, it)
+        path.append(row)
+        ppo_samples[:] = s
+        print(f"eval {it}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, kl {row['kl']:.2f}")
+
+    def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps its log
+        writer.writerow(row)
+        log_file.flush()
+        if (it + 1) % eval_interval == 0 or it + 1 == max_iters:
+            evaluate_policy(it + 1)
+
+    print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} episodes of {response_len} chars, '
+          f'device {device}; RM std on base answers {1 / gain:.4f}, so score = RM x {gain:.2f}')
+    evaluate_policy(0)
     try:
-        history = train(policy, base, critic, lambda s: gain * rm(s, response_len), get_prompts, config, gold_fn=lambda y: gold_scores(y.cpu(), vocab),
-                        lm_batch_fn=lm_batch, on_iter=on_iter)
+        history = train(policy, base, critic, lambda s: gain * rm(s, response_len), get_prompts, config,
+                        gold_fn=lambda y: gold_scores(y.cpu(), vocab), lm_batch_fn=lm_batch, on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()
-    train_seconds = time.time() - t_start
-    result = evaluate(policy, base, rm, held_out_prompts(val_data, eval_prompts, prompt_len, seed, device),
-                      vocab, response_len, temperature, best_of, seed)
-    metrics = {'iters': max_iters, 'seconds': round(time.time() - t_start, 1),
-               'train_seconds': round(train_seconds, 1), 'eval': result}
-    ckpt({'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))})
+    result = summary(curve, path[-1], samples, ppo_samples, held_out, vocab)
+    metrics = {'iters': max_iters, 'seconds': round(time.time() - t_start, 1), 'eval': result, 'ppo_path': path}
+    save_checkpoint({'model': policy.state_dict(), 'critic': critic.state_dict(),
+                     'model_args': dict(policy.config.__dict__), 'config': config, 'vocab': vocab,
+                     'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
     with open(os.path.join(out_dir, 'ppo.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    print_eval(result)
+    save_frontier(curve, path, out_dir)
+    print_frontier(curve, path, result)
+    print_samples(result)
     print(f"seconds {metrics['seconds']}")
-    try:  # a picture of the run, only if matplotlib happens to be installed
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-        ax[0].plot([r['score'] for r in history], label='rm score')
-        ax[0].plot([r['gold'] for r in history], label='gold')
-        ax[1].plot([r['kl'] for r in history], label='exact KL (nats)')
-        for a in ax:
-            a.set_xlabel('iter'); a.legend()
-        fig.tight_layout(); fig.savefig(os.path.join(out_dir, 'ppo.png'))
-    except ImportError:
-        pass

@@ -13,7 +13,7 @@ Run:
     python sample.py --start=FILE:prompt.txt --ckpt=gpt        # prompt from a file, base model
     python sample.py --mode=chat                      # you speak as ROMEO, the bard answers as JULIET
     echo 'What light through yonder window breaks?' | python sample.py --mode=chat
-    python sample.py --mode=eval                      # base vs best-of-16 vs PPO -> out/eval.json
+    python sample.py --mode=eval                      # ppo.py's gold-vs-KL frontier again -> out/eval.json
 """
 import json
 import os
@@ -23,7 +23,7 @@ import time
 import torch
 
 from gpt import configure, decode, die, encode, load_model, load_splits, prepare_out_dir
-from ppo import evaluate, held_out_prompts, print_eval
+from ppo import best_of_n_frontier, held_out_prompts, policy_point, print_frontier, print_samples, summary
 from reward import best_of_n, load_reward_model
 
 # ----------------------------------------------------------------------------------------
@@ -43,7 +43,6 @@ best_of = 1                     # draw n answers, keep the RM's favourite (1 = p
 seed = 1337
 you = 'ROMEO'                   # chat: the character you speak as
 bard = 'JULIET'                 # chat: the character the model answers as
-eval_prompts = 128              # eval: held-out prompts (as in ppo.py)
 # ----------------------------------------------------------------------------------------
 
 
@@ -96,24 +95,33 @@ if __name__ == '__main__':
     if mode not in ('sample', 'chat', 'eval'):
         die(f"--mode must be 'sample', 'chat' or 'eval', got {mode!r}")
     path = resolve_ckpt('ppo' if mode == 'eval' else ckpt, out_dir)
-    model, vocab, _ = load_model(path, run_first='python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py',
-                                 device=device)
+    model, vocab, model_ckpt = load_model(path, run_first='python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py',
+                                          device=device)
     rm, rm_vocab, rm_ckpt = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
     if rm_vocab != vocab:
         die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
     max_new_tokens = max_new_tokens or rm_ckpt['response_len']
 
-    if mode == 'eval':
+    if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
+        if 'ppo_path' not in model_ckpt.get('metrics', {}):
+            die(f'eval mode evaluates the PPO policy: run python ppo.py first ({path} is not a PPO checkpoint)')
         prepare_out_dir(out_dir)                                 # eval.json goes there
         t0 = time.time()
+        c = model_ckpt['config']
         base, _, _ = load_model(os.path.join(out_dir, 'gpt.pt'), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
-        result = evaluate(model, base, rm, held_out_prompts(val_data, eval_prompts, rm_ckpt['prompt_len'], seed, device),
-                          vocab, rm_ckpt['response_len'], temperature, 16, seed)
+        held_out = held_out_prompts(val_data, c['eval_prompts'], c['prompt_len'], c['seed'], device)
+        curve, samples = best_of_n_frontier(base, rm, held_out, vocab, c['response_len'], c['temperature'],
+                                            c['best_of_max'], c['seed'])
+        final, ppo_samples = policy_point(model, base, rm, held_out, vocab, c['response_len'], c['temperature'],
+                                          c['eval_samples'], c['seed'], c['max_iters'])
+        result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        print_eval(result)
-        print(f'{time.time() - t0:.1f} s; written to {out_dir}/eval.json')
+        print_frontier(curve, model_ckpt['metrics']['ppo_path'][:-1] + [final], result)
+        print_samples(result)
+        print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
+              f'points are read from {path}); written to {out_dir}/eval.json')
 
     elif mode == 'sample':
         prompt = start

@@ -384,6 +384,42 @@ def test_adaptive_kl_controller_hand_numbers():
     assert AdaptiveKLController(0.1, 0.0, 10000).update(50.0, 100) == 0.1      # target 0: fixed
 
 
+def test_kl_controller_moves_beta_within_a_default_run():
+    """With ppo.py's defaults, a KL held at twice the target raises beta by a third over the run,
+    and a KL far below it lowers beta by a quarter (the old horizon of 10,000 x 64 moved it 4%)."""
+    import ppo
+    for kl, lo, hi in [(2 * ppo.kl_target, 1.3, 1.5), (0.0, 0.6, 0.75)]:
+        c = AdaptiveKLController(ppo.init_beta, ppo.kl_target, ppo.kl_horizon)
+        for _ in range(ppo.max_iters):
+            c.update(kl, ppo.batch_size)
+        assert lo < c.beta / ppo.init_beta < hi, (kl, c.beta)
+
+
+def test_best_of_n_estimator_against_enumeration():
+    """The order-statistics estimator equals the average, over every n-subset of the N samples,
+    of the gold of the subset's RM favourite."""
+    from itertools import combinations
+    from ppo import best_of_n_curve
+    g = torch.Generator().manual_seed(0)
+    r, gold = torch.randn(3, 7, generator=g), torch.randint(-2, 3, (3, 7), generator=g).float()
+    curve = best_of_n_curve(r, gold, [1, 2, 3, 5, 7])
+    for n, (rm_n, gold_n) in curve.items():
+        for p in range(3):
+            subsets = list(combinations(range(7), n))
+            best = [max(s, key=lambda i: r[p, i].item()) for s in subsets]
+            assert abs(gold_n[p].item() - sum(gold[p, i].item() for i in best) / len(subsets)) < 1e-9
+            assert abs(rm_n[p].item() - sum(r[p, i].item() for i in best) / len(subsets)) < 1e-6
+    assert torch.allclose(curve[1][1], gold.double().mean(1)) and torch.allclose(curve[7][0], r.double().max(1).values)
+
+
+def test_gold_at_kl_interpolates_and_flags_extrapolation():
+    from ppo import gold_at_kl
+    curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
+    assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
+    assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
+    assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
+
+
 def test_exact_kl_and_sampled_estimators():
     torch.manual_seed(0)
     lp, lq = torch.randn(65), torch.randn(65)
@@ -442,7 +478,8 @@ TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--ba
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 TINY_RM = ['--prompt_len=16', '--response_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
            '--val_prompts=32', '--prompts_per_batch=8', '--log_interval=1']
-TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of=4']
+TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
+            '--eval_interval=2']
 
 
 class Runs:
@@ -507,7 +544,7 @@ def runs(tmp_path_factory):
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
     r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['gpt.pt', 'reward.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['gpt.pt', 'reward.pt', 'ppo.pt'])
-    r.add('eval', 'sample.py', '--mode=eval', '--eval_prompts=8', after='ppo')
+    r.add('eval', 'sample.py', '--mode=eval', after='ppo')
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='Good morrow, fair lady.\nWhat news, 7 émissaries?\n')
     yield r
@@ -547,25 +584,31 @@ def test_ppo_stage_writes_log_and_eval(runs):
     out = runs.dirs['out']
     m = json.load(open(os.path.join(out, 'ppo.json')))
     assert m['iters'] == 3 and m['seconds'] > 0
-    for name in ['base', 'best_of_4', 'ppo']:
-        assert set(m['eval'][name]) == {'gold', 'rm', 'prob', 'kl', 'samples'}
-        assert 0 <= m['eval'][name]['prob'] <= 1 and len(m['eval'][name]['samples']) == 3
+    for name in ['base', 'best_of_16', 'ppo']:
+        assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'samples'}
+        assert len(m['eval'][name]['samples']) == 3
     assert m['eval']['base']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
-    assert abs(m['eval']['best_of_4']['kl'] - (math.log(4) - 3 / 4)) < 1e-9
+    assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
+    assert [r['n_or_iter'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
+    assert [r['n_or_iter'] for r in m['ppo_path']] == [0, 2, 3] and m['ppo_path'][-1]['gold'] == m['eval']['ppo']['gold']
+    frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
+    assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl' and len(frontier) == 1 + 5 + 3
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
     assert len(rows) == 4 and rows[0].startswith('iter,score,gold,kl,kl_k1,kl_k3,beta')
     for word in ['score', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
         assert f' {word} ' in log.split('iter 2:')[1].split('\n')[0]
+    assert "best-of-n at PPO's KL" in log
 
 
-def test_sample_eval_mode_writes_all_keys(runs):
+def test_sample_eval_mode_reproduces_ppo_json(runs):
     code, log = runs['eval']
     assert code == 0, log
     m = json.load(open(os.path.join(runs.dirs['out'], 'eval.json')))
-    assert set(m) == {'base', 'best_of_16', 'ppo', 'prompts'}
-    for name in ['base', 'best_of_16', 'ppo']:
-        assert set(m[name]) == {'gold', 'rm', 'prob', 'kl', 'samples'}
-    assert 'best_of_16' in log and 'ppo' in log
+    ppo_eval = json.load(open(os.path.join(runs.dirs['out'], 'ppo.json')))['eval']
+    assert set(m) == {'base', 'best_of_16', 'ppo', 'best_of_n', 'best_of_n_at_ppo_kl', 'prompts'}
+    for name in ['base', 'best_of_16', 'ppo']:                        # the same seeds: the same numbers
+        assert {k: m[name][k] for k in ('gold', 'rm', 'kl')} == {k: ppo_eval[name][k] for k in ('gold', 'rm', 'kl')}
+    assert m['best_of_n'] == ppo_eval['best_of_n']
 
 
 def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(runs):

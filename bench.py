@@ -16,11 +16,14 @@ import torch
 import gpt
 from gpt import GPT, GPTConfig, configure
 
-batch = 64          # sequences generated at once
-new_tokens = 256    # characters generated per sequence
-prompt = 16         # prompt length
-repeats = 3         # timings are the median of this many runs
-seed = 0
+# ----------------------------------------------------------------------------------------
+# hyperparameters (`--key=value` overrides any of them; the model shape is gpt.py's)
+batch = 64          # in [1, inf): sequences generated at once
+new_tokens = 256    # in [1, inf): characters generated per sequence
+prompt = 16         # in [1, inf): prompt length
+repeats = 3         # in [1, inf): timings are the median of this many runs
+seed = 0            # in [0, inf): weights and prompts
+# ----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()

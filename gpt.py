@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,33 +32,33 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------
 # hyperparameters (plain globals; `--key=value` overrides any of them, see configure())
 _gpu = torch.cuda.is_available()  # CPU and GPU get different default sizes (underscore: not a flag)
-device = 'cuda' if _gpu else 'cpu'
+device = 'cuda' if _gpu else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...: a device this machine has
 out_dir = 'out'                 # where checkpoints and metrics go
 data_path = 'input.txt'         # Tiny Shakespeare, 1,115,394 chars; first 90% train
-init_from = 'scratch'           # 'scratch' or 'resume' (continue from out_dir/gpt.pt)
-seed = 1337                     # same seed + same settings = same losses on CPU
+init_from = 'scratch'           # in {'scratch', 'resume'}: resume continues from out_dir/gpt.pt
+seed = 1337                     # in [0, inf): same seed + same settings = same losses on CPU
 # model
-n_layer = 6 if _gpu else 2      # depth; on 2 CPU cores fewer layers and more steps win (see README)
-n_head = 6 if _gpu else 4       # attention heads; n_embd must divide by it
-n_embd = 384 if _gpu else 128   # width
-token_mix = 3                   # the input at t mixes the embeddings of the last this many chars (1 = off)
-block_size = 256 if _gpu else 128  # context length in characters (RLHF needs prompt + answer <= it)
-dropout = 0.2 if _gpu else 0.0  # the small CPU model underfits: dropout only costs it
+n_layer = 6 if _gpu else 2      # in [1, inf): depth; on 2 cores fewer layers, more steps win (README)
+n_head = 6 if _gpu else 4       # in [1, inf): attention heads; n_embd must divide by it
+n_embd = 384 if _gpu else 128   # in [2, inf): width (head size n_embd / n_head even: rotary)
+token_mix = 3                   # in [1, inf): input at t mixes the last this many chars (1 = off)
+block_size = 256                # in [2, inf): context in characters (RLHF: prompt + a turn fit)
+dropout = 0.2 if _gpu else 0.0  # in [0, 1): the small CPU model underfits: dropout only costs it
 # optimisation: AdamW, linear warmup, then decay to min_lr (cosine: nanoGPT's schedule)
-batch_size = 64 if _gpu else 6  # sequences per step: on 2 cores the number of steps is what counts
-max_iters = 5000 if _gpu else 6000  # CPU: ~185 s of steps on 2 cores
-learning_rate = 1e-3 if _gpu else 3e-3  # a tiny model takes a high lr
-min_lr_ratio = 0.1 if _gpu else 0.0  # decay ends at lr * this; to 0 won 0.015 on CPU (Bergsma et al. 2025)
-lr_decay = 'cosine' if _gpu else 'linear'  # 'cosine' or 'linear'; linear to 0 won 0.008 on CPU (same paper)
-warmup_iters = 100              # short warmup: tiny models tolerate a high lr early
-weight_decay = 0.1              # on matrices only (not norms, not biases)
-beta1, beta2 = 0.9, 0.99        # beta2 0.99 as nanoGPT's shakespeare_char: few tokens/step
-grad_clip = 1.0                 # clip the global grad norm (0 = off)
+batch_size = 64 if _gpu else 3  # in [1, inf): sequences per step: on 2 cores, steps count
+max_iters = 5000 if _gpu else 6000  # in [0, inf): CPU: ~185 s of steps on 2 cores
+learning_rate = 1e-3 if _gpu else 3e-3  # in (0, inf): a tiny model takes a high lr
+min_lr_ratio = 0.1 if _gpu else 0.0  # in [0, 1]: decay ends at lr * this (0 won 0.015 on CPU)
+lr_decay = 'cosine' if _gpu else 'linear'  # in {'cosine', 'linear'}: linear won 0.008 (Bergsma et al. 2025)
+warmup_iters = 100              # in [0, inf): short warmup: tiny models tolerate a high lr early
+weight_decay = 0.1              # in [0, inf): on matrices only (not norms, not biases)
+beta1, beta2 = 0.9, 0.99        # in [0, 1): beta2 0.99 as nanoGPT's shakespeare_char: few tokens/step
+grad_clip = 1.0                 # in [0, inf): clip the global grad norm (0 = off)
 # evaluation and logging
-eval_interval = 250 if _gpu else 1000  # estimate train/val loss every this many iters
-eval_iters = 200 if _gpu else 20      # batches per estimate (the final val loss uses the whole split)
-log_interval = 100                 # print an iter line every this many iters
-sample_chars = 500              # length of the sample printed at the end
+eval_interval = 250 if _gpu else 1000  # in [1, inf): estimate train/val loss every this many iters
+eval_iters = 200 if _gpu else 20      # in [1, inf): batches per estimate (final: the whole val split)
+log_interval = 100              # in [1, inf): print an iter line every this many iters
+sample_chars = 500              # in [0, inf): length of the sample printed at the end
 compile = False                 # torch.compile (worth it on GPU; CPU compile costs more)
 # ----------------------------------------------------------------------------------------
 
@@ -79,22 +80,30 @@ def _interrupted(kind, value, tb, default=sys.excepthook):
 
 
 def configure(g, argv):
-    """Apply `--key=value` overrides to the plain globals `g` of a script; return them as a dict.
+    """Apply `--key=value` overrides to the globals `g` of a script; return the options as a dict.
 
-    The value is read as a Python literal (`--lr=3e-4`, `--top_k=None`, `--start='ROMEO:'`),
-    falling back to the raw string. Its type must match the default's (an int is accepted
-    for a float); a default of None accepts anything. Unknown keys name the closest one.
+    The options are the names of the script's hyperparameter block (see option_block; a dict
+    without a __file__: its plain values). The value is read as a Python literal (`--lr=3e-4`,
+    `--top_k=None`, `--start='ROMEO:'`), falling back to the raw string. Its type must match the
+    default's (an int is accepted for a float); a default of None accepts anything. Unknown keys
+    name the closest one. -h / --help prints the options and exits.
     """
     sys.excepthook = _interrupted
-    keys = [k for k, v in g.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))]
+    if '__file__' in g:
+        keys = [n for names, _ in option_block(g['__file__']) for n in names]
+    else:
+        keys = [k for k, v in g.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))]
+    if '-h' in argv or '--help' in argv:
+        print_help(g)
+        sys.exit(0)
     for arg in argv:
         if not arg.startswith('--') or '=' not in arg:
-            die(f'cannot read argument {arg!r}: overrides look like --key=value')
+            die(f'cannot read argument {arg!r}: overrides look like --key=value (--help lists them)')
         key, text = arg[2:].split('=', 1)
         if key not in keys:
-            near = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)  # always name the closest
-            die(f'unknown option --{key}; did you mean --{near[0]}? (the options are the globals '
-                f'at the top of {os.path.basename(g.get("__file__", "the script"))})')
+            near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
+                    or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))        # else the closest
+            die(f'unknown option --{key}; did you mean --{near[0]}? (--help lists the options)')
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -105,10 +114,109 @@ def configure(g, argv):
         if old is not None and value is not None and type(value) is not type(old):
             die(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
         g[key] = value
+    if '__file__' in g:                                            # every option against its rule
+        for names, comment in option_block(g['__file__']):
+            for n in names:
+                check_option(n, g[n], comment)
+    if 'device' in keys:
+        check_device(g['device'])
     return {k: g[k] for k in keys}
 
 
+# An option's rule opens its comment in the hyperparameter block: `in [1, inf)`, `in (0, 1]`,
+# `in {'scratch', 'resume'}`, with `or None` where None is allowed and the type first where the
+# default is None (`int in [1, inf) or None`). A string without a set must not be empty.
+RULE = re.compile(r"^(?:(int|float) )?in ([\[(][^\])]*[\])]|\{[^}]*\})( or None)?")
+
+
+def check_option(name, value, comment):
+    """die() unless value keeps the rule at the start of the option's comment."""
+    m = RULE.match(comment)
+    if m is None:
+        if isinstance(value, str) and not value:
+            die(f'--{name} is empty')
+        return
+    kind, allowed, none_ok = m.groups()
+    if value is None:
+        if not none_ok:
+            die(f'--{name}=None is not allowed: {m.group(0)}')
+        return
+    number = isinstance(value, (int, float) if kind == 'float' else int) and not isinstance(value, bool)
+    if kind and not number:
+        die(f'--{name} expects {kind} or None, got {value!r}')
+    if allowed.startswith('{'):
+        ok = value in ast.literal_eval(allowed)
+    else:                                                          # [lo, hi], (lo, hi), or half-open
+        lo, hi = (float(b) for b in allowed[1:-1].split(','))
+        above = lo <= value if allowed[0] == '[' else lo < value
+        ok = above and (value <= hi if allowed[-1] == ']' else value < hi)
+    if not ok:
+        die(f"--{name}={value!r} is out of range: it must be in {allowed}{none_ok or ''}")
+
+
+def check_device(device):
+    """die() unless `device` names a device this machine has."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        die(f"--device={device!r} is not a device: use 'cpu' or 'cuda'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        die(f'--device={device!r}: this machine has no CUDA GPU; use --device=cpu')
+    if kind == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        die(f'--device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        die(f'--device={device!r}: this machine has no MPS; use --device=cpu')
+    if kind not in ('cpu', 'cuda', 'mps'):
+        die(f"--device={device!r} is not supported: use 'cpu' or 'cuda'")
+
+
+def option_block(path):
+    """The hyperparameter block of a script, between '# hyperparameters' and the next '# ----'
+    line: [(option names, comment)] per line; a comment line alone names a group (no names)."""
+    with open(path, encoding='utf-8') as f:
+        block = f.read().split('\n# hyperparameters', 1)[1].split('\n# ----', 1)[0].splitlines()[1:]
+    rows = []
+    for line in block:
+        code, _, comment = line.partition('#')                    # (no '#' inside a default value)
+        names = [n.strip() for n in code.split('=')[0].split(',') if not n.strip().startswith('_')]
+        if names or not code.strip():                              # (_gpu is not an option)
+            rows.append((names if code.strip() else [], comment.strip()))
+    return rows
+
+
+def print_help(g):
+    """-h / --help: the script's purpose, every option as `--name=value  comment` (values as in
+    force on this machine, grouped as the block's comment lines group them), the usage lines."""
+    doc, name = (g.get('__doc__') or '').strip(), os.path.basename(g['__file__'])
+    print(doc.splitlines()[0] if doc else name)
+    print('\noptions (--key=value; the value is read as a Python literal):')
+    for names, comment in option_block(g['__file__']):
+        if names:
+            opts = '  '.join(f'--{n}={g[n]!r}' for n in names)
+            print(f'  {opts:<34} {comment}'.rstrip())
+        elif comment:                                              # a group's name
+            print(f'  {comment}:')
+    usage = [l.strip().removeprefix('Run:').strip() for l in doc.splitlines() if f'python {name}' in l]
+    if usage:
+        print('\nusage:\n' + '\n'.join(f'  {u}' for u in usage))
+
+
+def count(done, total):
+    """'1200/6000 (20%)': where a run is."""
+    return f'{done}/{total} ({100 * done // max(total, 1)}%)'
+
+
+def eta(done, total, t0, start=0):
+    """'eta 2m51s': the time left at the pace so far, the wall time since t0 over the
+    done - start units covered since then."""
+    m, s = divmod(round((time.time() - t0) / max(done - start, 1) * (total - done)), 60)
+    return f'eta {m}m{s:02d}s'
+
+
 # ------------------------------------------------------------------ the char codec
+END_OF_TURN = '\n\n'  # a speech ends with a blank line before the next speaker, as in input.txt
+
+
 def build_vocab(text):
     """The sorted set of characters of the corpus (65 for Tiny Shakespeare)."""
     return ''.join(sorted(set(text)))
@@ -141,18 +249,28 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to block_size.
+    """Keys and values of every layer for the tokens seen so far, preallocated to `length`
+    (at most block_size) positions.
 
-    k, v: (n_layer, B, n_head, block_size, head_dim); `pos` tokens are filled. A forward
+    k, v: (n_layer, B, n_head, length, head_dim); `pos` tokens are filled. A forward
     with a cache writes the new keys at pos.. and attends over the first pos + T of them.
     emb_tail: (B, token_mix - 1, C), the last embeddings, for the token mix of the next input.
     """
-    def __init__(self, config, B, device, dtype):
-        shape = (config.n_layer, B, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, B, device, dtype, length=None):
+        shape = (config.n_layer, B, config.n_head, length or config.block_size, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.emb_tail = None
         self.pos = 0
+
+    def select(self, keep):
+        """Keep only the batch rows where keep (B,) is True (finished answers leave the batch)."""
+        k, v = self.k.new_empty(self.k.shape[:1] + (int(keep.sum()),) + self.k.shape[2:]), self.v.new_empty(
+            self.v.shape[:1] + (int(keep.sum()),) + self.v.shape[2:])
+        k[..., :self.pos, :], v[..., :self.pos, :] = self.k[:, keep, :, :self.pos], self.v[:, keep, :, :self.pos]
+        self.k, self.v = k, v
+        self.emb_tail = self.emb_tail[keep] if self.emb_tail is not None else None
+        return self
 
 
 def rotary(x, cos, sin):
@@ -182,8 +300,11 @@ class CausalSelfAttention(nn.Module):
             cache.v[self.layer, :, :, p:p + T] = v
             k, v = cache.k[self.layer, :, :, :p + T], cache.v[self.layer, :, :, :p + T]  # (B, nh, p+T, hd)
         # softmax(q k^T / sqrt(hd)) v, causal: a single new token may see everything cached
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        if T == 1 and cache is not None:  # one query: two small matmuls beat the CPU flash kernel by ~25%
+            y = torch.softmax((q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5, -1) @ v       # (B, nh, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)              # (B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -284,45 +405,58 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, return_logprobs=False):
-        """Sample max_new_tokens after idx (B, T); returns (B, T + max_new_tokens) [, logprobs (B, max_new)].
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop=None):
+        """Sample up to max_new_tokens after idx (B, T) -> out (B, T + n), logprobs (B, n), lengths (B,).
 
-        temperature 0 is argmax. logprobs are log pi(y_t) under the same temperature (and top_k)
-        the token was drawn with. A KV cache makes each new token cost one position, not T.
-        Past block_size: the cache is full, so we restart it from the last block_size // 2
-        tokens (one batched prefill) and go on. The context therefore always holds between
-        block_size / 2 and block_size tokens, and every logit equals a plain forward over
-        exactly that window (test_all.py checks it); the prefill is paid once per
-        block_size / 2 new tokens instead of a full window recompute at every step.
+        stop: token ids that end a row (the end of a turn, encode('\\n\\n')). A row ends right after
+        them (they are part of its answer), its length is counted up to there, and it is padded
+        with stop[-1] and log-probability 0 after; n is the longest row. Without stop every row gets
+        max_new_tokens. temperature 0 is argmax. logprobs are log pi(y_t) under the same
+        temperature (and top_k) the token was drawn with.
+
+        A KV cache makes each new token cost one position, not T. Finished rows are dropped from
+        the batch (and the cache) once they are a quarter of it, so a long answer does not make
+        the short ones cost more. Past block_size the cache is full, so it restarts from the last
+        block_size // 2 tokens (one batched prefill) and goes on: every logit equals a plain
+        forward over a window of block_size / 2 to block_size tokens (test_all.py checks it).
         """
-        bs = self.config.block_size
-        cache = KVCache(self.config, idx.size(0), idx.device, self.tok_emb.weight.dtype)
-        logits, _ = self(idx[:, -bs:], cache=cache)                   # prefill the (cropped) prompt
-        start = max(0, idx.size(1) - bs)                              # first token of the context window
-        out, logps = idx, []
+        bs, B, T = self.config.block_size, idx.size(0), idx.size(1)
+        stop_ids = torch.tensor(stop or [], dtype=idx.dtype, device=idx.device)
+        out = idx.new_full((B, T + max_new_tokens), stop[-1] if stop else 0)
+        out[:, :T] = idx
+        logps = torch.zeros(B, max_new_tokens, device=idx.device)
+        lengths = torch.full((B,), max_new_tokens, device=idx.device)
+        rows = torch.arange(B, device=idx.device)                    # batch row -> row of out
+        live = torch.ones(B, dtype=torch.bool, device=idx.device)    # rows of the batch still writing
+        cache = KVCache(self.config, B, idx.device, self.tok_emb.weight.dtype, min(bs, T + max_new_tokens))
+        logits = self(idx[:, -bs:], cache=cache)[0][:, -1]            # prefill the (cropped) prompt
         for i in range(max_new_tokens):
-            last = logits[:, -1, :].float()                           # (B, V)
+            last = logits.float()                                     # (R, V)
             if top_k is not None:                                     # keep the k largest, -inf elsewhere
                 kth = torch.topk(last, min(top_k, last.size(-1))).values[:, [-1]]
                 last = last.masked_fill(last < kth, float('-inf'))
             if temperature == 0:
-                nxt = last.argmax(-1, keepdim=True)                   # (B, 1)
+                nxt = last.argmax(-1)                                 # (R,)
             else:
-                probs = F.softmax(last / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            logps.append(token_logprobs(last, nxt.squeeze(1), temperature or 1.0))
-            out = torch.cat([out, nxt], dim=1)
-            if i == max_new_tokens - 1:
+                nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1, generator=generator)[:, 0]
+            out[rows[live], T + i] = nxt[live]
+            logps[rows[live], i] = token_logprobs(last[live], nxt[live], temperature or 1.0)
+            if len(stop_ids) and i + 1 >= len(stop_ids):              # rows whose answer now ends in stop
+                ended = live & (out[rows, T + i + 1 - len(stop_ids):T + i + 1] == stop_ids).all(1)
+                lengths[rows[ended]] = i + 1
+                live &= ~ended
+            if i == max_new_tokens - 1 or not live.any():
                 break
+            if (~live).sum() * 4 >= len(live):                        # drop finished rows from the batch
+                rows, nxt, cache = rows[live], nxt[live], cache.select(live)
+                live = live[live]
             if cache.pos == bs:                                       # full: re-prefill the last bs//2
-                start = out.size(1) - bs // 2
                 cache.pos = 0
-                logits, _ = self(out[:, start:], cache=cache)
+                logits = self(out[rows, T + i + 1 - bs // 2:T + i + 1], cache=cache)[0][:, -1]
             else:
-                logits, _ = self(nxt, cache=cache)                    # one position, O(cache) attention
-        if return_logprobs:
-            return out, torch.stack(logps, dim=1) if logps else out.new_zeros(out.size(0), 0, dtype=torch.float)
-        return out
+                logits = self(nxt[:, None], cache=cache)[0][:, -1]   # one position, O(cache) attention
+        n = int(lengths.max()) if B else 0
+        return out[:, :T + n], logps[:, :n], lengths
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -393,8 +527,13 @@ def load_text(path):
     """The corpus as a string; a missing or empty file is a user error."""
     if not os.path.exists(path):
         die(f'no {path}: copy Tiny Shakespeare there (see README.md)')
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
+    if os.path.isdir(path):
+        die(f'{path} is a folder, not a text file')
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        die(f'{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): use a plain text file')
     if len(text) < 1000:
         die(f'{path} has only {len(text)} characters: it should be Tiny Shakespeare (1,115,394)')
     return text
@@ -416,17 +555,20 @@ def load_splits(path, vocab=None):
 
 # ------------------------------------------------------------------ pretraining
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])
-    if lr_decay not in ('cosine', 'linear'):
-        die(f"--lr_decay must be 'cosine' or 'linear', got {lr_decay!r}")
-    if token_mix < 1:
-        die(f'--token_mix must be at least 1 (1 = off), got {token_mix}')
+    config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
+    if max_iters == 0 and init_from == 'scratch':
+        die('--max_iters=0 from scratch trains nothing: give it some iterations, or add --init_from=resume '
+            'to re-measure out_dir/gpt.pt')
+    if n_embd % n_head or (n_embd // n_head) % 2:
+        die(f'--n_embd={n_embd} must split into --n_head={n_head} heads of an even size (rotary pairs)')
     t_start = time.time()
     cuda = device == 'cuda'
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
     train_data, val_data, vocab = load_splits(data_path)
     splits = {'train': train_data, 'val': val_data}
+    if block_size >= len(val_data):
+        die(f'--block_size={block_size} is not shorter than the validation text ({len(val_data):,} chars)')
     ckpt_path = os.path.join(out_dir, 'gpt.pt')
     gen = torch.Generator().manual_seed(seed)                         # batches: own stream, reproducible
 
@@ -485,12 +627,14 @@ if __name__ == '__main__':
         return out
 
     tokens_seen, train_time, last_train = 0, 0.0, float('nan')
+    t_loop, start_iter = time.time(), iter_num                        # the pace for the eta
     x, y = get_batch('train')
     while True:
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             losses = estimate_loss()
             last_train = losses['train']
-            print(f'step {iter_num}: train loss {losses["train"]:.4f}, val loss {losses["val"]:.4f}')
+            print(f'step {iter_num}: train loss {losses["train"]:.4f}, val loss {losses["val"]:.4f}'
+                  + (f', {eta(iter_num, max_iters, t_loop, start_iter)}' if iter_num > start_iter else ''))
             if not math.isfinite(losses['val']):
                 die(f'val loss is {losses["val"]} at iter {iter_num}: try a lower --learning_rate; '
                     f'{ckpt_path} keeps the last good model')
@@ -523,15 +667,15 @@ if __name__ == '__main__':
             if not math.isfinite(lossf):
                 die(f'loss is {lossf} at iter {iter_num}: try a lower --learning_rate; '
                     f'{ckpt_path} keeps the last good model')
-            print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
-                  f'{batch_size * block_size / dt:,.0f} tok/s')
+            print(f'iter {count(iter_num, max_iters)}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
+                  f'{batch_size * block_size / dt:,.0f} tok/s, {eta(iter_num, max_iters, t_loop, start_iter)}')
 
     seconds = time.time() - t_start
     model, _, best = load_model(ckpt_path, device=device)             # the best checkpoint:
     val_loss = split_loss(model, splits['val'])                       # its loss on the whole val split
     print(f'best checkpoint (iter {best["iter_num"]}): val loss {val_loss:.4f} on all {len(splits["val"]):,} val chars')
     ctx_ids = torch.tensor([encode('\n', vocab)], device=device)
-    sample = model.generate(ctx_ids, sample_chars, generator=torch.Generator(device).manual_seed(seed))
+    sample = model.generate(ctx_ids, sample_chars, generator=torch.Generator(device).manual_seed(seed))[0]
     print('-' * 80 + '\n' + decode(sample[0, 1:], vocab) + '\n' + '-' * 80)
     metrics = {'val_loss': round(val_loss, 4), 'train_loss': round(best['train_loss'], 4), 'iters': iter_num,
                'seconds': round(seconds, 1), 'params': model.num_params(),

@@ -1,30 +1,32 @@
-"""
+r"""
 sample.py: talk to the bard. Step 4 of minibard: ask, read, compare.
 
 Every answer comes with its reward-model score r and P = sigmoid(r). The RM is normalised so
 that base-model answers score 0 on average, so by Bradley-Terry P reads: "the probability the
 labeler prefers this answer to a typical base-model answer" (0.5 = as good as the base).
-P is measured calibrated for what the RM was trained on (32-character prompts, 64-character
-answers: see ece in out/reward.json); other shapes are scored the same way, unmeasured.
+P is calibrated for what the RM was trained on, whole turns of up to max_answer_len characters
+(see ece in out/reward.json). Longer text is scored over the last window the RM can read, and
+the output says so.
 
 Run:
-    python sample.py                                  # 3 answers from out/ppo.pt (or gpt.pt) with P
+    python sample.py                                  # 3 continuations of --start, each with P
     python sample.py --start='ROMEO:\nO gentle' --best_of=16   # keep the RM's favourite of 16
-    python sample.py --start=FILE:prompt.txt --ckpt=gpt        # prompt from a file, base model
+    python sample.py --start=FILE:prompt.txt --ckpt=gpt --max_new_tokens=500   # any length
     python sample.py --mode=chat                      # you speak as ROMEO, the bard answers as JULIET
     echo 'What light through yonder window breaks?' | python sample.py --mode=chat
     python sample.py --mode=eval                      # ppo.py's gold-vs-KL frontier again -> out/eval.json
 """
 import json
 import os
+import re
 import sys
 import time
 
 import torch
 
-from gpt import configure, decode, die, encode, load_model, load_splits, prepare_out_dir
+from gpt import END_OF_TURN, configure, die, encode, load_model, load_splits, prepare_out_dir
 from ppo import best_of_n_frontier, held_out_prompts, policy_point, print_frontier, print_samples, summary
-from reward import best_of_n, load_reward_model
+from reward import answer_texts, best_of_n, load_reward_model, score
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -33,17 +35,18 @@ device = 'cuda' if _gpu else 'cpu'
 out_dir = 'out'
 data_path = 'input.txt'         # eval mode: held-out prompts come from its validation part
 ckpt = 'ppo'                    # 'ppo', 'gpt', or a path to any checkpoint; ppo falls back to gpt
-mode = 'sample'                 # 'sample', 'chat' or 'eval'
-start = '\n'                    # the prompt, or 'FILE:path' to read it from a file
-num_samples = 3                 # answers printed in sample mode
-max_new_tokens = None           # characters per answer; None: the RM's response_len (calibrated there)
-temperature = 1.0               # the PPO policy was trained at 1.0
-top_k = None                    # sample only among the k likeliest characters (None: all)
-best_of = 1                     # draw n answers, keep the RM's favourite (1 = plain sampling)
-seed = 1337
+mode = 'sample'                 # in {'sample', 'chat', 'eval'}: 'sample', 'chat' or 'eval'
+start = '\n'                    # sample mode's prompt, or 'FILE:path' to read it from a file
+num_samples = 3                 # in [1, inf): continuations printed in sample mode
+max_new_tokens = None           # int in [1, inf) or None: sample mode's length; None = the RM's
+temperature = 1.0               # in [0, inf): the PPO policy was trained at 1.0
+top_k = None                    # int in [1, inf) or None: only the k likeliest characters (None: all)
+best_of = 1                     # in [1, inf): draw n answers, keep the RM's favourite (1 = plain sampling)
+seed = 1337                     # in [0, inf)
 you = 'ROMEO'                   # chat: the character you speak as
-bard = 'JULIET'                 # chat: the character the model answers as
+bard = 'JULIET'                 # chat: the character the model answers as; a whole turn each time
 # ----------------------------------------------------------------------------------------
+TAG = re.compile(r"\n[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,3}:\n")  # a speaker's name on a line of its own
 
 
 def resolve_ckpt(name, out_dir):
@@ -77,30 +80,37 @@ def format_chat(turns, bard, max_chars):
 
 
 def end_of_turn(answer):
-    """The answer up to the end of its turn (the blank line before the next speaker)."""
-    return answer.split('\n\n')[0].strip('\n')
+    """The answer up to the end of its turn: the blank line before the next speaker, or a line that
+    names another speaker (input.txt always puts a blank line first; the model may not).
+    Returns (text, ended: whether the turn ended there rather than running out)."""
+    text, ended_here = answer.split(END_OF_TURN)[0], END_OF_TURN in answer
+    tag = TAG.search('\n' + text + '\n')                      # also a name on the answer's first line
+    if tag:
+        text, ended_here = text[:max(0, tag.start() - 1)], True
+    return text.strip('\n'), ended_here
 
 
-def answer(model, rm, vocab, prompt, n_answers, gen):
-    """n_answers answers to one prompt string, each the RM's favourite of best_of: [(text, r, P)]."""
-    ids = torch.tensor([encode(prompt, vocab)], device=device).repeat(n_answers, 1)  # (n, T)
-    y, r, _, _ = best_of_n(model, rm, ids, best_of, max_new_tokens, temperature, gen, top_k=top_k)
-    return [(decode(y[i], vocab), r[i].item(), torch.sigmoid(r[i]).item()) for i in range(n_answers)]
+def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
+    """n_answers continuations of one prompt string, each the RM's favourite of best_of, ended by
+    the tokens `stop` (None: run to max_len): [(text, reward, P)]."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(n_answers, 1)  # (n, T)
+    y, lengths, r, *_ = best_of_n(model, rm, ids, best_of, max_len, stop, temperature, gen, top_k=top_k)
+    return [(t, r[i].item(), torch.sigmoid(r[i]).item()) for i, t in enumerate(answer_texts(y, lengths, vocab))]
 
 
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])
+    config = configure(globals(), sys.argv[1:])                      # each option against its rule
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    if mode not in ('sample', 'chat', 'eval'):
-        die(f"--mode must be 'sample', 'chat' or 'eval', got {mode!r}")
     path = resolve_ckpt('ppo' if mode == 'eval' else ckpt, out_dir)
     model, vocab, model_ckpt = load_model(path, run_first='python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py',
                                           device=device)
     rm, rm_vocab, rm_ckpt = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
     if rm_vocab != vocab:
         die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
-    max_new_tokens = max_new_tokens or rm_ckpt['response_len']
+    max_answer_len = rm_ckpt['max_answer_len']                  # the turns the RM was calibrated on
+    max_new_tokens = max_new_tokens or max_answer_len
 
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
         if 'ppo_path' not in model_ckpt.get('metrics', {}):
@@ -110,11 +120,13 @@ if __name__ == '__main__':
         c = model_ckpt['config']
         base, _, _ = load_model(os.path.join(out_dir, 'gpt.pt'), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
-        held_out = held_out_prompts(val_data, c['eval_prompts'], c['prompt_len'], c['seed'], device)
-        curve, samples = best_of_n_frontier(base, rm, held_out, vocab, c['response_len'], c['temperature'],
-                                            c['best_of_max'], c['seed'])
-        final, ppo_samples = policy_point(model, base, rm, held_out, vocab, c['response_len'], c['temperature'],
-                                          c['eval_samples'], c['seed'], c['max_iters'])
+        held_out = held_out_prompts(val_data, vocab, c['eval_prompts'], c['prompt_len'], c['seed'], device)
+        print(f"best-of-n, n = 1..{c['best_of_max']}, on {c['eval_prompts']} held-out prompts ...")
+        curve, samples = best_of_n_frontier(base, rm, held_out, vocab, c['max_answer_len'], c['stop'],
+                                            c['temperature'], c['best_of_max'], c['seed'], log=print)
+        print(f"{time.time() - t0:.1f}s: the PPO policy, {c['eval_samples']} answers per prompt ...")
+        final, ppo_samples = policy_point(model, base, rm, held_out, vocab, c['max_answer_len'], c['stop'],
+                                          c['temperature'], c['eval_samples'], c['seed'], c['max_iters'])
         result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
@@ -126,20 +138,29 @@ if __name__ == '__main__':
     elif mode == 'sample':
         prompt = start
         if start.startswith('FILE:'):
-            if not os.path.exists(start[5:]):
-                die(f'no prompt file {start[5:]}')
-            with open(start[5:], encoding='utf-8') as f:
-                prompt = f.read()
-        prompt = prompt.encode().decode('unicode_escape') if '\\n' in prompt else prompt  # --start='A:\nB'
+            try:
+                with open(start[5:], encoding='utf-8') as f:
+                    prompt = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                die(f'cannot read the prompt file {start[5:]}: {e}')
+        prompt = prompt.replace('\\n', '\n')                    # --start='A:\\nB' means a newline
+        if not prompt:
+            die(f'the prompt {start!r} is empty: the model needs at least one character to go on from')
         encode(prompt, vocab)                                    # names any character the model lacks
-        for text, r, p in answer(model, rm, vocab, prompt, num_samples, gen):
+        window = rm.trunk.config.block_size - rm.context
+        if max_new_tokens > max_answer_len:
+            print(f'note: the RM was calibrated on turns of up to {max_answer_len} characters; '
+                  f'P below is over the last {min(max_new_tokens, window)} it reads, not calibrated', file=sys.stderr)
+        for text, r, p in answer(model, rm, vocab, prompt, num_samples, max_new_tokens, None, gen, best_of,
+                                  temperature, top_k):
             print(prompt + text)
             print(f'--- reward {r:+.3f}, P(preferred to a typical base answer) = {p:.3f}' +
                   (f' (best of {best_of})' if best_of > 1 else ''))
 
-    else:  # chat
-        turns = []
-        room = max(model.config.block_size - max_new_tokens, model.config.block_size // 2)
+    else:  # chat: a whole turn each time, up to the blank line (or max_answer_len characters)
+        turns, stop = [], encode(END_OF_TURN, vocab)
+        encode(you + bard, vocab)                                 # names any character the model lacks
+        room = model.config.block_size - max_answer_len           # the conversation keeps what fits here
         print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.', file=sys.stderr)
         while True:
             try:
@@ -156,7 +177,12 @@ if __name__ == '__main__':
                 break
             turns.append((you, line))
             t0 = time.time()
-            text, r, p = answer(model, rm, vocab, format_chat(turns, bard, room), 1, gen)[0]
-            text = end_of_turn(text)
+            prompt = format_chat(turns, bard, room)
+            text, done = end_of_turn(answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of, temperature,
+                                              top_k)[0][0])
+            said = text + END_OF_TURN if done else text                # the turn as the RM reads turns
+            r = score(rm, torch.tensor([encode(prompt + said, vocab)], device=device), len(prompt)).item()
+            p = torch.sigmoid(torch.tensor(r)).item()
             turns.append((bard, text))
-            print(f'{bard}: {text}\n   [P = {p:.2f}, reward {r:+.2f}, {time.time() - t0:.1f} s]')
+            print(f'{bard}: {text}\n   [P = {p:.2f}, reward {r:+.2f}, {time.time() - t0:.1f} s'
+                  + ('' if done else f', cut at {max_answer_len} characters') + ']')

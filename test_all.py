@@ -104,9 +104,10 @@ def test_kv_cache_generate_matches_recompute_past_block_size():
     seen = []
     hook = m.register_forward_hook(lambda mod, inp, out: seen.append(out[0][:, -1].clone()))
     prompt = torch.randint(0, 65, (3, 20))                  # longer than the context: gets cropped
-    out, logps = m.generate(prompt, 40, generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    out, logps, lengths = m.generate(prompt, 40, generator=torch.Generator().manual_seed(0))
     hook.remove()
     assert out.shape == (3, 60) and logps.shape == (3, 40) and torch.equal(out[:, :20], prompt)
+    assert lengths.tolist() == [40, 40, 40]
     s = max(0, 20 - bs)
     for i in range(40):
         n = 20 + i                                          # tokens before new token i
@@ -121,11 +122,11 @@ def test_kv_cache_generate_matches_recompute_past_block_size():
 def test_generate_seeded_reproducible_and_temperature_zero_is_argmax():
     m = tiny_model()
     p = torch.randint(0, 65, (4, 3))
-    a = m.generate(p, 10, generator=torch.Generator().manual_seed(1))
-    b = m.generate(p, 10, generator=torch.Generator().manual_seed(1))
-    c = m.generate(p, 10, generator=torch.Generator().manual_seed(2))
+    a = m.generate(p, 10, generator=torch.Generator().manual_seed(1))[0]
+    b = m.generate(p, 10, generator=torch.Generator().manual_seed(1))[0]
+    c = m.generate(p, 10, generator=torch.Generator().manual_seed(2))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
-    greedy, ref = m.generate(p, 10, temperature=0), p
+    greedy, ref = m.generate(p, 10, temperature=0)[0], p
     for _ in range(10):                                     # naive greedy: full forward, argmax
         ref = torch.cat([ref, m(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, ref)
@@ -134,14 +135,47 @@ def test_generate_seeded_reproducible_and_temperature_zero_is_argmax():
 def test_top_k_and_logprobs_at_temperature():
     m = tiny_model()
     p = torch.randint(0, 65, (64, 4))
-    out, lp = m.generate(p, 1, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(0),
-                         return_logprobs=True)
+    out, lp, _ = m.generate(p, 1, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(0))
     logits = m(p)[0][:, -1]
     top3 = logits.topk(3).indices
     assert all(out[b, -1] in top3[b] for b in range(64))   # never outside the top 3
     masked = logits.masked_fill(logits < logits.topk(3).values[:, [-1]], float('-inf'))
     assert torch.allclose(lp[:, 0], token_logprobs(masked, out[:, -1], 0.7), atol=1e-5)
     assert torch.allclose(lp[:, 0], F.log_softmax(masked / 0.7, -1).gather(-1, out[:, -1:]).squeeze(-1), atol=1e-5)
+
+
+def test_generate_stops_each_row_at_its_end_token():
+    """Greedy turns with a stop: each row equals a naive greedy loop (full forward every step, no
+    cache) cut right after its first stop, padded after; rows end at different steps, so finished
+    rows leave the batch mid-way, and the prompt is longer than the context, so the cache restarts."""
+    m = tiny_model()
+    prompt = torch.randint(0, 65, (24, 20), generator=torch.Generator().manual_seed(3))
+    free = m.generate(prompt, 30, temperature=0)[0][:, 20:]             # the greedy paths, no stop
+    stop = [free.flatten().mode().values.item()]                        # their commonest character
+    out, logps, lengths = m.generate(prompt, 30, temperature=0, stop=stop)
+    ends, bs = set(), TINY.block_size
+    for b in range(24):
+        ref, s = prompt[b:b + 1], 20 - bs
+        for n in range(20, 50):                    # the naive loop, over generate's window (see the test above)
+            if n - s > bs:
+                s = n - bs // 2
+            ref = torch.cat([ref, m(ref[:, s:n])[0][:, -1].argmax(-1, keepdim=True)], 1)
+        path = ref[0, 20:].tolist()
+        n = path.index(stop[0]) + 1 if stop[0] in path else 30
+        ends.add(n)
+        assert lengths[b] == n and out[b, 20:20 + n].tolist() == path[:n], b
+        assert (out[b, 20 + n:] == stop[-1]).all() and (logps[b, n:] == 0).all() and (logps[b, :n] < 0).all()
+    assert len(ends) >= 4 and out.size(1) == 20 + max(ends)              # rows ended at several steps
+
+
+def test_generate_ends_after_a_two_token_stop():
+    m = tiny_model()
+    prompt = torch.randint(0, 65, (16, 4), generator=torch.Generator().manual_seed(4))
+    free = m.generate(prompt, 20, temperature=0)[0][:, 4:]
+    a, b = free[0, 5].item(), free[0, 6].item()                         # row 0 says (a, b) at steps 5, 6
+    out, _, lengths = m.generate(prompt, 20, temperature=0, stop=[a, b])
+    pairs = [next((i + 2 for i in range(19) if free[r, i] == a and free[r, i + 1] == b), 20) for r in range(16)]
+    assert lengths.tolist() == pairs and lengths[0] <= 7
 
 
 def test_codec_round_trip():
@@ -212,22 +246,23 @@ def test_pairwise_loss_matches_hand_computation():
 
 
 class StubRM(torch.nn.Module):
-    """A 'reward model' that reads one prompt character and the answer, and rewards the first
-    character it reads (for checks of the plumbing)."""
+    """A 'reward model' that reads the last prompt character and the answer up to its length, and
+    rewards the prompt character plus a hundredth of the answer's last one (checks of plumbing)."""
     def __init__(self):
         super().__init__()
         self.bias = torch.nn.Parameter(torch.zeros(()))     # score() puts inputs on the RM's device
 
-    def forward(self, idx, response_len):
-        idx = idx[:, idx.size(1) - response_len - 1:]       # what RewardModel.window does, context 1
-        return idx[:, 0].float() + 0.01 * idx[:, -1].float()
+    def forward(self, seqs, prompt_len, lengths=None):
+        lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len) if lengths is None else lengths
+        last = seqs[torch.arange(len(seqs)), prompt_len + lengths - 1]
+        return seqs[:, prompt_len - 1].float() + 0.01 * last.float()
 
 
 def test_evaluate_bayes_limit_on_hand_case():
     g = torch.tensor([[0.0, 1.0, 1.0, 3.0]])                  # gold of 4 responses
     seqs = g.long().view(1, 4, 1).repeat(1, 1, 3)             # the stub RM reads g back: r = g (+ tiny)
     prefs = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
-    m = rm_evaluate(StubRM(), seqs, g, prefs, 1.0, 2)
+    m = rm_evaluate(StubRM(), seqs, torch.full((1, 4), 2), g, prefs, 1.0, 1)
     s = lambda x: 1 / (1 + math.exp(-x))
     # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): gold diffs -1 -1 -3 0 -2 -2
     bayes = (s(1) + s(1) + s(3) + 0.5 + s(2) + s(2)) / 6
@@ -239,12 +274,26 @@ def test_evaluate_bayes_limit_on_hand_case():
 def test_best_of_n_returns_the_reward_models_argmax():
     m = tiny_model()
     prompts = torch.randint(0, 65, (5, 4))
-    best, best_r, all_y, all_r = best_of_n(m, StubRM(), prompts, 8, 6, 1.0, torch.Generator().manual_seed(0))
-    assert all_y.shape == (5, 8, 6) and all_r.shape == (5, 8)
+    stop = [VOCAB.index('e')]                                  # answers end at their first 'e'
+    best, best_len, best_r, all_y, all_len, all_r = best_of_n(m, StubRM(), prompts, 8, 6, stop, 1.0,
+                                                              torch.Generator().manual_seed(0))
+    assert all_y.shape[:2] == (5, 8) and all_r.shape == (5, 8) and all_len.max() <= 6
     for p in range(5):
         k = all_r[p].argmax()
-        assert torch.equal(best[p], all_y[p, k]) and best_r[p] == all_r[p].max()
-        assert all_r[p, k] == prompts[p, -1] + 0.01 * all_y[p, k, -1]   # scored on cropped prompt + answer
+        assert torch.equal(best[p], all_y[p, k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
+        last = all_y[p, k, all_len[p, k] - 1]                 # scored on prompt + answer up to its own end
+        assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last)) < 1e-5
+
+
+def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window():
+    rm = RewardModel(TINY, context=2).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    seqs = torch.randint(0, 65, (3, 4 + 9))
+    lengths = torch.tensor([9, 5, 1])
+    padded = [rm(seqs[b:b + 1, :4 + n], 4) for b, n in enumerate(lengths.tolist())]  # each alone, unpadded
+    assert torch.allclose(rm(seqs, 4, lengths), torch.cat(padded), atol=1e-5)
+    long = torch.randint(0, 65, (2, 4 + 40))                  # 40 > block_size 16: the last 16 are read
+    assert torch.allclose(rm(long, 4), rm(long[:, -16:], 0), atol=1e-5)
 
 
 def test_tiny_reward_model_learns_a_toy_preference():
@@ -262,11 +311,11 @@ def test_tiny_reward_model_learns_a_toy_preference():
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     for _ in range(150):
         seqs, _, prefs = batch(16)
-        loss, _ = pairwise_loss(rm(seqs.view(-1, 12), 11).view(16, 4), prefs)
+        loss, _ = pairwise_loss(rm(seqs.view(-1, 12), 1).view(16, 4), prefs)
         opt.zero_grad(); loss.backward(); opt.step()
     rm.eval()
     seqs, gold, prefs = batch(200)
-    m = rm_evaluate(rm, seqs, gold, prefs, 0.5, 11)
+    m = rm_evaluate(rm, seqs, torch.full((200, 4), 11), gold, prefs, 0.5, 1)
     assert m['gold_acc'] > 0.8 and m['val_acc'] > m['bayes_acc'] - 0.1, m
 
 
@@ -306,19 +355,20 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
         seqs[torch.rand(seqs.shape, generator=g) < 0.3] = e
         gold = (seqs == e).sum(-1).float() * (-1 if flip else 1)
         i, j = all_pairs(4)
-        return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
+        return seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
     torch.manual_seed(0)
     rm = RewardModel(TINY, context=1)
     dev = pairs(40, True)
-    history = train_reward_model(rm, pairs(320, False), dev, 11, 0.5, 3e-3, 1, 16, 4, 1.0, g, log=lambda s: None)
+    history = train_reward_model(rm, pairs(320, False), dev, 1, 0.5, 3e-3, 1, 16, 4, 1.0, g, log=lambda s: None)
     losses = [m['loss'] for _, m in history]
     assert [s for s, _ in history] == [5, 10, 15, 20] and losses[0] == min(losses) < losses[-1] - 0.05
-    assert abs(rm_evaluate(rm, *dev, 0.5, 11)['loss'] - losses[0]) < 1e-6   # the kept state is that one
+    assert abs(rm_evaluate(rm, *dev, 0.5, 1)['loss'] - losses[0]) < 1e-6    # the kept state is that one
 
 
 # ======================================================================== ppo.py
 from ppo import (AdaptiveKLController, Critic, exact_kl, gae, kl_estimates, per_token_rewards, ppo_losses,
-                 train as ppo_train)
+                 train as ppo_train, whiten)
+from reward import answer_mask
 
 
 def test_gae_matches_naive_double_loop():
@@ -342,13 +392,13 @@ def test_clipped_surrogate_gradient():
     zeros = torch.zeros(1, 4)
     # ratio 1: the gradient is the plain policy gradient, d/dlogp of -A pi/pi_old = -A / N
     new = old.clone().requires_grad_()
-    pg, *_ = ppo_losses(new, old, adv, zeros, zeros, zeros, 0.2, 0.2)
+    pg, *_ = ppo_losses(new, old, adv, zeros, zeros, zeros, torch.ones(1, 4), 0.2, 0.2)
     pg.backward()
     assert torch.allclose(new.grad, -adv / 4)
     # ratio 1.5 with A > 0, ratio 0.5 with A < 0: the clip binds, no gradient; the others are pessimistic
     ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5]])
     new = (old + ratios.log()).requires_grad_()
-    pg, _, clipfrac, _ = ppo_losses(new, old, adv, zeros, zeros, zeros, 0.2, 0.2)
+    pg, _, clipfrac, _ = ppo_losses(new, old, adv, zeros, zeros, zeros, torch.ones(1, 4), 0.2, 0.2)
     pg.backward()
     assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0
     assert torch.allclose(new.grad[0, 2:], -adv[0, 2:] * ratios[0, 2:] / 4)
@@ -358,20 +408,44 @@ def test_clipped_surrogate_gradient():
 def test_value_loss_is_clipped():
     old_v, ret = torch.zeros(1, 2), torch.tensor([[1.0, 1.0]])
     v = torch.tensor([[0.5, -0.5]], requires_grad=True)
-    _, v_loss, _, _ = ppo_losses(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), v, old_v, ret, 0.2, 0.2)
+    _, v_loss, _, _ = ppo_losses(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), v, old_v, ret,
+                                 torch.ones(1, 2), 0.2, 0.2)
     # 1/2 mean(max((v - R)^2, (clip(v, -0.2, 0.2) - R)^2)): (0.8^2 vs 0.5^2) and (1.5^2 vs 1.2^2)
     assert abs(v_loss.item() - 0.5 * (0.8 ** 2 + 1.5 ** 2) / 2) < 1e-6
     v_loss.backward()
     assert v.grad[0, 0] == 0 and v.grad[0, 1] != 0             # clipped branch: no gradient
 
 
-def test_per_token_rewards_put_the_score_on_the_last_token():
+def test_per_token_rewards_put_the_score_on_each_answers_last_token():
     logp, ref = torch.randn(2, 5), torch.randn(2, 5)
-    scores = torch.tensor([3.0, -1.0])
-    r = per_token_rewards(scores, logp, ref, 0.1)
-    assert torch.allclose(r[:, :-1], -0.1 * (logp - ref)[:, :-1])
-    assert torch.allclose(r[:, -1], scores - 0.1 * (logp - ref)[:, -1])
-    assert torch.equal(per_token_rewards(scores, logp, logp, 0.1)[:, :-1], torch.zeros(2, 4))
+    scores, mask = torch.tensor([3.0, -1.0]), torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2])  # lengths 5, 3
+    r = per_token_rewards(scores, logp, ref, 0.1, mask)
+    kl = -0.1 * (logp - ref)
+    assert torch.allclose(r[0, :4], kl[0, :4]) and torch.allclose(r[0, 4], scores[0] + kl[0, 4])
+    assert torch.allclose(r[1, :2], kl[1, :2]) and torch.allclose(r[1, 2], scores[1] + kl[1, 2])
+    assert torch.equal(r[1, 3:], torch.zeros(2))                        # nothing after the end
+
+
+def test_padded_batch_equals_the_episodes_one_by_one():
+    """Episodes of lengths 7, 3 and 5, padded to 7 with garbage: GAE, whitening and every loss are
+    the same as computing each episode unpadded and pooling its tokens."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([7, 3, 5])
+    mask = (torch.arange(7) < lengths[:, None]).float()
+    rand = lambda: torch.randn(3, 7, generator=g)
+    rewards, values, logp, old_logp, new_values = rand() * mask, rand() * mask, rand(), rand(), rand()
+    adv, ret = gae(rewards, values, 1.0, 0.95)
+    episodes = [gae(rewards[b:b + 1, :n], values[b:b + 1, :n], 1.0, 0.95) for b, n in enumerate(lengths.tolist())]
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.allclose(adv[b, :n], episodes[b][0][0]) and torch.allclose(ret[b, :n], episodes[b][1][0])
+    flat = lambda x: torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])[None]  # the tokens, pooled
+    w = whiten(adv, mask)
+    assert torch.allclose(flat(w), (flat(adv) - flat(adv).mean()) / flat(adv).std(unbiased=False), atol=1e-5)
+    assert (w[mask == 0] == 0).all()
+    padded = ppo_losses(logp, old_logp, w, new_values, values, ret, mask, 0.2, 0.2)
+    pooled = ppo_losses(*(flat(x) for x in (logp, old_logp, w, new_values, values, ret)), torch.ones(1, 15), 0.2, 0.2)
+    for a, b in zip(padded, pooled):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_adaptive_kl_controller_hand_numbers():
@@ -402,14 +476,16 @@ def test_best_of_n_estimator_against_enumeration():
     from ppo import best_of_n_curve
     g = torch.Generator().manual_seed(0)
     r, gold = torch.randn(3, 7, generator=g), torch.randint(-2, 3, (3, 7), generator=g).float()
-    curve = best_of_n_curve(r, gold, [1, 2, 3, 5, 7])
-    for n, (rm_n, gold_n) in curve.items():
+    curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
+    for n, point in curve.items():
+        rm_n, gold_n = point['rm'], point['gold']
         for p in range(3):
             subsets = list(combinations(range(7), n))
             best = [max(s, key=lambda i: r[p, i].item()) for s in subsets]
             assert abs(gold_n[p].item() - sum(gold[p, i].item() for i in best) / len(subsets)) < 1e-9
             assert abs(rm_n[p].item() - sum(r[p, i].item() for i in best) / len(subsets)) < 1e-6
-    assert torch.allclose(curve[1][1], gold.double().mean(1)) and torch.allclose(curve[7][0], r.double().max(1).values)
+    assert torch.allclose(curve[1]['gold'], gold.double().mean(1))
+    assert torch.allclose(curve[7]['rm'], r.double().max(1).values)
 
 
 def test_gold_at_kl_interpolates_and_flags_extrapolation():
@@ -435,48 +511,59 @@ def test_exact_kl_and_sampled_estimators():
 
 
 def test_tiny_ppo_raises_a_toy_reward():
-    """Reward = share of 'e' in the response: a few PPO iterations from a random tiny GPT raise it."""
+    """Reward = share of 'e' in the turn: a few PPO iterations from a random tiny GPT raise it.
+    Turns end at a ':' (about 1 in 65 characters), so episodes have different lengths."""
     torch.manual_seed(0)
     e = VOCAB.index('e')
     policy, ref = tiny_model(1), tiny_model(1)
-    critic = Critic(RewardModel(TINY, context=4), 12)
-    reward_fn = lambda seqs: (seqs[:, 4:] == e).float().mean(1) * 10
+    critic = Critic(RewardModel(TINY, context=4))
+    reward_fn = lambda seqs, n: ((seqs[:, 4:] == e).float() * answer_mask(n, seqs.size(1) - 4)).sum(1) / n * 10
     g = torch.Generator().manual_seed(0)
-    cfg = dict(prompt_len=4, response_len=12, temperature=1.0, learning_rate=3e-3, critic_lr=1e-4, init_beta=0.01, kl_target=0.0,
-               kl_horizon=10000, seed=0, max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0, lam=0.95,
-               ppo_epochs=2, num_minibatches=2, clip_coef=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.0,
-               ptx_coef=0.0, grad_clip=1.0)
-    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=g), cfg, log=lambda s: None)
+    cfg = dict(prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0,
+               learning_rate=3e-3, critic_lr=1e-4, init_beta=0.01, kl_target=0.0, kl_horizon=10000, seed=0,
+               max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0, lam=0.95, ppo_epochs=2,
+               num_minibatches=2, clip_coef=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.0, ptx_coef=0.0, grad_clip=1.0)
+    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=g), cfg,
+                     log=lambda s: None)
     first, last = hist[0]['score'], sum(h['score'] for h in hist[-3:]) / 3
     assert last > 3 * first and last > 1.0, (first, last)
-    assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist)
+    assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist) and 0.05 < hist[0]['ended'] < 1
 
 
 def test_rm_initialised_critic_gives_each_character_its_share():
-    """With the critic = the RM's running score plus the expected rest, GAE's TD errors are each
-    character's share of the score, read off the RM on prefixes (it is causal): delta_t =
-    r(x, y_<=t) - r(x, y_<t) - c_bar, with c_bar = -b / Tr; and V(s_0) = 0 (a typical answer)."""
+    """With the critic = the RM's running score, GAE's TD errors are each character's share of the
+    score, read off the RM on prefixes (it is causal): delta_t = r(x, y_<=t) - r(x, y_<t), up to each
+    answer's own end, whatever its length."""
     torch.manual_seed(0)
     rm = RewardModel(TINY, context=4).eval()
     torch.nn.init.normal_(rm.head.weight, std=0.3)
     rm.bias.data.fill_(0.6)
-    seqs = torch.randint(0, 65, (3, 16))
+    seqs, lengths = torch.randint(0, 65, (3, 16)), torch.tensor([12, 7, 1])
+    mask = answer_mask(lengths, 12)
     with torch.no_grad():
-        values = Critic(rm, 12)(seqs, 4)                                # (3, 12)
-        score = rm(seqs, 12)
-        prefix = torch.stack([rm(seqs[:, :4 + t], t) if t else rm.bias.expand(3) for t in range(13)], 1)  # (3, 13)
-    c_bar = -0.6 / 12
+        values = Critic(rm)(seqs, 4) * mask                                 # (3, 12)
+        score = rm(seqs, 4, lengths)
+        prefix = torch.stack([rm(seqs[:, :4 + t], 4) if t else rm.bias.expand(3) for t in range(13)], 1)  # (3, 13)
     zeros = torch.zeros(3, 12)
-    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1), values, 1.0, 0.0)  # lambda 0: A_t = delta_t
-    assert torch.allclose(values, prefix[:, :12] + torch.arange(12, 0, -1) * c_bar, atol=1e-5)
-    assert torch.allclose(values[:, 0], torch.zeros(3), atol=1e-6)
-    assert torch.allclose(adv, prefix[:, 1:] - prefix[:, :12] - c_bar, atol=1e-5)
+    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1, mask), values, 1.0, 0.0)  # lambda 0: A_t = delta_t
+    assert torch.allclose(values, prefix[:, :12] * mask, atol=1e-5)
+    assert torch.allclose(adv, (prefix[:, 1:] - prefix[:, :12]) * mask, atol=1e-5)
+
 
 # ======================================================================== the tiny pipeline, end to end
+CHAT_LINES = [  # what a user might say to the bard (README: the real model's answers to them)
+    'What light through yonder window breaks?', 'Good morrow, fair lady.', 'Wilt thou be gone?',
+    'I love thee, sweet lady.', 'Who art thou?', 'Tell me, what news from Verona?', 'Ay.',
+    'Speak!', 'The king is dead; long live the king.', 'What news, 7 émissaries?',
+    'O, that I were a glove upon that hand, that I might touch that cheek!',
+    'ROMEO: I am not here.', 'Away, thou villain! Thou art a traitor and a coward.', 'Hast thou no friends?',
+    "Thy tears are salt; wipe them, and be merry.", 'Farewell, farewell; one kiss, and I will descend.',
+    'Is the day so young?', 'Come, come, you talk greedily.', 'Peace, peace!' * 12, 'Good night.', '']
+
 TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
             '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
-TINY_RM = ['--prompt_len=16', '--response_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
+TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
            '--val_prompts=32', '--prompts_per_batch=8', '--log_interval=1']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
@@ -517,7 +604,7 @@ def interrupted(script, *args, stdin=None):
     """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after)."""
     p, _ = start(script, *args, '--max_iters=100000', '--eval_interval=20')
     for line in p.stdout:                                           # wait until it has begun training
-        if line.startswith('iter 5:'):
+        if line.startswith('iter 5/'):
             break
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=60)[0]
@@ -546,7 +633,8 @@ def runs(tmp_path_factory):
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['gpt.pt', 'reward.pt', 'ppo.pt'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
-    r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='Good morrow, fair lady.\nWhat news, 7 émissaries?\n')
+    r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
+    r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
     yield r
     r.pool.shutdown(wait=False, cancel_futures=True)                # a stopped or failed session: stop the rest
     for p in STARTED:
@@ -571,7 +659,7 @@ def test_reward_stage_writes_its_metrics(runs):
                 'bow_gold_acc', 'repeat_gain', 'best_step', 'seconds']:
         assert key in m, key
     assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6
-    assert 'iter 0: loss' in log and f"eval {m['best_step']}: dev loss" in log
+    assert 'iter 0/' in log and f"eval {m['best_step']}: dev loss" in log
     for row, acc in [('Bayes limit', m['bayes_acc']), ('bag of words', m['bow_val_acc']), ('reward model', m['val_acc'])]:
         assert f'{row:22}{acc:8.4f}' in log                         # the three side by side, as reward.json says
     ck = torch.load(os.path.join(runs.dirs['out'], 'reward.pt'), weights_only=True)
@@ -585,18 +673,18 @@ def test_ppo_stage_writes_log_and_eval(runs):
     m = json.load(open(os.path.join(out, 'ppo.json')))
     assert m['iters'] == 3 and m['seconds'] > 0
     for name in ['base', 'best_of_16', 'ppo']:
-        assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'samples'}
+        assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended', 'samples'}
         assert len(m['eval'][name]['samples']) == 3
     assert m['eval']['base']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
     assert [r['n_or_iter'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
     assert [r['n_or_iter'] for r in m['ppo_path']] == [0, 2, 3] and m['ppo_path'][-1]['gold'] == m['eval']['ppo']['gold']
     frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
-    assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl' and len(frontier) == 1 + 5 + 3
+    assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl,length,ended' and len(frontier) == 1 + 5 + 3
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
     assert len(rows) == 4 and rows[0].startswith('iter,score,gold,kl,kl_k1,kl_k3,beta')
     for word in ['score', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
-        assert f' {word} ' in log.split('iter 2:')[1].split('\n')[0]
+        assert f' {word} ' in log.split('iter 2/3 (66%):')[1].split('\n')[0]
     assert "best-of-n at PPO's KL" in log
 
 
@@ -618,14 +706,34 @@ def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(runs):
     assert len(lines) == 4
     for l in lines:
         r, p = float(l.split('reward ')[1].split(',')[0]), float(l.split('= ')[1].split()[0])
-        assert 0 <= p <= 1 and abs(p - 1 / (1 + math.exp(-r))) < 2e-3
+        assert abs(p - 1 / (1 + math.exp(-r))) < 2e-3
 
 
-def test_chat_mode_with_piped_lines(runs):
+def test_sample_mode_writes_past_the_context_and_says_the_reward_is_uncalibrated(runs):
+    code, log = runs['sample_long']
+    assert code == 0 and 'Traceback' not in log, log
+    assert 'not calibrated' in log and log.count('--- reward') == 2
+    texts = log.split('not calibrated\n')[1].split('--- reward')[:2]
+    assert all(len(t.strip('\n')) >= 150 for t in texts)                # the prompt '\n' + 150 characters
+
+
+def chat_answers(log):
+    """The bard's answers in a chat transcript: [(text, cut at the length limit?)]."""
+    return [(a.split('\n   [P = ')[0], 'cut at' in a.split('\n   [P = ')[1].split(']')[0])
+            for a in log.split('\nJULIET: ')[1:]]
+
+
+def test_chat_mode_answers_whole_turns(runs):
+    """20 varied lines piped in: one answer each, every one a turn that ended (at a blank line or
+    another speaker's name) or is marked as cut at max_answer_len, none holding a speaker's line."""
+    from sample import TAG
     code, log = runs['chat']
-    assert code == 0, log
-    assert log.count('JULIET: ') == 2 and log.count('[P = ') == 2
-    assert "knows no '7é'" in log and 'Traceback' not in log
+    assert code == 0 and 'Traceback' not in log, log
+    answers = chat_answers(log)
+    assert len(answers) == len(CHAT_LINES) - 1 == log.count('[P = ')          # the empty last line ends it
+    assert "knows no '7é'" in log
+    for text, cut in answers:
+        assert not TAG.search('\n' + text + '\n') and '\n\n' not in text, text
 
 
 def test_chat_format_and_trimming():
@@ -635,7 +743,10 @@ def test_chat_format_and_trimming():
     assert format_chat(turns, 'JULIET', 35) == 'JULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'  # oldest turn dropped
     assert format_chat(turns, 'JULIET', 20) == 'ROMEO:\nBye\n\nJULIET:\n'
     assert format_chat([('ROMEO', 'x' * 50)], 'JULIET', 20) == ('ROMEO:\n' + 'x' * 50 + '\n\nJULIET:\n')[-20:]
-    assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == 'Ay, my lord.\nGo.'
+    assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == ('Ay, my lord.\nGo.', True)
+    assert end_of_turn('Ay, my lord.\nKING EDWARD IV:\nStay') == ('Ay, my lord.', True)   # a name, no blank line
+    assert end_of_turn('Ay, my lord.\nCome, sir: go') == ('Ay, my lord.\nCome, sir: go', False)
+    assert end_of_turn('Ay, my lo') == ('Ay, my lo', False)
 
 
 def test_resume_continues_from_the_checkpoint(runs):
@@ -643,14 +754,14 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert code == 0, log
     assert 'resuming from' in log and 'at iter 80' in log
     first = log.split('step 80: ')[1].split('\n')[0]
-    assert first == runs['gpt'][1].split('step 80: ')[1].split('\n')[0]  # same model, same eval batches
-    assert 'iter 50:' not in log and 'iter 120:' in log
+    assert first == runs['gpt'][1].split('step 80: ')[1].split(', eta')[0]  # same model, same eval batches
+    assert 'iter 50/' not in log and 'iter 120/120 (100%): ' in log and 'eta 0m00s' in log
     assert json.load(open(os.path.join(runs.dirs['resume'], 'gpt.json')))['iters'] == 120
 
 
 def strip_times(log, n=20):
     """The first n logged iterations, without their timings."""
-    return [l.split(', time')[0] for l in log.splitlines() if l.startswith('iter ')][:n]
+    return [l.split(', time')[0].split(', eta')[0] for l in log.splitlines() if l.startswith('iter ')][:n]
 
 
 def test_same_seed_same_losses(runs):
@@ -731,8 +842,31 @@ def test_bad_overrides(run_here):
     assert_one_clear_line(*run_here('gpt.py', '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
     assert_one_clear_line(*run_here('gpt.py', '--batch_size=abc'), '--batch_size expects int', "'abc'")
     assert_one_clear_line(*run_here('ppo.py', 'max_iters=3'), 'overrides look like --key=value')
-    assert_one_clear_line(*run_here('gpt.py', '--lr_decay=step'), "--lr_decay must be 'cosine' or 'linear'")
-    assert_one_clear_line(*run_here('gpt.py', '--token_mix=0'), '--token_mix must be at least 1')
+    assert_one_clear_line(*run_here('gpt.py', '--lr_decay=step'), "--lr_decay='step' is out of range",
+                          "{'cosine', 'linear'}")
+    assert_one_clear_line(*run_here('gpt.py', '--token_mix=0'), '--token_mix=0 is out of range', '[1, inf)')
+    assert_one_clear_line(*run_here('sample.py', '--top_k=None', '--dropout=0.5'), 'unknown option --dropout')
+    # relations between options, checked after each option's own range
+    assert_one_clear_line(*run_here('gpt.py', '--n_embd=100', '--n_head=3'), '--n_embd=100', '--n_head=3')
+    assert_one_clear_line(*run_here('gpt.py', '--n_embd=12', '--n_head=4'), 'even size')
+    assert_one_clear_line(*run_here('ppo.py', '--batch_size=1'), '--batch_size=1 must be at least --num_minibatches=2')
+    assert_one_clear_line(*run_here('reward.py', '--train_prompts=2'), '--prompts_per_batch=4 is more than')
+    assert_one_clear_line(*run_here('gpt.py', '--max_iters=0'), '--max_iters=0 from scratch trains nothing')
+    assert_one_clear_line(*run_here('ppo.py', '--best_of_max=8'), '--best_of_max=8 is out of range', '[16, inf)')
+
+
+def test_option_rules_by_hand():
+    """The rule parser on hand cases: open and closed ends, sets, None, and the type of a None default."""
+    from gpt import check_option
+    ok = [(0.5, 'in [0, 1): x'), (0, 'in [0, 1)'), (1, 'in (0, 1]'), ('a', "in {'a', 'b'}: c"), (None, 'int in [1, inf) or None'),
+          (7, 'int in [1, inf) or None'), (10 ** 9, 'in [1, inf)'), ('x', 'any comment'), (-3.0, 'no rule here')]
+    bad = [(1, 'in [0, 1)'), (0, 'in (0, 1]'), ('c', "in {'a', 'b'}"), (None, 'in [1, inf)'), (0, 'int in [1, inf) or None'),
+           ('abc', 'int in [1, inf) or None'), (2.5, 'int in [1, inf) or None'), ('', 'a string, no rule')]
+    for value, comment in ok:
+        check_option('opt', value, comment)                          # returns quietly
+    for value, comment in bad:
+        with pytest.raises(SystemExit):
+            check_option('opt', value, comment)
 
 
 def test_unwritable_out_dir(run_here, tmp_path):
@@ -787,5 +921,85 @@ def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
     (tmp_path / 'odd.txt').write_text(open(os.path.join(HERE, 'input.txt')).read() + ' ~ ')
     assert "characters the checkpoint never saw ('~')" in in_process_error(
         capsys, load_splits, str(tmp_path / 'odd.txt'), VOCAB)
+    (tmp_path / 'latin1.txt').write_bytes('Tybalt, thou art a villain — très bien'.encode('latin-1', 'replace') * 50)
+    assert 'latin1.txt is not UTF-8 text' in in_process_error(capsys, load_text, str(tmp_path / 'latin1.txt'))
+    assert 'is a folder' in in_process_error(capsys, load_text, str(tmp_path))
     (tmp_path / 'g.pt').write_bytes(b'not a checkpoint at all')
     assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
+
+
+@pytest.mark.parametrize('script', ['gpt.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
+def test_help_lists_every_option_with_its_default(script, run_here, tmp_path):
+    """--help: exit 0, every global of the hyperparameter block as --name=value with its comment,
+    and nothing loaded or written."""
+    import ast
+    g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
+    src = open(os.path.join(HERE, script)).read()
+    first = src[:src.index('\n# hyperparameters')].count('\n') + 2        # the block's lines, 1-based
+    last = first + src[src.index('\n# hyperparameters') + 1:].split('\n# ----')[0].count('\n')
+    keys = [t.id for node in ast.parse(src).body if isinstance(node, ast.Assign) and first <= node.lineno <= last
+            for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name) and t.id[0] != '_']
+    assert len(keys) >= 5
+    code, out = run_here(script, f'--out_dir={tmp_path}/new', '--help')
+    assert code == 0 and 'Traceback' not in out and not (tmp_path / 'new').exists()
+    assert out.splitlines()[0] == g['__doc__'].strip().splitlines()[0] and f'python {script}' in out
+    for k in keys:
+        assert f'--{k}={g[k]!r}' in out, k
+    assert '--seed=' in out and ('# ' not in out.split('options')[1].split('usage')[0])  # comments, not code
+
+
+def block_options(script):
+    """(name, default, comment) of each option in a script's hyperparameter block, found by
+    parsing the source (not by the code under test): the block is the lines from
+    '# hyperparameters' to the next '# ----'."""
+    import ast
+    src = open(os.path.join(HERE, script)).read()
+    g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
+    lines = src.splitlines()
+    first = next(i for i, l in enumerate(lines) if l.startswith('# hyperparameters')) + 1
+    last = next(i for i in range(first, len(lines)) if lines[i].startswith('# ----'))
+    out = []
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and first < node.lineno <= last:
+            comment = lines[node.lineno - 1].partition('#')[2].strip()
+            out += [(t.id, g[t.id], comment) for target in node.targets for t in ast.walk(target)
+                    if isinstance(t, ast.Name) and not t.id.startswith('_')]
+    return g, out
+
+
+def wrong_values(default, comment):
+    """A wrong-typed value and an out-of-range one (None where the type has no range) for an
+    option: the rule at the start of its comment says what is allowed."""
+    import re
+    wrong_type = '5' if isinstance(default, str) else "'abc'"
+    m = re.match(r"^(?:int |float )?in ([\[(])\s*([^,]+),\s*([^\])]+)([\])])", comment)
+    if m:
+        lo, hi = float(m.group(2)), float(m.group(3))
+        bad = lo if m.group(1) == '(' else lo - 1 if lo > -math.inf else hi + 1
+        return wrong_type, repr(int(bad) if float(bad).is_integer() and not isinstance(default, float) else bad)
+    if comment.startswith('in {'):
+        return wrong_type, "'nonsense'"
+    if isinstance(default, str):
+        return wrong_type, "''"
+    return wrong_type, None
+
+
+@pytest.mark.parametrize('script', ['gpt.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
+def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
+    """Each option with a wrong-typed and an out-of-range value: one `error:` line naming it,
+    no traceback, nothing written. Every number has a declared range (`in [lo, hi)` first in its
+    comment), so a new option cannot be added without its check."""
+    g, options = block_options(script)
+    assert len(options) >= 5
+    for name, default, comment in options:
+        assert isinstance(default, (bool, str)) or comment.startswith(('in ', 'int in ', 'float in ')), \
+            f'{script}: --{name} has no range in its comment'
+        for value in wrong_values(default, comment):
+            if value is None:
+                continue
+            out_dir = [f'--out_dir={tmp_path}/new'] if 'out_dir' in g and name != 'out_dir' else []
+            code, out = run_here(script, *out_dir, f'--{name}={value}')
+            lines = out.strip().splitlines()
+            assert code != 0 and len(lines) == 1 and lines[0].startswith('error: ') and f'--{name}' in lines[0], \
+                (name, value, out)
+            assert not (tmp_path / 'new').exists()

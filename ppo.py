@@ -51,7 +51,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     hidden from training: it is only ever measured, never used to pick a point.
  Left out: per-batch reward whitening (scores are centred and scaled on base answers).
 
-Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~2.5 min on 2 cores)
+Run:  python ppo.py             (after gpt.py and reward.py; CPU: ~3.5 min on 2 cores)
       python ppo.py --seed=1      (other prompts, rollouts and held-out prompts; same gpt.pt, reward.pt)
 Writes out/ppo.pt, out/ppo.json (iters, seconds, eval: base / best_of_16 / ppo / best_of_n curve,
 ppo_path), out/ppo_log.csv, out/frontier.csv (+ frontier.png with matplotlib).

@@ -4,10 +4,12 @@ reward.py: a simulated labeler and a Bradley-Terry reward model. Step 2 of minib
 The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replaced by code:
  1. Prompts are the `prompt_len` characters before a turn's first line (the end of a speech,
     the blank line and the next speaker's name) in the training text (held-out prompts: in the
-    validation text). For each prompt, K = 8 answers are sampled from the pretrained GPT
+    validation text). For each prompt, K = 16 answers are sampled from the pretrained GPT
     (out/gpt.pt) with the KV-cache generate: each a whole turn, up to and including the blank
-    line that ends it, or `max_answer_len` characters if it never ends. K = 8 gives 28
-    labelled pairs for 8 sampled answers (K = 4: 6 for 4).
+    line that ends it, or `max_answer_len` characters if it never ends. All K(K-1)/2 pairs are
+    labelled: 120 for 16 sampled answers (K = 8: 28 for 8). Here labels cost nothing and
+    answers cost compute, so more pairs per answer is the cheap way to more information;
+    InstructGPT's humans ranked 4 to 9, where each comparison costs a person's time.
  2. A hidden gold score g(y) rates each answer: the number of distinct positive words minus
     the number of distinct negative words of a small Shakespearean sentiment lexicon.
  3. The labeler compares all K(K-1)/2 pairs of a prompt and prefers y_i with probability
@@ -36,7 +38,7 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     reference learner's bow_val_acc and bow_gold_acc, and repeat_gain: what repeating one
     positive word 8 times adds to the score (gold counts it once), in RM standard deviations.
 
-Run:  python reward.py              (after python gpt.py; CPU: ~2 min on 2 cores)
+Run:  python reward.py              (after python gpt.py; CPU: ~2.5 min on 2 cores)
       python reward.py --seed=1     (other prompts, answers and labels; the same gpt.pt)
 Writes out/reward.pt (model, config, vocab, norm_bias, shapes) and out/reward.json.
 """
@@ -65,14 +67,14 @@ seed = 1337                     # in [0, inf): prompts, answers, labels and shuf
 prompt_len = 16                 # in [1, inf): the end of a speech and the next speaker's name
 max_answer_len = 96             # in [2, inf): a turn ends at its blank line or this long
 rm_context = 0                  # in [0, inf): prompt characters the RM reads (the labeler: none)
-K = 8                           # in [2, inf): answers per prompt: 28 pairs (InstructGPT: 4..9)
-train_prompts = 5000 if _gpu else 2500  # in [1, inf): CPU: 20,000 answers, 70,000 pairs
-dev_prompts = 150               # in [1, inf): training-text prompts: early stopping, BoW's L2
-val_prompts = 250               # in [1, inf): held-out prompts (validation text) for every reported number
+K = 16                          # in [2, inf): answers per prompt: 120 pairs (InstructGPT: 4..9)
+train_prompts = 2500 if _gpu else 1250  # in [1, inf): CPU: 20,000 answers, 150,000 pairs
+dev_prompts = 75                # in [1, inf): training-text prompts: early stopping, BoW's L2
+val_prompts = 125               # in [1, inf): held-out prompts (validation text): 15,000 pairs
 tau = 1.0                       # in (0, inf): labeler noise: P(i > j) = sigmoid((g_i - g_j) / tau)
 temperature = 1.0               # in (0, inf): sampling temperature of the base policy
 gen_batch = 1024                # in [1, inf): sequences per generate() call
-prompts_per_batch = 4           # in [1, inf): prompts per step -> 4 * K answers, 4 * 28 pairs
+prompts_per_batch = 2           # in [1, inf): prompts per step -> 2 * K answers, 2 * 120 pairs
 learning_rate = 5e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
 epochs = 2                      # in [1, inf): passes over the pairs (2 x 25k answers beat 1 x 30k, README)
 evals = 4                       # in [1, inf): dev evaluations over the run; the best one is kept

@@ -178,8 +178,11 @@ if __name__ == '__main__':
             turns.append((you, line))
             t0 = time.time()
             prompt = format_chat(turns, bard, room)
-            text, done = end_of_turn(answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of, temperature,
-                                              top_k)[0][0])
+            for _ in range(5):                                    # a turn that says nothing is drawn again
+                text, done = end_of_turn(answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of,
+                                                temperature, top_k)[0][0])
+                if text.strip():
+                    break
             said = text + END_OF_TURN if done else text                # the turn as the RM reads turns
             r = score(rm, torch.tensor([encode(prompt + said, vocab)], device=device), len(prompt)).item()
             p = torch.sigmoid(torch.tensor(r)).item()

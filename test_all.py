@@ -838,21 +838,22 @@ def test_stages_run_out_of_order(run_here, tmp_path):
                           'run python reward.py first')
 
 
-def test_bad_overrides(run_here):
-    assert_one_clear_line(*run_here('gpt.py', '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
-    assert_one_clear_line(*run_here('gpt.py', '--batch_size=abc'), '--batch_size expects int', "'abc'")
-    assert_one_clear_line(*run_here('ppo.py', 'max_iters=3'), 'overrides look like --key=value')
-    assert_one_clear_line(*run_here('gpt.py', '--lr_decay=step'), "--lr_decay='step' is out of range",
+def test_bad_overrides(run_here, tmp_path):
+    safe = f'--out_dir={tmp_path}/none'                              # a probe that got past its check finds no checkpoint
+    assert_one_clear_line(*run_here('gpt.py', safe, '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--batch_size=abc'), '--batch_size expects int', "'abc'")
+    assert_one_clear_line(*run_here('ppo.py', safe, 'max_iters=3'), 'overrides look like --key=value')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--lr_decay=step'), "--lr_decay='step' is out of range",
                           "{'cosine', 'linear'}")
-    assert_one_clear_line(*run_here('gpt.py', '--token_mix=0'), '--token_mix=0 is out of range', '[1, inf)')
-    assert_one_clear_line(*run_here('sample.py', '--top_k=None', '--dropout=0.5'), 'unknown option --dropout')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--token_mix=0'), '--token_mix=0 is out of range', '[1, inf)')
+    assert_one_clear_line(*run_here('sample.py', safe, '--top_k=None', '--dropout=0.5'), 'unknown option --dropout')
     # relations between options, checked after each option's own range
-    assert_one_clear_line(*run_here('gpt.py', '--n_embd=100', '--n_head=3'), '--n_embd=100', '--n_head=3')
-    assert_one_clear_line(*run_here('gpt.py', '--n_embd=12', '--n_head=4'), 'even size')
-    assert_one_clear_line(*run_here('ppo.py', '--batch_size=1'), '--batch_size=1 must be at least --num_minibatches=2')
-    assert_one_clear_line(*run_here('reward.py', '--train_prompts=2'), '--prompts_per_batch=4 is more than')
-    assert_one_clear_line(*run_here('gpt.py', '--max_iters=0'), '--max_iters=0 from scratch trains nothing')
-    assert_one_clear_line(*run_here('ppo.py', '--best_of_max=8'), '--best_of_max=8 is out of range', '[16, inf)')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--n_embd=100', '--n_head=3'), '--n_embd=100', '--n_head=3')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--n_embd=12', '--n_head=4'), 'even size')
+    assert_one_clear_line(*run_here('ppo.py', safe, '--batch_size=1'), '--batch_size=1 must be at least --num_minibatches=2')
+    assert_one_clear_line(*run_here('reward.py', safe, '--train_prompts=1'), '--prompts_per_batch=2 is more than')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--max_iters=0'), '--max_iters=0 from scratch trains nothing')
+    assert_one_clear_line(*run_here('ppo.py', safe, '--best_of_max=8'), '--best_of_max=8 is out of range', '[16, inf)')
 
 
 def test_option_rules_by_hand():
@@ -1003,3 +1004,36 @@ def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
             assert code != 0 and len(lines) == 1 and lines[0].startswith('error: ') and f'--{name}' in lines[0], \
                 (name, value, out)
             assert not (tmp_path / 'new').exists()
+
+
+def test_formulas_on_hand_numbers():
+    """ECE, prob_mae, val/bayes/gold accuracy, explained variance, the learning-rate schedule and
+    the whole-split loss, each against numbers worked out by hand."""
+    from gpt import lr_at, split_loss
+    from ppo import explained_variance
+    from reward import pair_metrics
+    # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
+    r, g, y = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])
+    m = pair_metrics(r, g, y, 1.0)
+    s1 = 1 / (1 + math.exp(-1))                                      # labeler's P for a one-word lead
+    assert abs(m['ece'] - (0.25 + 0.5 + 0.25) / 3) < 1e-6            # one pair per bin: |q - y| each
+    assert abs(m['prob_mae'] - 2 * (0.75 - s1) / 3) < 1e-6           # |0.25 - (1-s1)| + 0 + |0.75 - s1|
+    assert abs(m['val_acc'] - 2 / 3) < 1e-6 and abs(m['bayes_acc'] - (2 * s1 + 0.5) / 3) < 1e-6
+    assert m['gold_acc'] == 1.0                                      # both gold-different pairs ordered right
+    # explained variance over the real tokens only: R = 1, 2, 3; V = 1, 2, 2; padding ignored
+    ev = explained_variance(torch.tensor([[1.0, 2.0, 2.0, 9.0]]), torch.tensor([[1.0, 2.0, 3.0, -5.0]]),
+                            torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert abs(ev - (1 - (2 / 9) / (2 / 3))) < 1e-6
+    # warmup 10 then decay over 100 iterations to lr * min_ratio
+    assert lr_at(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and lr_at(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
+    assert abs(lr_at(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
+    assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12 and abs(lr_at(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
+
+    class MeanModel:                                                 # "loss" = mean token id of the batch
+        config = GPTConfig(block_size=4)
+        def parameters(self):
+            return iter([torch.zeros(1)])
+        def __call__(self, x, y):
+            return None, x.float().mean()
+    data = torch.arange(43)                                          # 10 windows of 4 (+1 for the targets)
+    assert abs(split_loss(MeanModel(), data, batch=3) - data[:40].float().mean().item()) < 1e-9  # uneven batches weighted

@@ -70,12 +70,17 @@ def die(msg):
 
 
 def _interrupted(kind, value, tb, default=sys.excepthook):
-    """Ctrl-C anywhere: one line, no traceback. Checkpoints are only ever replaced whole (see
-    save_checkpoint), so whatever was saved before the interrupt is intact."""
+    """Ctrl-C or running out of memory anywhere: one line, no traceback. Checkpoints are only
+    ever replaced whole (see save_checkpoint), so whatever was saved before is intact."""
     if issubclass(kind, KeyboardInterrupt):
         print('interrupted: stopped; checkpoints saved before now are intact', file=sys.stderr)
         sys.stderr.flush()
         os._exit(130)
+    if issubclass(kind, MemoryError) or 'out of memory' in str(value) or "can't allocate memory" in str(value):
+        print('error: out of memory: lower the sizes (batch_size, best_of, num_samples, ...); checkpoints saved '
+              'before now are intact', file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
     default(kind, value, tb)
 
 

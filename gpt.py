@@ -116,7 +116,7 @@ def configure(g, argv):
         old = g[key]
         if isinstance(old, float) and type(value) is int:
             value = float(value)
-        if old is not None and value is not None and type(value) is not type(old):
+        if old is not None and type(value) is not type(old):        # (None only where the default is None)
             die(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
         g[key] = value
     if '__file__' in g:                                            # every option against its rule
@@ -163,7 +163,7 @@ def check_device(device):
     """die() unless `device` names a device this machine has."""
     try:
         kind = torch.device(device).type
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         die(f"--device={device!r} is not a device: use 'cpu' or 'cuda'")
     if kind == 'cuda' and not torch.cuda.is_available():
         die(f'--device={device!r}: this machine has no CUDA GPU; use --device=cpu')
@@ -577,7 +577,7 @@ if __name__ == '__main__':
     if n_embd % n_head or (n_embd // n_head) % 2:
         die(f'--n_embd={n_embd} must split into --n_head={n_head} heads of an even size (rotary pairs)')
     t_start = time.time()
-    cuda = device == 'cuda'
+    cuda = torch.device(device).type == 'cuda'                      # also 'cuda:1'
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
     train_data, val_data, vocab = load_splits(data_path)

@@ -268,10 +268,10 @@ def train(policy, ref, critic, reward_fn, get_prompts, cfg, gold_fn=None, lm_bat
         kl = (kl_exact * mask).sum(1).mean().item()                  # nats per answer
         kl_ctl.update(kl, cfg['batch_size'])
         # ---- PPO update: epochs x shuffled minibatches of whole episodes
-        B, mb = seqs.size(0), seqs.size(0) // cfg['num_minibatches']
+        B = seqs.size(0)
         stats = []
         for _ in range(cfg['ppo_epochs']):
-            for idx in torch.randperm(B, generator=shuffle).split(mb):
+            for idx in torch.randperm(B, generator=shuffle).chunk(cfg['num_minibatches']):  # sizes differ by <= 1
                 logits = response_logits(policy(seqs[idx])[0], Tp)        # (mb, Ta, V)
                 new_values = critic(seqs[idx], Tp) * mask[idx]              # (mb, Ta)
                 new_logp = token_logprobs(logits, seqs[idx, Tp:], temp)

@@ -164,6 +164,12 @@ class RewardModel(nn.Module):
     def forward(self, seqs, prompt_len, lengths=None):
         """r = b + sum of c_t over each answer up to its length: seqs (B, Tp + Ta), lengths (B,)
         (None: all Ta characters are answer) -> rewards (B,)."""
+        read = seqs.size(1) - max(0, prompt_len - self.context)     # characters the trunk would read
+        if lengths is not None and len(seqs) > 1 and read > self.trunk.config.block_size:
+            # past the block each answer is read over the window before its own end: one row at a
+            # time (only sample mode writes past the block; training and PPO stay within it)
+            return torch.cat([self(seqs[i:i + 1, :prompt_len + int(lengths[i])], prompt_len, lengths[i:i + 1])
+                              for i in range(len(seqs))])
         c = self.contributions(seqs, prompt_len)              # (B, Ta') the last Ta' answer characters
         if lengths is not None:                               # padding after an answer's end adds nothing
             c = c * answer_mask(lengths, seqs.size(1) - prompt_len)[:, -c.size(1):]

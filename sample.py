@@ -103,7 +103,7 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])                      # each option against its rule
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    path = resolve_ckpt('ppo' if mode == 'eval' else ckpt, out_dir)
+    path = resolve_ckpt(ckpt, out_dir)
     model, vocab, model_ckpt = load_model(path, run_first='python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py',
                                           device=device)
     rm, rm_vocab, rm_ckpt = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
@@ -147,7 +147,7 @@ if __name__ == '__main__':
         if not prompt:
             die(f'the prompt {start!r} is empty: the model needs at least one character to go on from')
         encode(prompt, vocab)                                    # names any character the model lacks
-        window = rm.trunk.config.block_size - rm.context
+        window = rm.trunk.config.block_size                      # answer characters the RM reads at most
         if max_new_tokens > max_answer_len:
             print(f'note: the RM was calibrated on turns of up to {max_answer_len} characters; '
                   f'P below is over the last {min(max_new_tokens, window)} it reads, not calibrated', file=sys.stderr)
@@ -170,11 +170,13 @@ if __name__ == '__main__':
                 break
             if not sys.stdin.isatty():                            # piped: show the line, as a terminal would
                 print(line)
+            if not line.strip():                                   # an empty line ends the scene
+                break
             line, dropped = clean(line.strip(), vocab)
             if dropped:
                 print(f'note: the bard knows no {dropped!r}; left out', file=sys.stderr)
-            if not line:
-                break
+            if not line:                                          # nothing the bard can read: ask again
+                continue
             turns.append((you, line))
             t0 = time.time()
             prompt = format_chat(turns, bard, room)

@@ -294,6 +294,8 @@ def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window(
     assert torch.allclose(rm(seqs, 4, lengths), torch.cat(padded), atol=1e-5)
     long = torch.randint(0, 65, (2, 4 + 40))                  # 40 > block_size 16: the last 16 are read
     assert torch.allclose(rm(long, 4), rm(long[:, -16:], 0), atol=1e-5)
+    mixed = rm(long, 4, torch.tensor([6, 40]))                # a short answer padded beside a long one
+    assert torch.allclose(mixed, torch.cat([rm(long[:1, :4 + 6], 4), rm(long[1:, -16:], 0)]), atol=1e-5)
 
 
 def test_tiny_reward_model_learns_a_toy_preference():

@@ -76,6 +76,8 @@ def _interrupted(kind, value, tb, default=sys.excepthook):
         print('interrupted: stopped; checkpoints saved before now are intact', file=sys.stderr)
         sys.stderr.flush()
         os._exit(130)
+    if issubclass(kind, BrokenPipeError):                             # `python gpt.py --help | head`
+        os._exit(141)
     if issubclass(kind, MemoryError) or 'out of memory' in str(value) or "can't allocate memory" in str(value):
         print('error: out of memory: lower the sizes (batch_size, best_of, num_samples, ...); checkpoints saved '
               'before now are intact', file=sys.stderr)
@@ -94,12 +96,13 @@ def configure(g, argv):
     name the closest one. -h / --help prints the options and exits.
     """
     sys.excepthook = _interrupted
-    if '__file__' in g:
-        keys = [n for names, _ in option_block(g['__file__']) for n in names]
+    block = option_block(g['__file__']) if '__file__' in g else None
+    if block is not None:
+        keys = [n for names, _ in block for n in names]
     else:
         keys = [k for k, v in g.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))]
     if '-h' in argv or '--help' in argv:
-        print_help(g)
+        print_help(g, block)
         sys.exit(0)
     for arg in argv:
         if not arg.startswith('--') or '=' not in arg:
@@ -119,8 +122,8 @@ def configure(g, argv):
         if old is not None and type(value) is not type(old):        # (None only where the default is None)
             die(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
         g[key] = value
-    if '__file__' in g:                                            # every option against its rule
-        for names, comment in option_block(g['__file__']):
+    if block is not None:                                          # every option against its rule
+        for names, comment in block:
             for n in names:
                 check_option(n, g[n], comment)
     if 'device' in keys:
@@ -189,13 +192,13 @@ def option_block(path):
     return rows
 
 
-def print_help(g):
+def print_help(g, block):
     """-h / --help: the script's purpose, every option as `--name=value  comment` (values as in
     force on this machine, grouped as the block's comment lines group them), the usage lines."""
     doc, name = (g.get('__doc__') or '').strip(), os.path.basename(g['__file__'])
     print(doc.splitlines()[0] if doc else name)
     print('\noptions (--key=value; the value is read as a Python literal):')
-    for names, comment in option_block(g['__file__']):
+    for names, comment in block:
         if names:
             opts = '  '.join(f'--{n}={g[n]!r}' for n in names)
             print(f'  {opts:<34} {comment}'.rstrip())
@@ -216,6 +219,18 @@ def eta(done, total, t0, start=0):
     done - start units covered since then."""
     m, s = divmod(round((time.time() - t0) / max(done - start, 1) * (total - done)), 60)
     return f'eta {m}m{s:02d}s'
+
+
+def progress(name, total, every, log=print):
+    """A counter for work done in pieces (generate() calls): done(n) adds n of total and logs
+    '<name> 4096/23200 (17%), eta 0m41s' once `every` units have passed, and at the end."""
+    t0, seen = time.time(), [0]
+
+    def done(n):
+        seen[0] += n
+        if seen[0] % every < n or seen[0] == total:
+            log(f'{name} {count(seen[0], total)}, {eta(seen[0], total, t0)}')
+    return done
 
 
 # ------------------------------------------------------------------ the char codec
@@ -604,8 +619,6 @@ if __name__ == '__main__':
         model_args = ckpt['model_args']  # the shape comes from the checkpoint, not the flags
         iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
         gen.set_state(ckpt['rng_state'])
-    elif init_from != 'scratch':
-        die(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
     model = GPT(GPTConfig(**model_args)).to(device)
     # AdamW; weight decay on matrices only, as in nanoGPT / GPT-2 (not on norms, and not on the
     # token mix, whose decay would pull it towards 'see no character' instead of the identity)

@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt import (END_OF_TURN, GPT, GPTConfig, configure, count, decode, die, encode, eta, load_model, load_splits,
-                 prepare_out_dir, save_checkpoint, token_logprobs)
+                 prepare_out_dir, progress, save_checkpoint, token_logprobs)
 from reward import (answer_mask, answer_texts, best_of_n, ended, gold_scores, load_reward_model, sample_answers,
                     sample_prompts, score, turn_starts)
 
@@ -356,12 +356,8 @@ def best_of_n_frontier(base, rm, prompts, vocab, max_len, stop, temperature, n_m
     log, if given, gets a progress line every 16 generate() calls.
     KL to the base: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the base itself)."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
-    P, t0, drawn = prompts.size(0), time.time(), [0]
-
-    def done(n):
-        drawn[0] += n
-        if log and (drawn[0] % (16 * chunk) < n or drawn[0] == P * n_max):
-            log(f'best-of-n answers {count(drawn[0], P * n_max)}, {eta(drawn[0], P * n_max, t0)}')
+    P = prompts.size(0)
+    done = progress('best-of-n answers', P * n_max, 16 * chunk, log) if log else None
     *_, y, lengths, r = best_of_n(base, rm, prompts, n_max, max_len, stop, temperature, gen, chunk,
                                   done=done)                        # (P, N, Ta)
     flat, n_flat = y.view(P * n_max, -1).cpu(), lengths.flatten().cpu()

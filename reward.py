@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt import (END_OF_TURN, GPT, GPTConfig, configure, count, decode, die, encode, eta, load_checkpoint,
-                 load_model, load_splits, load_weights, prepare_out_dir, save_checkpoint)
+                 load_model, load_splits, load_weights, prepare_out_dir, progress, save_checkpoint)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -452,12 +452,7 @@ if __name__ == '__main__':
     cpu_gen = torch.Generator().manual_seed(seed)              # prompts, labels, shuffles
     gen = torch.Generator(device).manual_seed(seed)            # answers
     print(f'sampling {K} answers to {train_prompts} train + {dev_prompts} dev + {val_prompts} val prompts ...')
-    total, sampled, t_sample = K * (train_prompts + dev_prompts + val_prompts), [0], time.time()
-
-    def done(n):  # a progress line every 4 generate() calls and at the end
-        sampled[0] += n
-        if sampled[0] % (4 * gen_batch) < n or sampled[0] == total:
-            print(f'answers {count(sampled[0], total)}, {eta(sampled[0], total, t_sample)}')
+    done = progress('answers', K * (train_prompts + dev_prompts + val_prompts), 4 * gen_batch)
     sets = {name: make_preferences(base, data, starts[text], n, K, prompt_len, max_answer_len, stop, tau, temperature,
                                    vocab, cpu_gen, gen, gen_batch, done)
             for name, data, text, n in [('train', train_data, 'train', train_prompts),

@@ -69,7 +69,7 @@ def die(msg):
     sys.exit(1)
 
 
-def _interrupted(kind, value, tb, default=sys.excepthook):
+def _exit_in_one_line(kind, value, tb, default=sys.excepthook):
     """Ctrl-C or running out of memory anywhere: one line, no traceback. Checkpoints are only
     ever replaced whole (see save_checkpoint), so whatever was saved before is intact."""
     if issubclass(kind, KeyboardInterrupt):
@@ -95,7 +95,7 @@ def configure(g, argv):
     default's (an int is accepted for a float); a default of None accepts anything. Unknown keys
     name the closest one. -h / --help prints the options and exits.
     """
-    sys.excepthook = _interrupted
+    sys.excepthook = _exit_in_one_line
     block = option_block(g['__file__']) if '__file__' in g else None
     if block is not None:
         keys = [n for names, _ in block for n in names]

@@ -14,7 +14,8 @@ import time
 import torch
 
 import gpt
-from gpt import GPT, GPTConfig, configure
+from gpt import GPT, GPTConfig
+from plumbing import configure
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them; the model shape is gpt.py's)
@@ -72,5 +73,6 @@ if __name__ == '__main__':
     t_cache = median_time(lambda: model.generate(idx, new_tokens, generator=torch.Generator().manual_seed(0)))
     t_full = median_time(lambda: generate_recompute(model, idx, new_tokens, torch.Generator().manual_seed(0)))
     n = batch * new_tokens
-    print(f'generate batch {batch} x {new_tokens} new chars: KV cache {t_cache:.2f} s ({n / t_cache:,.0f} chars/s), '
-          f'recompute {t_full:.2f} s ({n / t_full:,.0f} chars/s): {t_full / t_cache:.1f}x faster with the cache')
+    print(f'generate batch {batch} x {new_tokens} new chars: KV cache {t_cache:.2f} s ({n / t_cache:,.0f} '
+          f'chars/s), recompute {t_full:.2f} s ({n / t_full:,.0f} chars/s): {t_full / t_cache:.1f}x faster '
+          'with the cache')

@@ -24,9 +24,11 @@ import time
 
 import torch
 
-from gpt import END_OF_TURN, configure, die, encode, load_model, load_splits, prepare_out_dir
-from ppo import best_of_n_frontier, held_out_prompts, policy_point, print_frontier, print_samples, summary
-from reward import answer_texts, best_of_n, load_reward_model, score
+from frontier import (best_of_n, best_of_n_frontier, held_out_prompts, policy_point, print_frontier,
+                      print_samples, summary)
+from gpt import load_gpt
+from plumbing import END_OF_TURN, answer_texts, configure, die, encode, load_splits, prepare_out_dir
+from reward import load_reward_model, score
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -49,13 +51,14 @@ bard = 'JULIET'                 # chat: the character the model answers as; a wh
 TAG = re.compile(r"\n[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,3}:\n")  # a speaker's name on a line of its own
 
 
-def resolve_ckpt(name, out_dir):
+def checkpoint_path(name, out_dir):
     """'ppo' | 'gpt' | a path -> the checkpoint path; a missing ppo.pt falls back to gpt.pt with a note."""
     if name not in ('ppo', 'gpt'):
         return name
     path = os.path.join(out_dir, f'{name}.pt')
     if name == 'ppo' and not os.path.exists(path):
-        print(f'note: no {path} yet (run python ppo.py); talking to the pretrained {out_dir}/gpt.pt', file=sys.stderr)
+        print(f'note: no {path} yet (run python ppo.py); talking to the pretrained {out_dir}/gpt.pt',
+              file=sys.stderr)
         return os.path.join(out_dir, 'gpt.pt')
     return path
 
@@ -96,29 +99,34 @@ def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, t
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(n_answers, 1)  # (n, T)
     y, lengths, r, *_ = best_of_n(model, rm, ids, best_of, max_len, stop, temperature, gen, top_k=top_k)
-    return [(t, r[i].item(), torch.sigmoid(r[i]).item()) for i, t in enumerate(answer_texts(y, lengths, vocab))]
+    texts = answer_texts(y, lengths, vocab)
+    return [(text, r[i].item(), torch.sigmoid(r[i]).item()) for i, text in enumerate(texts)]
 
 
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])                      # each option against its rule
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    path = resolve_ckpt(ckpt, out_dir)
-    model, vocab, model_ckpt = load_model(path, run_first='python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py',
-                                          device=device)
-    rm, rm_vocab, rm_ckpt = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
+    if mode == 'eval' and best_of != 1:
+        die(f"--best_of={best_of} is for sample and chat modes: eval mode measures best-of-n for every n "
+            f"up to ppo.py's --best_of_max")
+    path = checkpoint_path(ckpt, out_dir)
+    run_first = 'python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py'
+    model, vocab, checkpoint = load_gpt(path, run_first, device=device)
+    rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
     if rm_vocab != vocab:
         die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
-    max_answer_len = rm_ckpt['max_answer_len']                  # the turns the RM was calibrated on
+    max_answer_len = rm_checkpoint['max_answer_len']            # the turns the RM was calibrated on
     max_new_tokens = max_new_tokens or max_answer_len
 
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
-        if 'ppo_path' not in model_ckpt.get('metrics', {}):
-            die(f'eval mode evaluates the PPO policy: run python ppo.py first ({path} is not a PPO checkpoint)')
+        if 'ppo_path' not in checkpoint.get('metrics', {}):
+            die(f'eval mode evaluates the PPO policy: run python ppo.py first ({path} is not a PPO '
+                'checkpoint)')
         prepare_out_dir(out_dir)                                 # eval.json goes there
         t0 = time.time()
-        c = model_ckpt['config']
-        base, _, _ = load_model(os.path.join(out_dir, 'gpt.pt'), device=device)
+        c = checkpoint['config']
+        base, _, _ = load_gpt(os.path.join(out_dir, 'gpt.pt'), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
         held_out = held_out_prompts(val_data, vocab, c['eval_prompts'], c['prompt_len'], c['seed'], device)
         print(f"best-of-n, n = 1..{c['best_of_max']}, on {c['eval_prompts']} held-out prompts ...")
@@ -130,7 +138,7 @@ if __name__ == '__main__':
         result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        print_frontier(curve, model_ckpt['metrics']['ppo_path'][:-1] + [final], result)
+        print_frontier(curve, checkpoint['metrics']['ppo_path'][:-1] + [final], result)
         print_samples(result)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
               f'points are read from {path}); written to {out_dir}/eval.json')
@@ -149,8 +157,8 @@ if __name__ == '__main__':
         encode(prompt, vocab)                                    # names any character the model lacks
         window = rm.trunk.config.block_size                      # answer characters the RM reads at most
         if max_new_tokens > max_answer_len:
-            print(f'note: the RM was calibrated on turns of up to {max_answer_len} characters; '
-                  f'P below is over the last {min(max_new_tokens, window)} it reads, not calibrated', file=sys.stderr)
+            print(f'note: the RM was calibrated on turns of up to {max_answer_len} characters; P below is '
+                  f'over the last {min(max_new_tokens, window)} it reads, not calibrated', file=sys.stderr)
         for text, r, p in answer(model, rm, vocab, prompt, num_samples, max_new_tokens, None, gen, best_of,
                                   temperature, top_k):
             print(prompt + text)
@@ -161,7 +169,8 @@ if __name__ == '__main__':
         turns, stop = [], encode(END_OF_TURN, vocab)
         encode(you + bard, vocab)                                 # names any character the model lacks
         room = model.config.block_size - max_answer_len           # the conversation keeps what fits here
-        print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.', file=sys.stderr)
+        print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.',
+              file=sys.stderr)
         while True:
             try:
                 line = input(f'{you}: ')
@@ -181,8 +190,9 @@ if __name__ == '__main__':
             t0 = time.time()
             prompt = format_chat(turns, bard, room)
             for _ in range(5):                                    # a turn that says nothing is drawn again
-                text, done = end_of_turn(answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of,
-                                                temperature, top_k)[0][0])
+                (drawn, _, _), = answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of,
+                                        temperature, top_k)
+                text, done = end_of_turn(drawn)
                 if text.strip():
                     break
             said = text + END_OF_TURN if done else text                # the turn as the RM reads turns

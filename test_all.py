@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, KVCache, configure, decode, encode, load_model, save_checkpoint, token_logprobs
+from gpt import GPT, GPTConfig, KVCache, load_gpt, token_logprobs
+from plumbing import answer_mask, configure, decode, encode, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
@@ -201,14 +202,15 @@ def test_checkpoint_round_trip(tmp_path):
     path = str(tmp_path / 'm.pt')
     save_tiny(m, path)
     assert os.listdir(tmp_path) == ['m.pt']                 # no temp file left behind
-    m2, vocab, _ = load_model(path)
+    m2, vocab, _ = load_gpt(path)
     idx = torch.randint(0, 65, (2, 16))
     assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
 
 
 # ======================================================================== reward.py
-from reward import (RewardModel, all_pairs, best_of_n, choice_prob, gold_score, label, pairwise_loss,
-                    evaluate as rm_evaluate)
+from frontier import best_of_n
+from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
+from reward import Preferences, RewardModel, evaluate_rm, pairwise_loss
 
 
 def test_gold_score_on_hand_written_lines():
@@ -262,7 +264,7 @@ def test_evaluate_bayes_limit_on_hand_case():
     g = torch.tensor([[0.0, 1.0, 1.0, 3.0]])                  # gold of 4 responses
     seqs = g.long().view(1, 4, 1).repeat(1, 1, 3)             # the stub RM reads g back: r = g (+ tiny)
     prefs = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
-    m = rm_evaluate(StubRM(), seqs, torch.full((1, 4), 2), g, prefs, 1.0, 1)
+    m = evaluate_rm(StubRM(), Preferences(seqs, torch.full((1, 4), 2), g, prefs), 1, 1.0)
     s = lambda x: 1 / (1 + math.exp(-x))
     # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): gold diffs -1 -1 -3 0 -2 -2
     bayes = (s(1) + s(1) + s(3) + 0.5 + s(2) + s(2)) / 6
@@ -317,14 +319,14 @@ def test_tiny_reward_model_learns_a_toy_preference():
         opt.zero_grad(); loss.backward(); opt.step()
     rm.eval()
     seqs, gold, prefs = batch(200)
-    m = rm_evaluate(rm, seqs, torch.full((200, 4), 11), gold, prefs, 0.5, 1)
+    m = evaluate_rm(rm, Preferences(seqs, torch.full((200, 4), 11), gold, prefs), 1, 0.5)
     assert m['gold_acc'] > 0.8 and m['val_acc'] > m['bayes_acc'] - 0.1, m
 
 
 def test_bag_of_words_recovers_a_planted_lexicon():
     """Synthetic answers of random words; the labeler likes w0..w9 and dislikes w10..w19. The
     reference learner, told nothing of that, finds them from the sampled labels alone."""
-    from reward import bow_features, bow_rewards, fit_bow, pair_metrics
+    from reward import bow_features, bow_rewards, fit_bow
     g = torch.Generator().manual_seed(0)
     vocab_w = [f'w{chr(97 + i // 26)}{chr(97 + i % 26)}' for i in range(200)]   # 'waa', 'wab', ...
     liked, disliked = set(vocab_w[:10]), set(vocab_w[10:20])
@@ -357,34 +359,34 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
         seqs[torch.rand(seqs.shape, generator=g) < 0.3] = e
         gold = (seqs == e).sum(-1).float() * (-1 if flip else 1)
         i, j = all_pairs(4)
-        return seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
+        return Preferences(seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5, generator=g))
     torch.manual_seed(0)
     rm = RewardModel(TINY, context=1)
     dev = pairs(40, True)
     history = train_reward_model(rm, pairs(320, False), dev, 1, 0.5, 3e-3, 1, 16, 4, 1.0, g, log=lambda s: None)
     losses = [m['loss'] for _, m in history]
     assert [s for s, _ in history] == [5, 10, 15, 20] and losses[0] == min(losses) < losses[-1] - 0.05
-    assert abs(rm_evaluate(rm, *dev, 0.5, 1)['loss'] - losses[0]) < 1e-6    # the kept state is that one
+    assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6    # the kept state is that one
 
 
 # ======================================================================== ppo.py
-from ppo import (AdaptiveKLController, Critic, exact_kl, gae, kl_estimates, per_token_rewards, ppo_losses,
-                 train as ppo_train, whiten)
-from reward import answer_mask
+from frontier import exact_kl
+from ppo import (AdaptiveKLController, Critic, gae, kl_estimates, per_token_rewards, ppo_losses, train as ppo_train,
+                 whiten)
 
 
 def test_gae_matches_naive_double_loop():
     torch.manual_seed(0)
     for _ in range(5):
-        gamma, lam = torch.rand(2).tolist()
+        gamma, gae_lambda = torch.rand(2).tolist()
         rewards, values = torch.randn(3, 9), torch.randn(3, 9)
-        adv, ret = gae(rewards, values, gamma, lam)
+        adv, ret = gae(rewards, values, gamma, gae_lambda)
         v_next = torch.cat([values[:, 1:], torch.zeros(3, 1)], 1)
         delta = rewards + gamma * v_next - values
         naive = torch.zeros(3, 9)
-        for t in range(9):                                      # A_t = sum_l (gamma lam)^l delta_{t+l}
+        for t in range(9):                                      # A_t = sum_l (gamma lambda)^l delta_{t+l}
             for l in range(9 - t):
-                naive[:, t] += (gamma * lam) ** l * delta[:, t + l]
+                naive[:, t] += (gamma * gae_lambda) ** l * delta[:, t + l]
         assert torch.allclose(adv, naive, atol=1e-5) and torch.allclose(ret, naive + values, atol=1e-5)
 
 
@@ -465,17 +467,17 @@ def test_kl_controller_moves_beta_within_a_default_run():
     and a KL far below it lowers beta by a quarter (the old horizon of 10,000 x 64 moved it 4%)."""
     import ppo
     for kl, lo, hi in [(2 * ppo.kl_target, 1.3, 1.5), (0.0, 0.6, 0.75)]:
-        c = AdaptiveKLController(ppo.init_beta, ppo.kl_target, ppo.kl_horizon)
+        c = AdaptiveKLController(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
         for _ in range(ppo.max_iters):
             c.update(kl, ppo.batch_size)
-        assert lo < c.beta / ppo.init_beta < hi, (kl, c.beta)
+        assert lo < c.beta / ppo.init_kl_coef < hi, (kl, c.beta)
 
 
 def test_best_of_n_estimator_against_enumeration():
     """The order-statistics estimator equals the average, over every n-subset of the N samples,
     of the gold of the subset's RM favourite."""
     from itertools import combinations
-    from ppo import best_of_n_curve
+    from frontier import best_of_n_curve
     g = torch.Generator().manual_seed(0)
     r, gold = torch.randn(3, 7, generator=g), torch.randint(-2, 3, (3, 7), generator=g).float()
     curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
@@ -491,7 +493,7 @@ def test_best_of_n_estimator_against_enumeration():
 
 
 def test_gold_at_kl_interpolates_and_flags_extrapolation():
-    from ppo import gold_at_kl
+    from frontier import gold_at_kl
     curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
     assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
     assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
@@ -521,12 +523,12 @@ def test_tiny_ppo_raises_a_toy_reward():
     critic = Critic(RewardModel(TINY, context=4))
     reward_fn = lambda seqs, n: ((seqs[:, 4:] == e).float() * answer_mask(n, seqs.size(1) - 4)).sum(1) / n * 10
     g = torch.Generator().manual_seed(0)
-    cfg = dict(prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0,
-               learning_rate=3e-3, critic_lr=1e-4, init_beta=0.01, kl_target=0.0, kl_horizon=10000, seed=0,
-               max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0, lam=0.95, ppo_epochs=2,
-               num_minibatches=2, clip_coef=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.0, ptx_coef=0.0, grad_clip=1.0)
-    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=g), cfg,
-                     log=lambda s: None)
+    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=g),
+                     prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0,
+                     temperature=1.0, learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0,
+                     kl_horizon=10000, seed=0, max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0,
+                     gae_lambda=0.95, update_epochs=2, num_minibatches=2, clip_coef=0.2, cliprange_value=0.2,
+                     vf_coef=0.1, ent_coef=0.0, ptx_coef=0.0, max_grad_norm=1.0, log=lambda s: None)
     first, last = hist[0]['score'], sum(h['score'] for h in hist[-3:]) / 3
     assert last > 3 * first and last > 1.0, (first, last)
     assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist) and 0.05 < hist[0]['ended'] < 1
@@ -860,7 +862,7 @@ def test_bad_overrides(run_here, tmp_path):
 
 def test_option_rules_by_hand():
     """The rule parser on hand cases: open and closed ends, sets, None, and the type of a None default."""
-    from gpt import check_option
+    from plumbing import check_option
     ok = [(0.5, 'in [0, 1): x'), (0, 'in [0, 1)'), (1, 'in (0, 1]'), ('a', "in {'a', 'b'}: c"), (None, 'int in [1, inf) or None'),
           (7, 'int in [1, inf) or None'), (10 ** 9, 'in [1, inf)'), ('x', 'any comment'), (-3.0, 'no rule here')]
     bad = [(1, 'in [0, 1)'), (0, 'in (0, 1]'), ('c', "in {'a', 'b'}"), (None, 'in [1, inf)'), (0, 'int in [1, inf) or None'),
@@ -917,7 +919,7 @@ def in_process_error(capsys, fn, *args):
 
 
 def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
-    from gpt import load_checkpoint, load_splits, load_text
+    from plumbing import load_checkpoint, load_splits, load_text
     (tmp_path / 'empty.txt').write_text('')
     assert 'empty.txt has only 0 characters' in in_process_error(capsys, load_text, str(tmp_path / 'empty.txt'))
     assert 'no ' in in_process_error(capsys, load_text, str(tmp_path / 'nope.txt'))
@@ -1011,9 +1013,9 @@ def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
 def test_formulas_on_hand_numbers():
     """ECE, prob_mae, val/bayes/gold accuracy, explained variance, the learning-rate schedule and
     the whole-split loss, each against numbers worked out by hand."""
-    from gpt import lr_at, split_loss
+    from gpt import split_loss
+    from plumbing import lr_at
     from ppo import explained_variance
-    from reward import pair_metrics
     # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
     r, g, y = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])
     m = pair_metrics(r, g, y, 1.0)

@@ -1,0 +1,219 @@
+"""
+frontier.py: gold against KL to the base model, for best-of-n and for a policy (Gao et al. 2022).
+
+Every alignment result of minibard is reported so: on held-out prompts of the validation text,
+the hidden gold score (labeler.py) against the KL from the pretrained GPT. ppo.py measures the
+base model, best-of-n for n = 1, 2, 4, ..., 64 and the PPO policy along its run with these
+functions; sample.py --mode=eval measures them again. Gold is only ever measured, never used to
+pick anything.
+ - best-of-n: n base answers per prompt, the reward model's favourite kept. Its expected gold for
+   every n <= N comes from one pass of N answers per prompt, by the unbiased estimator over
+   their order statistics (Nakano et al. 2021, appendix); its KL is the bound log n - (n-1)/n.
+ - a policy: answers sampled from it, and the exact KL to the base summed over each answer, from
+   the full next-character distributions (65 characters: exact is cheap).
+"""
+import csv
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from labeler import gold_scores
+from plumbing import (answer_mask, answer_texts, decode, ended, progress, sample_answers, sample_prompts,
+                      turn_starts)
+from reward import score
+
+
+def answer_logits(logits, prompt_len):
+    """The logits that predict the answer's tokens: position t - 1 predicts token t.
+    (B, Tp + Ta, V) -> (B, Ta, V)."""
+    return logits[:, prompt_len - 1:-1]
+
+
+def exact_kl(logits_p, logits_q, temperature=1.0):
+    """Per-position KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the whole vocabulary:
+    (..., V) -> (...)."""
+    logp = F.log_softmax(logits_p.float() / temperature, -1)
+    logq = F.log_softmax(logits_q.float() / temperature, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@torch.no_grad()
+def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batch=1024, top_k=None,
+              done=None):
+    """Best-of-n reranking: n answers per prompt (P, Tp), keep the RM's favourite.
+
+    Returns the best answers (P, Ta) and their lengths (P,) and rewards (P,), and all answers
+    (P, n, Ta) with lengths and rewards (P, n)."""
+    P, Tp = prompts.shape
+    rep = prompts.repeat_interleave(n, 0)                               # (P n, Tp)
+    y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k, done)
+    r = score(rm, torch.cat([rep, y], 1), Tp, lengths).view(P, n)       # (P, n)
+    best, idx = r.argmax(1), torch.arange(P)
+    y, lengths = y.view(P, n, -1), lengths.view(P, n)
+    return y[idx, best], lengths[idx, best], r[idx, best], y, lengths, r
+
+
+def best_of_n_weights(N, n):
+    """w_i = P(the best of n samples drawn without replacement from N is the i-th lowest-ranked)
+    = C(i-1, n-1) / C(N, n), i = 1..N: the unbiased best-of-n estimator over order statistics
+    (Nakano et al. 2021, appendix; Gao et al. 2022). (N,) float64, summing to 1."""
+    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(N, n) for i in range(1, N + 1)],
+                        dtype=torch.float64)
+
+
+def best_of_n_curve(rm_scores, values, ns):
+    """Expected values of best-of-n, per prompt, from one set of N samples per prompt: rm_scores
+    (P, N) rank the samples; values: name -> (P, N) per-sample quantities (gold, length, ...).
+    -> {n: {'rm': (P,), name: (P,), ...}} for each n in ns (n <= N)."""
+    order = rm_scores.argsort(1)                                   # rank samples by the RM, lowest first
+    ranked = {'rm': rm_scores, **values}
+    ranked = {k: v.gather(1, order).double() for k, v in ranked.items()}
+    return {n: {k: v @ best_of_n_weights(rm_scores.size(1), n) for k, v in ranked.items()} for n in ns}
+
+
+def answer_sum(x, mask):
+    """sum_t x_t over each answer's tokens (mask 1), averaged over the answers: x, mask (B, Ta) -> float."""
+    return (x * mask).sum(1).mean().item()
+
+
+def mean_se(x):
+    """(mean, standard error of the mean) of a 1-D tensor of per-prompt values."""
+    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
+
+
+def point(name, n_or_iter, per_prompt, kl):
+    """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
+    gold, mean answer length and share of answers that ended on their own, and a KL in nats."""
+    (rm, rm_se), (gold, gold_se) = mean_se(per_prompt['rm']), mean_se(per_prompt['gold'])
+    return {'method': name, 'n_or_iter': n_or_iter, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
+            'rm_se': rm_se, 'prob': torch.sigmoid(per_prompt['rm'].float()).mean().item(), 'kl': kl,
+            'length': per_prompt['length'].mean().item(), 'ended': per_prompt['ended'].mean().item()}
+
+
+def answer_values(answers, lengths, vocab, stop):
+    """What the frontier measures of each answer (N, Ta) besides its score: gold, length, ended."""
+    answers, lengths = answers.cpu(), lengths.cpu()
+    return {'gold': gold_scores(answers, lengths, vocab), 'length': lengths.float(),
+            'ended': ended(answers, lengths, stop).float()}
+
+
+@torch.no_grad()
+def best_of_n_frontier(base, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=256,
+                       log=None):
+    """Best-of-n for n = 1, 2, 4, ..., n_max on held-out prompts (P, Tp), from one pass of n_max
+    base answers per prompt. Returns the rows and three sample answers (plain and best-of-16).
+    log, if given, gets a progress line every 16 generate() calls.
+    KL to the base: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the base itself)."""
+    gen = torch.Generator(prompts.device).manual_seed(seed)
+    P = prompts.size(0)
+    done = progress('best-of-n answers', P * n_max, 16 * chunk, log) if log else None
+    *_, y, lengths, r = best_of_n(base, rm, prompts, n_max, max_len, stop, temperature, gen, chunk,
+                                  done=done)                        # (P, N, Ta), (P, N), (P, N)
+    values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
+    ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
+    curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
+    rows = [point('best_of_n', n, curve[n], math.log(n) - (n - 1) / n) for n in ns]
+    first3 = torch.arange(min(3, P))
+    best16 = r[first3, :16].argmax(1).cpu()                        # best of the first 16 samples
+    samples = {'base': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
+               'best_of_16': answer_texts(y[first3, best16], lengths[first3, best16], vocab)}
+    return rows, samples
+
+
+@torch.no_grad()
+def policy_point(policy, base, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
+                 chunk=256):
+    """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
+    RM score, length and ending, and the exact KL to the base summed over each answer (nats),
+    averaged. Returns the row and three sample answers."""
+    gen = torch.Generator(prompts.device).manual_seed(seed)
+    P, Tp = prompts.shape
+    rep = prompts.repeat_interleave(n_samples, 0)
+    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, chunk)
+    seqs, mask = torch.cat([rep, y], 1), answer_mask(lengths, y.size(1))
+    kl = torch.cat([exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(base(s)[0], Tp), temperature)
+                    for s in seqs.split(chunk)])                   # (P n, Ta) nats per position
+    per_answer = {'rm': score(rm, seqs, Tp, lengths).cpu(), **answer_values(y, lengths, vocab, stop)}
+    per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
+    first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts
+    row = point('ppo', it, per_prompt, answer_sum(kl, mask))
+    return row, answer_texts(y[first], lengths[first], vocab)
+
+
+def held_out_prompts(val_data, vocab, n, prompt_len, seed, device):
+    """The evaluation prompts: n speech starts of the validation text, the same for ppo.py and sample.py."""
+    starts = turn_starts(val_data, vocab, prompt_len)
+    return sample_prompts(val_data, starts, n, prompt_len, torch.Generator().manual_seed(seed + 1)).to(device)
+
+
+FIELDS = ['method', 'n_or_iter', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
+
+
+def gold_at_kl(curve, kl):
+    """The best-of-n curve's gold at a KL: linear in KL between its points, and past its last point
+    linear from the last two (then extrapolated is True). curve: rows sorted by KL."""
+    k = next((k for k in range(1, len(curve)) if kl <= curve[k]['kl']), len(curve) - 1)
+    a, b = curve[k - 1], curve[k]
+    return a['gold'] + (b['gold'] - a['gold']) * (kl - a['kl']) / (b['kl'] - a['kl']), kl > curve[-1]['kl']
+
+
+def summary(curve, ppo_row, samples, ppo_samples, prompts, vocab):
+    """ppo.json's eval block: base, best_of_16 and ppo (gold, rm, prob, kl, standard errors,
+    samples), the whole best-of-n curve, best-of-n's gold at PPO's KL, and the sample prompts."""
+    by_n = {row['n_or_iter']: row for row in curve}
+    keep = lambda row, s: {**{k: row[k] for k in FIELDS[2:]}, 'samples': s}
+    same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
+    return {'base': keep(by_n[1], samples['base']), 'best_of_16': keep(by_n[16], samples['best_of_16']),
+            'ppo': keep(ppo_row, ppo_samples), 'best_of_n': curve,
+            'best_of_n_at_ppo_kl': {'gold': same_kl, 'extrapolated': extrapolated},
+            'prompts': [decode(p, vocab) for p in prompts[:3]]}
+
+
+def print_frontier(curve, path, result):
+    """The gold-vs-KL table: best-of-n, then the PPO policy along its run; then the comparisons."""
+    print(f"{'method':<10} {'n/iter':>6} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
+          f"{'length':>6} {'ended':>5}")
+    for row in curve + path:
+        bound = '<=' if row['method'] == 'best_of_n' and row['n_or_iter'] > 1 else '  '
+        print(f"{row['method']:<10} {row['n_or_iter']:>6} {row['gold']:7.3f} {row['gold_se']:6.3f} "
+              f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
+              f"{row['ended']:5.2f}")
+    base, bo16, ppo, same = result['base'], result['best_of_16'], result['ppo'], result['best_of_n_at_ppo_kl']
+    print(f"gold gained over the base: PPO {ppo['gold'] - base['gold']:+.3f} at KL {ppo['kl']:.2f}, "
+          f"best-of-16 {bo16['gold'] - base['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
+    print(f"best-of-n at PPO's KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
+          f"{curve[-1]['n_or_iter']})" if same['extrapolated'] else '') + f", PPO {ppo['gold']:.3f}")
+
+
+def print_samples(result):
+    """The three sample prompts, each with the base's, best-of-16's and PPO's answer."""
+    for i, p in enumerate(result['prompts']):
+        print(f'\n--- prompt {i}: {p!r}')
+        for name in ('base', 'best_of_16', 'ppo'):
+            print(f"{name:>12}: {result[name]['samples'][i]!r}")
+
+
+def save_frontier(curve, path, out_dir):
+    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed."""
+    with open(os.path.join(out_dir, 'frontier.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(curve + path)
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ('gold', 'rm')):
+        for rows, label, style in [(curve, 'best-of-n (KL bound)', 'o-'), (path, 'PPO (exact KL)', 's-')]:
+            ax.errorbar([r['kl'] for r in rows], [r[key] for r in rows], yerr=[r[key + '_se'] for r in rows],
+                        fmt=style, label=label, capsize=2)
+        ax.set_xlabel('KL to the base model (nats)')
+        ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score'}[key])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'frontier.png'))

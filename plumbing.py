@@ -1,0 +1,373 @@
+"""
+plumbing.py: what every minibard script needs and none of them is about.
+
+The recipe lives in gpt.py, reward.py, ppo.py and sample.py (and the labeler and the evaluation
+they share, labeler.py and frontier.py); this file holds the parts a reader can take on trust:
+ - options: `--key=value` overrides, each checked against the rule that opens its comment in the
+   hyperparameter block, --help, and one-line errors instead of tracebacks (die);
+ - progress lines with an ETA; atomic checkpoints, read with weights_only=True;
+ - the corpus: input.txt read and checked, the character codec, the train/val split, random
+   training windows, the learning-rate schedule;
+ - turns: speech starts as prompts, and batched sampling of one turn per prompt, padded after
+   its end.
+It imports only torch, so every script can import it first.
+"""
+import ast
+import difflib
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------ options and errors
+def die(msg):
+    """A user mistake: one line saying what to do, non-zero exit, no traceback."""
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _exit_in_one_line(kind, value, tb, default=sys.excepthook):
+    """Ctrl-C or running out of memory anywhere: one line, no traceback. Checkpoints are only
+    ever replaced whole (see save_checkpoint), so whatever was saved before is intact."""
+    if issubclass(kind, KeyboardInterrupt):
+        print('interrupted: stopped; checkpoints saved before now are intact', file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
+    if issubclass(kind, BrokenPipeError):                             # `python gpt.py --help | head`
+        os._exit(141)
+    oom = any(m in str(value) for m in ('out of memory', "can't allocate memory"))   # torch's words for it
+    if issubclass(kind, MemoryError) or oom:
+        print('error: out of memory: lower the sizes (batch_size, best_of, num_samples, ...); checkpoints '
+              'saved before now are intact', file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    default(kind, value, tb)
+
+
+def configure(scope, argv):
+    """Apply `--key=value` overrides to a script's globals `scope`; return the options as a dict.
+
+    The options are the names of the script's hyperparameter block (see option_block; a dict
+    without a __file__: its plain values). The value is read as a Python literal (`--lr=3e-4`,
+    `--top_k=None`, `--start='ROMEO:'`), falling back to the raw string. Its type must match the
+    default's (an int is accepted for a float); a default of None accepts anything. Unknown keys
+    name the closest one. -h / --help prints the options and exits.
+    """
+    sys.excepthook = _exit_in_one_line
+    block = option_block(scope['__file__']) if '__file__' in scope else None
+    if block is not None:
+        keys = [n for names, _ in block for n in names]
+    else:
+        plain = (bool, int, float, str, type(None))
+        keys = [k for k, v in scope.items() if not k.startswith('_') and isinstance(v, plain)]
+    if '-h' in argv or '--help' in argv:
+        print_help(scope, block)
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith('--') or '=' not in arg:
+            die(f'cannot read argument {arg!r}: overrides look like --key=value (--help lists them)')
+        key, text = arg[2:].split('=', 1)
+        if key not in keys:
+            near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
+                    or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))        # else the closest
+            die(f'unknown option --{key}; did you mean --{near[0]}? (--help lists the options)')
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        old = scope[key]
+        if isinstance(old, float) and type(value) is int:
+            value = float(value)
+        if old is not None and type(value) is not type(old):        # (None only where the default is None)
+            die(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
+        scope[key] = value
+    if block is not None:                                          # every option against its rule
+        for names, comment in block:
+            for n in names:
+                check_option(n, scope[n], comment)
+    if 'device' in keys:
+        check_device(scope['device'])
+    return {k: scope[k] for k in keys}
+
+
+# An option's rule opens its comment in the hyperparameter block: `in [1, inf)`, `in (0, 1]`,
+# `in {'scratch', 'resume'}`, with `or None` where None is allowed and the type first where the
+# default is None (`int in [1, inf) or None`). A string without a set must not be empty.
+RULE = re.compile(r"^(?:(int|float) )?in ([\[(][^\])]*[\])]|\{[^}]*\})( or None)?")
+
+
+def check_option(name, value, comment):
+    """die() unless value keeps the rule at the start of the option's comment."""
+    m = RULE.match(comment)
+    if m is None:
+        if isinstance(value, str) and not value:
+            die(f'--{name} is empty')
+        return
+    kind, allowed, none_ok = m.groups()
+    if value is None:
+        if not none_ok:
+            die(f'--{name}=None is not allowed: {m.group(0)}')
+        return
+    number = isinstance(value, (int, float) if kind == 'float' else int) and not isinstance(value, bool)
+    if kind and not number:
+        die(f'--{name} expects {kind} or None, got {value!r}')
+    if allowed.startswith('{'):
+        ok = value in ast.literal_eval(allowed)
+    else:                                                          # [lo, hi], (lo, hi), or half-open
+        lo, hi = (float(b) for b in allowed[1:-1].split(','))
+        above = lo <= value if allowed[0] == '[' else lo < value
+        ok = above and (value <= hi if allowed[-1] == ']' else value < hi)
+    if not ok:
+        die(f"--{name}={value!r} is out of range: it must be in {allowed}{none_ok or ''}")
+
+
+def check_device(device):
+    """die() unless `device` names a device this machine has."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        die(f"--device={device!r} is not a device: use 'cpu' or 'cuda'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        die(f'--device={device!r}: this machine has no CUDA GPU; use --device=cpu')
+    if kind == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        die(f'--device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        die(f'--device={device!r}: this machine has no MPS; use --device=cpu')
+    if kind not in ('cpu', 'cuda', 'mps'):
+        die(f"--device={device!r} is not supported: use 'cpu' or 'cuda'")
+
+
+def option_block(path):
+    """The hyperparameter block of a script, between '# hyperparameters' and the next '# ----'
+    line: [(option names, comment)] per line; a comment line alone names a group (no names)."""
+    with open(path, encoding='utf-8') as f:
+        block = f.read().split('\n# hyperparameters', 1)[1].split('\n# ----', 1)[0].splitlines()[1:]
+    rows = []
+    for line in block:
+        code, _, comment = line.partition('#')                    # (no '#' inside a default value)
+        names = [n.strip() for n in code.split('=')[0].split(',') if not n.strip().startswith('_')]
+        if names or not code.strip():                              # (_gpu is not an option)
+            rows.append((names if code.strip() else [], comment.strip()))
+    return rows
+
+
+def print_help(scope, block):
+    """-h / --help: the script's purpose, every option as `--name=value  comment` (values as in
+    force on this machine, grouped as the block's comment lines group them), the usage lines."""
+    doc, name = (scope.get('__doc__') or '').strip(), os.path.basename(scope['__file__'])
+    print(doc.splitlines()[0] if doc else name)
+    print('\noptions (--key=value; the value is read as a Python literal):')
+    for names, comment in block:
+        if names:
+            opts = '  '.join(f'--{n}={scope[n]!r}' for n in names)
+            print(f'  {opts:<34} {comment}'.rstrip())
+        elif comment:                                              # a group's name
+            print(f'  {comment}:')
+    usage = [l.strip().removeprefix('Run:').strip() for l in doc.splitlines() if f'python {name}' in l]
+    if usage:
+        print('\nusage:\n' + '\n'.join(f'  {u}' for u in usage))
+
+
+# ------------------------------------------------------------------ progress
+def count(done, total):
+    """'1200/6000 (20%)': where a run is."""
+    return f'{done}/{total} ({100 * done // max(total, 1)}%)'
+
+
+def eta(done, total, t0, start=0):
+    """'eta 2m51s': the time left at the pace so far, the wall time since t0 over the
+    done - start units covered since then."""
+    m, s = divmod(round((time.time() - t0) / max(done - start, 1) * (total - done)), 60)
+    return f'eta {m}m{s:02d}s'
+
+
+def progress(name, total, every, log=print):
+    """A counter for work done in pieces (generate() calls): done(n) adds n of total and logs
+    '<name> 4096/23200 (17%), eta 0m41s' once `every` units have passed, and at the end."""
+    t0, seen = time.time(), [0]
+
+    def done(n):
+        seen[0] += n
+        if seen[0] % every < n or seen[0] == total:
+            log(f'{name} {count(seen[0], total)}, {eta(seen[0], total, t0)}')
+    return done
+
+
+# ------------------------------------------------------------------ files
+def save_checkpoint(obj, path):
+    """Atomic save: write a temp file beside `path`, then os.replace, so a crash or Ctrl-C
+    mid-write leaves the previous good checkpoint untouched."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, run_first='python gpt.py'):
+    """Load a checkpoint dict with weights_only=True (a pickle could run code; ours never needs to)."""
+    if not os.path.exists(path):
+        die(f'no {path}: run {run_first} first')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that wants to run code
+        die(f'cannot load {path} ({type(e).__name__}): delete it and run {run_first} again')
+
+
+def load_model(path, build, run_first, device='cpu'):
+    """(model, vocab, checkpoint dict): build(checkpoint) makes the module, the saved weights go in;
+    on `device`, in eval mode."""
+    checkpoint = load_checkpoint(path, run_first)
+    model = build(checkpoint)
+    load_weights(model, checkpoint['model'], path, run_first)
+    return model.to(device).eval(), checkpoint['vocab'], checkpoint
+
+
+def load_weights(module, state, path, run_first):
+    """load_state_dict, with a mismatch (a checkpoint edited or from another shape) as one clear line."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        die(f'{path} does not fit its own model shape ({str(e).splitlines()[0][:120]}): '
+            f'delete it and run {run_first} again')
+
+
+def prepare_out_dir(out_dir):
+    """Make sure out_dir exists and is writable before any work is done."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f'.write_test{os.getpid()}'), 'w'):
+            pass
+        os.remove(os.path.join(out_dir, f'.write_test{os.getpid()}'))
+    except OSError as e:
+        die(f'cannot write to out_dir {out_dir!r} ({e.strerror}): choose another with --out_dir=...')
+
+
+# ------------------------------------------------------------------ the corpus and its characters
+END_OF_TURN = '\n\n'  # a speech ends with a blank line before the next speaker, as in input.txt
+
+
+def load_text(path):
+    """The corpus as a string; a missing or empty file is a user error."""
+    if not os.path.exists(path):
+        die(f'no {path}: copy Tiny Shakespeare there (see README.md)')
+    if os.path.isdir(path):
+        die(f'{path} is a folder, not a text file')
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        die(f'{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): use a plain '
+            'text file')
+    if len(text) < 1000:
+        die(f'{path} has only {len(text)} characters: it should be Tiny Shakespeare (1,115,394)')
+    return text
+
+
+def build_vocab(text):
+    """The sorted set of characters of the corpus (65 for Tiny Shakespeare)."""
+    return ''.join(sorted(set(text)))
+
+
+def encode(s, vocab):
+    """str -> list of ints. A character outside the vocabulary is a user error, named."""
+    stoi = {ch: i for i, ch in enumerate(vocab)}
+    bad = sorted(set(ch for ch in s if ch not in stoi))
+    if bad:
+        die(f'characters not in the vocabulary: {"".join(bad)!r}; use only {vocab!r}')
+    return [stoi[ch] for ch in s]
+
+
+def decode(ids, vocab):
+    """list (or 1-D tensor) of ints -> str."""
+    return ''.join(vocab[i] for i in (ids.tolist() if torch.is_tensor(ids) else ids))
+
+
+def load_splits(path, vocab=None):
+    """(train, val, vocab): the corpus as token tensors, split by position (first 90% train).
+    With a checkpoint's vocab, the corpus must use only its characters."""
+    text = load_text(path)
+    vocab = vocab or build_vocab(text)
+    extra = set(text) - set(vocab)
+    if extra:
+        die(f'{path} has characters the checkpoint never saw ({"".join(sorted(extra))!r}): '
+            f'train on this corpus from scratch with python gpt.py')
+    data = torch.tensor(encode(text, vocab), dtype=torch.long)
+    n = int(0.9 * len(data))
+    return data[:n], data[n:], vocab
+
+
+def get_batch(data, block_size, batch_size, generator, device='cpu'):
+    """batch_size random windows of a split (1-D tokens): inputs x and next characters y, (B, T) each."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[i:i + block_size] for i in ix])            # (B, T)
+    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])    # (B, T), shifted by one
+    return x.to(device), y.to(device)
+
+
+def lr_at(it, lr, warmup, total, min_ratio, decay):
+    """The learning rate at iteration it: linear warmup over `warmup` iterations, then 'cosine'
+    or 'linear' decay from lr to lr * min_ratio at iteration `total` (held there after it)."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    ratio = min(1.0, (it - warmup) / max(1, total - warmup))
+    left = 0.5 * (1 + math.cos(math.pi * ratio)) if decay == 'cosine' else 1 - ratio  # 1 -> 0
+    return lr * min_ratio + left * (lr - lr * min_ratio)
+
+
+# ------------------------------------------------------------------ turns: prompts and answers
+def turn_starts(data, vocab, prompt_len):
+    """Where the speeches of a 1-D token tensor begin, after a blank line and the speaker's name
+    ('\\n\\nROMEO:\\n'), with prompt_len tokens before: a LongTensor of positions."""
+    text = decode(data, vocab)
+    return torch.tensor([m.end() for m in re.finditer(r'\n\n[^\n]+:\n', text) if m.end() >= prompt_len])
+
+
+def sample_prompts(data, starts, n, length, generator):
+    """n prompts: the `length` tokens before a random speech start of `starts` -> (n, length)."""
+    ix = starts[torch.randint(len(starts), (n,), generator=generator)]
+    return torch.stack([data[i - length:i] for i in ix])
+
+
+@torch.no_grad()
+def sample_answers(model, prompts, max_len, stop, temperature, generator, batch=1024, top_k=None, done=None):
+    """One turn after each prompt (N, Tp), ended by the tokens `stop`: answers (N, Ta) padded
+    after their end and lengths (N,); Ta is the longest answer, at most max_len. done(n), if
+    given, is called after each generate() call of n rows (progress lines)."""
+    outs = []
+    for i in range(0, len(prompts), batch):
+        outs.append(model.generate(prompts[i:i + batch], max_len, temperature=temperature, top_k=top_k,
+                                   generator=generator, stop=stop))
+        if done:
+            done(len(outs[-1][0]))
+    Ta = max(o[1].size(1) for o in outs)
+    pad = stop[-1] if stop else 0
+    answers = [F.pad(out[:, prompts.size(1):], (0, Ta - (out.size(1) - prompts.size(1))), value=pad)
+               for out, _, _ in outs]
+    return torch.cat(answers), torch.cat([lengths for *_, lengths in outs])
+
+
+def answer_mask(lengths, width):
+    """(B, width) float mask: 1 on the first lengths[b] positions of each row (the answer), 0 after."""
+    return (torch.arange(width, device=lengths.device) < lengths[:, None]).float()
+
+
+def ended(answers, lengths, stop):
+    """True where an answer (N, Ta) ends, within its length (N,), with the tokens `stop`: the
+    speaker stopped, rather than running into max_answer_len."""
+    at = (lengths[:, None] - len(stop) + torch.arange(len(stop), device=lengths.device)).clamp(min=0)
+    stop = torch.tensor(stop, device=answers.device)
+    return (lengths >= len(stop)) & (answers.gather(1, at) == stop).all(1)
+
+
+def answer_texts(answers, lengths, vocab):
+    """Each answer (N, Ta) up to its length, as a string."""
+    return [decode(a[:n], vocab) for a, n in zip(answers.tolist(), lengths.tolist())]

@@ -37,7 +37,8 @@ def generate_recompute(model, idx, max_new_tokens, generator):
     return idx
 
 
-def median_time(fn):
+def median_time(fn, repeats):
+    """The median wall time of `repeats` calls of fn()."""
     times = []
     for _ in range(repeats):
         t0 = time.time()
@@ -65,13 +66,14 @@ if __name__ == '__main__':
         loss.backward()
         opt.step()
     step()
-    t = median_time(step)
+    t = median_time(step, repeats)
     print(f'train step (batch {gpt.batch_size} x {cfg.block_size}): {t * 1000:.1f} ms, '
           f'{gpt.batch_size * cfg.block_size / t:,.0f} tok/s')
     # generation
     idx = torch.randint(0, 65, (batch, prompt))
-    t_cache = median_time(lambda: model.generate(idx, new_tokens, generator=torch.Generator().manual_seed(0)))
-    t_full = median_time(lambda: generate_recompute(model, idx, new_tokens, torch.Generator().manual_seed(0)))
+    cached = lambda: model.generate(idx, new_tokens, generator=torch.Generator().manual_seed(0))
+    recomputed = lambda: generate_recompute(model, idx, new_tokens, torch.Generator().manual_seed(0))
+    t_cache, t_full = median_time(cached, repeats), median_time(recomputed, repeats)
     n = batch * new_tokens
     print(f'generate batch {batch} x {new_tokens} new chars: KV cache {t_cache:.2f} s ({n / t_cache:,.0f} '
           f'chars/s), recompute {t_full:.2f} s ({n / t_full:,.0f} chars/s): {t_full / t_cache:.1f}x faster '

@@ -6,7 +6,7 @@ embeddings) with `generate` (KV cache, per-token log-probs, an end-of-turn stop)
 nanoGPT's train.py condensed, runs under `if __name__ == '__main__':` and writes out/gpt.pt (the
 best-val checkpoint) and out/gpt.json (val_loss, train_loss, iters, seconds, tokens_per_sec, ...).
 
-Run:  python gpt.py                  (CPU: ~2.5 min on 2 cores; a CUDA machine gets the GPU sizes)
+Run:  python gpt.py                  (a CUDA machine gets the GPU sizes; times and numbers: README)
       python gpt.py --max_iters=200  (any global below can be overridden; --help lists them)
       python gpt.py --init_from=resume --max_iters=8000  (continue: optimizer, iter, data order)
 """
@@ -69,29 +69,6 @@ class GPTConfig:
     dropout: float = 0.0
 
 
-class KVCache:
-    """Keys and values of every layer for the `pos` tokens seen so far: k, v (n_layer, B, n_head,
-    length <= block_size, head_dim); a forward writes its keys at pos.. and attends over the first
-    pos + T. emb_tail (B, token_mix - 1, C): the last embeddings, for the next input's token mix."""
-    def __init__(self, config, B, device, dtype, length=None):
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, B, config.n_head, length or config.block_size, hd)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.emb_tail = None
-        self.pos = 0
-
-    def select(self, keep):
-        """Keep only the batch rows where keep (B,) is True (finished answers leave the batch)."""
-        shape = self.k.shape[:1] + (int(keep.sum()),) + self.k.shape[2:]
-        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
-        k[..., :self.pos, :] = self.k[:, keep, :, :self.pos]
-        v[..., :self.pos, :] = self.v[:, keep, :, :self.pos]
-        self.k, self.v = k, v
-        self.emb_tail = self.emb_tail[keep] if self.emb_tail is not None else None
-        return self
-
-
 def rotary(x, cos, sin):
     """Rotary position embedding (Su et al. 2021, RoFormer): rotate pairs (x1_i, x2_i) of each
     head by angle pos * theta_i, so q . k depends only on the distance. x (B, nh, T, hd)."""
@@ -119,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             cache.v[self.layer, :, :, p:p + T] = v
             k, v = cache.k[self.layer, :, :, :p + T], cache.v[self.layer, :, :, :p + T]  # (B,nh,p+T,hd)
         # softmax(q k^T / sqrt(hd)) v, causal: a single new token may see everything cached
-        if T == 1 and cache is not None:  # one query: two small matmuls beat the CPU flash kernel by ~25%
+        if T == 1 and cache is not None:  # one query: two small matmuls beat the CPU flash kernel
             y = torch.softmax((q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5, -1) @ v       # (B, nh, 1, hd)
         else:
             drop = self.dropout if self.training else 0.0
@@ -149,14 +126,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         x = x + self.attn(self.ln1(x), cos, sin, cache)
         return x + self.mlp(self.ln2(x))
-
-
-def token_logprobs(logits, tokens, temperature=1.0):
-    """log pi(token | context) under softmax(logits / temperature): (B, T, V), (B, T) -> (B, T).
-    The one place it is computed: generate() and PPO's passes share the math and the temperature
-    (Huang et al., "The N implementation details of RLHF", detail 2)."""
-    logp = F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class GPT(nn.Module):
@@ -266,6 +235,37 @@ class GPT(nn.Module):
         return out[:, :T + n], logps[:, :n], lengths
 
 
+# ------------------------------------------------------------------ what generate() and PPO share
+class KVCache:
+    """Keys and values of every layer for the `pos` tokens seen so far: k, v (n_layer, B, n_head,
+    length <= block_size, head_dim); a forward writes its keys at pos.. and attends over the first
+    pos + T. emb_tail (B, token_mix - 1, C): the last embeddings, for the next input's token mix."""
+    def __init__(self, config, B, device, dtype, length=None):
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, B, config.n_head, length or config.block_size, hd)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.emb_tail, self.pos = None, 0
+
+    def select(self, keep):
+        """Keep only the batch rows where keep (B,) is True (finished answers leave the batch)."""
+        shape = self.k.shape[:1] + (int(keep.sum()),) + self.k.shape[2:]
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        k[..., :self.pos, :] = self.k[:, keep, :, :self.pos]
+        v[..., :self.pos, :] = self.v[:, keep, :, :self.pos]
+        self.k, self.v = k, v
+        self.emb_tail = self.emb_tail[keep] if self.emb_tail is not None else None
+        return self
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log pi(token | context) under softmax(logits / temperature): (B, T, V), (B, T) -> (B, T).
+    The one place it is computed: generate() and PPO's passes share the math and the temperature
+    (Huang et al., "The N implementation details of RLHF", detail 2)."""
+    logp = F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 # ------------------------------------------------------------------ evaluation and loading
 @torch.no_grad()
 def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device):
@@ -343,7 +343,6 @@ if __name__ == '__main__':
     train_time, last_train = 0.0, float('nan')
     diverged = f'try a lower --learning_rate; {ckpt_path} keeps the last good model'
     t_loop, start_iter = time.time(), iter_num                        # the pace for the eta
-    x, y = get_batch(train_data, block_size, batch_size, gen, device)
     while True:
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             losses = estimate_loss(fwd, splits, block_size, batch_size, eval_iters, seed, device)
@@ -364,9 +363,9 @@ if __name__ == '__main__':
         t0 = time.time()
         for group in optimizer.param_groups:
             group['lr'] = lr_at(iter_num, learning_rate, warmup_iters, max_iters, min_lr_ratio, lr_decay)
+        x, y = get_batch(train_data, block_size, batch_size, gen, device)  # (B, T) each
         with ctx:
             _, loss = fwd(x, y)
-        x, y = get_batch(train_data, block_size, batch_size, gen, device)  # the next batch meanwhile
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:

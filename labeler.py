@@ -76,4 +76,4 @@ def pair_metrics(r, g, prefs, tau):
     return {'val_acc': ((q > 0.5).float() == y).float().mean().item(),
             'bayes_acc': torch.maximum(p, 1 - p).mean().item(),  # best any model can do on these pairs
             'gold_acc': ((q[differ] - 0.5) * dg[differ] > 0).float().mean().item(),
-            'ece': float(ece), 'prob_mae': (q - p).abs().mean().item()}
+            'ece': float(ece), 'prob_mae': (q - p).abs().mean().item(), 'pairs': y.numel()}

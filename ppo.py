@@ -45,7 +45,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
  Names follow cleanrl and TRL (clip_coef, vf_coef, ent_coef, gae_lambda, update_epochs,
  max_grad_norm, cliprange_value, init_kl_coef); beta is the KL coefficient of the equations.
 
-Run:  python ppo.py            (after gpt.py and reward.py; CPU: ~3.5 min on 2 cores)
+Run:  python ppo.py            (after gpt.py and reward.py; times and numbers: README)
       python ppo.py --seed=1   (other prompts, rollouts and held-out prompts; same gpt.pt, reward.pt)
 Writes out/ppo.pt, out/ppo.json (iters, seconds, eval: base / best_of_16 / ppo / best_of_n curve,
 ppo_path), out/ppo_log.csv, out/frontier.csv (+ frontier.png with matplotlib).

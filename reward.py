@@ -27,7 +27,7 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     what saying one positive word 8 times instead of once adds to the score (the labeler counts it
     once), in RM standard deviations.
 
-Run:  python reward.py              (after python gpt.py; CPU: ~2.5 min on 2 cores)
+Run:  python reward.py              (after python gpt.py; times and numbers: README)
       python reward.py --seed=1     (other prompts, answers and choices; the same gpt.pt)
 Writes out/reward.pt (model, config, vocab, norm_bias, shapes) and out/reward.json.
 """
@@ -381,7 +381,7 @@ if __name__ == '__main__':
     val_prompts_ids = sets['val'].seqs.view(-1, sets['val'].seqs.size(-1))[:, :prompt_len]
     reps, n_rep = repeat_rewards(rm, val_prompts_ids, texts['val'], vocab)
     gain = (reps[8] - reps[1]) / metrics['std_reward'] if n_rep and metrics['std_reward'] > 0 else None
-    metrics = {'pairs_train': train.prefs.numel(), 'pairs_val': sets['val'].prefs.numel(), **metrics, **bow,
+    metrics = {'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'), **metrics, **bow,
                'answer_len': sets['val'].lengths.float().mean().item(),
                'ended': ended(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
                'repeat_rewards': {str(n): round(r, 4) for n, r in reps.items()}, 'repeat_gain': gain,

@@ -249,7 +249,8 @@ def test_pairwise_loss_matches_hand_computation():
 
 class StubRM(torch.nn.Module):
     """A 'reward model' that reads the last prompt character and the answer up to its length, and
-    rewards the prompt character plus a hundredth of the answer's last one (checks of plumbing)."""
+    rewards the prompt character plus a hundredth of the answer's last one plus a ten-thousandth
+    of its length (checks of plumbing)."""
     def __init__(self):
         super().__init__()
         self.bias = torch.nn.Parameter(torch.zeros(()))     # score() puts inputs on the RM's device
@@ -257,7 +258,7 @@ class StubRM(torch.nn.Module):
     def forward(self, seqs, prompt_len, lengths=None):
         lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len) if lengths is None else lengths
         last = seqs[torch.arange(len(seqs)), prompt_len + lengths - 1]
-        return seqs[:, prompt_len - 1].float() + 0.01 * last.float()
+        return seqs[:, prompt_len - 1].float() + 0.01 * last.float() + 1e-4 * lengths.float()
 
 
 def test_evaluate_bayes_limit_on_hand_case():
@@ -284,7 +285,7 @@ def test_best_of_n_returns_the_reward_models_argmax():
         k = all_r[p].argmax()
         assert torch.equal(best[p], all_y[p, k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
         last = all_y[p, k, all_len[p, k] - 1]                 # scored on prompt + answer up to its own end
-        assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last)) < 1e-5
+        assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last + 1e-4 * all_len[p, k])) < 1e-6
 
 
 def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window():
@@ -345,6 +346,10 @@ def test_bag_of_words_recovers_a_planted_lexicon():
     texts, gold, prefs = answers(200)
     r = bow_rewards(theta, bow_features(texts, index)).view_as(gold)
     assert pair_metrics(r, gold, prefs, 1.0)['gold_acc'] > 0.95
+    # by hand: each known word counts once (as the labeler counts), the weights are summed, unknown words add 0
+    w = torch.arange(1.0, 201.0)                                        # theta_waa = 1, theta_wab = 2, ...
+    hand = bow_rewards(w, bow_features(['waa waa wab', 'Wab! zzz', '', 'wac'], index))
+    assert hand.tolist() == [1.0 + 2.0, 2.0, 0.0, 3.0]
 
 
 def test_early_stopping_keeps_the_best_dev_checkpoint():
@@ -662,8 +667,11 @@ def test_reward_stage_writes_its_metrics(runs):
     for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'bow_val_acc',
                 'bow_gold_acc', 'repeat_gain', 'best_step', 'seconds']:
         assert key in m, key
-    assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6
-    assert 'iter 0/' in log and f"eval {m['best_step']}: dev loss" in log
+    assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6      # pairs_val: the pairs the metrics are over
+    evals = {int(l.split()[1][:-1]): float(l.split('dev loss ')[1].split(',')[0])
+             for l in log.splitlines() if l.startswith('eval ')}
+    assert len(evals) == 4 and m['best_step'] == min(evals, key=evals.get)  # early stopping kept the lowest
+    assert 'iter 0/' in log
     for row, acc in [('Bayes limit', m['bayes_acc']), ('bag of words', m['bow_val_acc']), ('reward model', m['val_acc'])]:
         assert f'{row:22}{acc:8.4f}' in log                         # the three side by side, as reward.json says
     ck = torch.load(os.path.join(runs.dirs['out'], 'reward.pt'), weights_only=True)
@@ -761,6 +769,16 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert first == runs['gpt'][1].split('step 80: ')[1].split(', eta')[0]  # same model, same eval batches
     assert 'iter 50/' not in log and 'iter 120/120 (100%): ' in log and 'eta 0m00s' in log
     assert json.load(open(os.path.join(runs.dirs['resume'], 'gpt.json')))['iters'] == 120
+    # the data order goes on: a checkpoint of iteration n holds the batch stream after n batches,
+    # so iteration n gets the batch an uninterrupted run would have drawn (also after a resume)
+    n_train = int(0.9 * len(open(os.path.join(HERE, 'input.txt')).read()))
+    for out in (runs.dirs['out'], runs.dirs['resume']):
+        ck = torch.load(os.path.join(out, 'gpt.pt'), weights_only=True)
+        gen = torch.Generator().manual_seed(1337)
+        for _ in range(ck['iter_num']):
+            torch.randint(n_train - 64 - 1, (8,), generator=gen)           # TINY_GPT: block 64, batch 8
+        assert torch.equal(ck['rng_state'], gen.get_state()), (out, ck['iter_num'])
+    assert torch.load(os.path.join(runs.dirs['resume'], 'gpt.pt'), weights_only=True)['iter_num'] > 80
 
 
 def strip_times(log, n=20):
@@ -1031,6 +1049,7 @@ def test_formulas_on_hand_numbers():
     # warmup 10 then decay over 100 iterations to lr * min_ratio
     assert lr_at(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and lr_at(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
     assert abs(lr_at(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
+    assert abs(lr_at(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12 and lr_at(110, 1.0, 10, 110, 0.0, 'linear') == 0
     assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12 and abs(lr_at(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
 
     class MeanModel:                                                 # "loss" = mean token id of the batch

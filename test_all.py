@@ -185,15 +185,15 @@ def test_codec_round_trip():
 
 
 def test_overrides_parse_and_type_check(capsys):
-    g = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None, '_hidden': 1}
-    cfg = configure(g, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True', '--top_k=5'])
+    scope = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None, '_hidden': 1}
+    cfg = configure(scope, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True', '--top_k=5'])
     assert cfg == {'batch_size': 8, 'learning_rate': 1.0, 'out_dir': '/tmp/x', 'compile': True, 'top_k': 5}
-    assert type(g['learning_rate']) is float
+    assert type(scope['learning_rate']) is float
     for bad, words in [('--batch_size=abc', 'expects int'), ('--compile=1', 'expects bool'),
                        ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2', 'unknown option'),
                        ('batch_size=3', '--key=value')]:
         with pytest.raises(SystemExit) as e:
-            configure(dict(g), [bad])
+            configure(dict(scope), [bad])
         assert e.value.code != 0 and words in capsys.readouterr().err
 
 
@@ -222,10 +222,10 @@ def test_gold_score_on_hand_written_lines():
 
 
 def test_labeler_choice_frequency_matches_bradley_terry():
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     n = 40000
     for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
-        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau, generator=g).mean().item()
+        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau, generator=gen).mean().item()
         p = 1 / (1 + math.exp(-(gi - gj) / tau))
         assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
     assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3                # a one-word lead wins ~73%
@@ -304,14 +304,14 @@ def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window(
 def test_tiny_reward_model_learns_a_toy_preference():
     """Preferences for sequences with more of character 'e': accuracy well above chance in seconds."""
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     e = VOCAB.index('e')
     def batch(P):
-        seqs = torch.randint(0, 65, (P, 4, 12), generator=g)
-        seqs[torch.rand(seqs.shape, generator=g) < 0.3] = e     # a random share of 'e'
+        seqs = torch.randint(0, 65, (P, 4, 12), generator=gen)
+        seqs[torch.rand(seqs.shape, generator=gen) < 0.3] = e     # a random share of 'e'
         gold = (seqs == e).sum(-1).float()                      # (P, K)
         i, j = all_pairs(4)
-        return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=g)
+        return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=gen)
     rm = RewardModel(TINY, context=1)
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     for _ in range(150):
@@ -328,16 +328,16 @@ def test_bag_of_words_recovers_a_planted_lexicon():
     """Synthetic answers of random words; the labeler likes w0..w9 and dislikes w10..w19. The
     reference learner, told nothing of that, finds them from the sampled labels alone."""
     from reward import bow_features, bow_rewards, fit_bow
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     vocab_w = [f'w{chr(97 + i // 26)}{chr(97 + i % 26)}' for i in range(200)]   # 'waa', 'wab', ...
     liked, disliked = set(vocab_w[:10]), set(vocab_w[10:20])
 
     def answers(P, K=4):
-        texts = [' '.join(vocab_w[t] for t in torch.randint(0, 200, (8,), generator=g)) for _ in range(P * K)]
+        texts = [' '.join(vocab_w[t] for t in torch.randint(0, 200, (8,), generator=gen)) for _ in range(P * K)]
         gold = torch.tensor([float(len(set(t.split()) & liked) - len(set(t.split()) & disliked))
                              for t in texts]).view(P, K)
         i, j = all_pairs(K)
-        return texts, gold, label(gold[:, i], gold[:, j], 1.0, generator=g)
+        return texts, gold, label(gold[:, i], gold[:, j], 1.0, generator=gen)
     texts, gold, prefs = answers(1500)
     index = {w: n for n, w in enumerate(vocab_w)}
     theta = fit_bow(bow_features(texts, index), prefs, len(index), 1e-4)
@@ -356,19 +356,19 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
     """Train on 'more e is better' but score dev against the opposite: dev loss rises as the RM
     learns, so the state kept must be the first evaluated one, not the last."""
     from reward import train_reward_model
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     e = VOCAB.index('e')
 
     def pairs(P, flip):
-        seqs = torch.randint(0, 65, (P, 4, 12), generator=g)
-        seqs[torch.rand(seqs.shape, generator=g) < 0.3] = e
+        seqs = torch.randint(0, 65, (P, 4, 12), generator=gen)
+        seqs[torch.rand(seqs.shape, generator=gen) < 0.3] = e
         gold = (seqs == e).sum(-1).float() * (-1 if flip else 1)
         i, j = all_pairs(4)
-        return Preferences(seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5, generator=g))
+        return Preferences(seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5, generator=gen))
     torch.manual_seed(0)
     rm = RewardModel(TINY, context=1)
     dev = pairs(40, True)
-    history = train_reward_model(rm, pairs(320, False), dev, 1, 0.5, 3e-3, 1, 16, 4, 1.0, g, log=lambda s: None)
+    history = train_reward_model(rm, pairs(320, False), dev, 1, 0.5, 3e-3, 1, 16, 4, 1.0, gen, log=lambda s: None)
     losses = [m['loss'] for _, m in history]
     assert [s for s, _ in history] == [5, 10, 15, 20] and losses[0] == min(losses) < losses[-1] - 0.05
     assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6    # the kept state is that one
@@ -438,10 +438,10 @@ def test_per_token_rewards_put_the_score_on_each_answers_last_token():
 def test_padded_batch_equals_the_episodes_one_by_one():
     """Episodes of lengths 7, 3 and 5, padded to 7 with garbage: GAE, whitening and every loss are
     the same as computing each episode unpadded and pooling its tokens."""
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     lengths = torch.tensor([7, 3, 5])
     mask = (torch.arange(7) < lengths[:, None]).float()
-    rand = lambda: torch.randn(3, 7, generator=g)
+    rand = lambda: torch.randn(3, 7, generator=gen)
     rewards, values, logp, old_logp, new_values = rand() * mask, rand() * mask, rand(), rand(), rand()
     adv, ret = gae(rewards, values, 1.0, 0.95)
     episodes = [gae(rewards[b:b + 1, :n], values[b:b + 1, :n], 1.0, 0.95) for b, n in enumerate(lengths.tolist())]
@@ -483,8 +483,8 @@ def test_best_of_n_estimator_against_enumeration():
     of the gold of the subset's RM favourite."""
     from itertools import combinations
     from frontier import best_of_n_curve
-    g = torch.Generator().manual_seed(0)
-    r, gold = torch.randn(3, 7, generator=g), torch.randint(-2, 3, (3, 7), generator=g).float()
+    gen = torch.Generator().manual_seed(0)
+    r, gold = torch.randn(3, 7, generator=gen), torch.randint(-2, 3, (3, 7), generator=gen).float()
     curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
     for n, point in curve.items():
         rm_n, gold_n = point['rm'], point['gold']
@@ -527,8 +527,8 @@ def test_tiny_ppo_raises_a_toy_reward():
     policy, ref = tiny_model(1), tiny_model(1)
     critic = Critic(RewardModel(TINY, context=4))
     reward_fn = lambda seqs, n: ((seqs[:, 4:] == e).float() * answer_mask(n, seqs.size(1) - 4)).sum(1) / n * 10
-    g = torch.Generator().manual_seed(0)
-    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=g),
+    gen = torch.Generator().manual_seed(0)
+    hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=gen),
                      prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0,
                      temperature=1.0, learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0,
                      kl_horizon=10000, seed=0, max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0,

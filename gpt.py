@@ -145,9 +145,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embedding (Press & Wolf 2017)
-        for m in self.modules():                # GPT-2's init: N(0, 0.02), residual projections
-            if isinstance(m, (nn.Linear, nn.Embedding)):   # scaled by 1/sqrt(2 L)
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for module in self.modules():           # GPT-2's init: N(0, 0.02), residual projections
+            if isinstance(module, (nn.Linear, nn.Embedding)):   # scaled by 1/sqrt(2 L)
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith('proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))

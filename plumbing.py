@@ -40,7 +40,7 @@ def _exit_in_one_line(kind, value, tb, default=sys.excepthook):
         os._exit(130)
     if issubclass(kind, BrokenPipeError):                             # `python gpt.py --help | head`
         os._exit(141)
-    oom = any(m in str(value) for m in ('out of memory', "can't allocate memory"))   # torch's words for it
+    oom = any(words in str(value) for words in ('out of memory', "can't allocate memory"))  # torch's words
     if issubclass(kind, MemoryError) or oom:
         print('error: out of memory: lower the sizes (batch_size, best_of, num_samples, ...); checkpoints '
               'saved before now are intact', file=sys.stderr)
@@ -103,15 +103,15 @@ RULE = re.compile(r"^(?:(int|float) )?in ([\[(][^\])]*[\])]|\{[^}]*\})( or None)
 
 def check_option(name, value, comment):
     """die() unless value keeps the rule at the start of the option's comment."""
-    m = RULE.match(comment)
-    if m is None:
+    rule = RULE.match(comment)
+    if rule is None:
         if isinstance(value, str) and not value:
             die(f'--{name} is empty')
         return
-    kind, allowed, none_ok = m.groups()
+    kind, allowed, none_ok = rule.groups()
     if value is None:
         if not none_ok:
-            die(f'--{name}=None is not allowed: {m.group(0)}')
+            die(f'--{name}=None is not allowed: {rule.group(0)}')
         return
     number = isinstance(value, (int, float) if kind == 'float' else int) and not isinstance(value, bool)
     if kind and not number:

@@ -6,7 +6,7 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     blank line, the next speaker's name), from the training text (held-out: the validation
     text). For each, K answers are sampled from the pretrained GPT (out/gpt.pt), each a whole turn
     up to and including its blank line, or `max_answer_len` characters. The labeler chooses in
-    all K(K-1)/2 pairs (K = 16: 120 pairs for 16 answers). Here a label costs nothing and an answer
+    all K(K-1)/2 pairs (K = 32: 496 pairs for 32 answers). Here a label costs nothing and an answer
     costs compute, so more pairs per answer is the cheap way to more information (InstructGPT's
     people ranked 4 to 9 answers: their time was the cost).
  2. The reward model r(x, y) is the GPT trunk (initialised from out/gpt.pt) plus a scalar head on
@@ -60,17 +60,17 @@ seed = 1337                     # in [0, inf): prompts, answers, labels and shuf
 prompt_len = 16                 # in [1, inf): the end of a speech and the next speaker's name
 max_answer_len = 96             # in [2, inf): a turn ends at its blank line or this long
 rm_context = 0                  # in [0, inf): prompt characters the RM reads (the labeler: none)
-K = 16                          # in [2, inf): answers per prompt: 120 pairs (InstructGPT: 4..9)
-train_prompts = 2500 if _gpu else 1250  # in [1, inf): CPU: 20,000 answers, 150,000 pairs
-dev_prompts = 75                # in [1, inf): training-text prompts: early stopping, BoW's L2
-val_prompts = 125               # in [1, inf): held-out prompts (validation text): 15,000 pairs
+K = 32                          # in [2, inf): answers per prompt: 496 pairs (InstructGPT: 4..9)
+train_prompts = 1250 if _gpu else 625  # in [1, inf): CPU: 20,000 answers, 310,000 pairs
+dev_prompts = 40                # in [1, inf): training-text prompts: early stopping, BoW's L2
+val_prompts = 47                # in [1, inf): held-out prompts (validation text): 23,312 pairs
 tau = 1.0                       # in (0, inf): labeler noise: P(i > j) = sigmoid((g_i - g_j) / tau)
 temperature = 1.0               # in (0, inf): sampling temperature of the base policy
 gen_batch = 1024                # in [1, inf): sequences per generate() call
-prompts_per_batch = 2           # in [1, inf): prompts per step -> 2 * K answers, 2 * 120 pairs
-learning_rate = 5e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
+prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
+learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
 epochs = 2                      # in [1, inf): passes over the pairs (README: 2 beat 1 over more answers)
-evals = 4                       # in [1, inf): dev evaluations over the run; the best one is kept
+evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
 log_interval = 50               # in [1, inf)
 # ----------------------------------------------------------------------------------------
@@ -288,11 +288,11 @@ def repeat_rewards(rm, prompts, texts, vocab, repeats=(1, 2, 4, 8), n_max=200):
     room = rm.trunk.config.block_size - rm.context
     variants = []                                              # (prompt, one text per n)
     for prompt, answer in zip(prompts, texts):
-        hits = [m for m in re.finditer(r'[A-Za-z]+', answer) if m.group().lower() in POSITIVE | NEGATIVE]
+        hits = [w for w in re.finditer(r'[A-Za-z]+', answer) if w.group().lower() in POSITIVE | NEGATIVE]
         if len(hits) != 1 or hits[0].group().lower() not in POSITIVE:
             continue
-        m = hits[0]
-        said = [answer[:m.start()] + ' '.join([m.group()] * n) + answer[m.end():] for n in repeats]
+        hit = hits[0]
+        said = [answer[:hit.start()] + ' '.join([hit.group()] * n) + answer[hit.end():] for n in repeats]
         if len(said[-1]) <= room:
             variants.append((prompt, said))
         if len(variants) == n_max:

@@ -74,6 +74,7 @@ def configure(scope, argv):
         key, text = arg[2:].split('=', 1)
         if key not in keys:
             near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
+                    or [k for k in keys if key in k]                                 # --lam: gae_lambda
                     or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))        # else the closest
             die(f'unknown option --{key}; did you mean --{near[0]}? (--help lists the options)')
         try:

@@ -235,7 +235,7 @@ class GPT(nn.Module):
         return out[:, :T + n], logps[:, :n], lengths
 
 
-# ------------------------------------------------------------------ what generate() and PPO share
+# ------------------------------------------------------------------ generate()'s cache; log-probs PPO shares
 class KVCache:
     """Keys and values of every layer for the `pos` tokens seen so far: k, v (n_layer, B, n_head,
     length <= block_size, head_dim); a forward writes its keys at pos.. and attends over the first
@@ -292,7 +292,7 @@ def split_loss(model, data, batch=64):
 
 
 def load_gpt(path, run_first='python gpt.py', device='cpu'):
-    """(GPT in eval mode, vocab, checkpoint dict) from a checkpoint written by any stage."""
+    """(GPT in eval mode, vocab, checkpoint dict) from a checkpoint of gpt.py or ppo.py."""
     return load_model(path, lambda checkpoint: GPT(GPTConfig(**checkpoint['model_args'])), run_first, device)
 
 

@@ -56,7 +56,8 @@ def configure(scope, argv):
     without a __file__: its plain values). The value is read as a Python literal (`--lr=3e-4`,
     `--top_k=None`, `--start='ROMEO:'`), falling back to the raw string. Its type must match the
     default's (an int is accepted for a float); a default of None accepts anything. Unknown keys
-    name the closest one. -h / --help prints the options and exits.
+    name the closest one, or the new name of one listed in the script's `_renamed`. -h / --help
+    prints the options and exits.
     """
     sys.excepthook = _exit_in_one_line
     block = option_block(scope['__file__']) if '__file__' in scope else None
@@ -72,6 +73,8 @@ def configure(scope, argv):
         if not arg.startswith('--') or '=' not in arg:
             die(f'cannot read argument {arg!r}: overrides look like --key=value (--help lists them)')
         key, text = arg[2:].split('=', 1)
+        if key in scope.get('_renamed', {}):
+            die(f'--{key} is now --{scope["_renamed"][key]} (the cleanrl / TRL name)')
         if key not in keys:
             near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
                     or [k for k in keys if key in k]                                 # --lam: gae_lambda
@@ -237,7 +240,7 @@ def load_weights(module, state, path, run_first):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        die(f'{path} does not fit its own model shape ({str(e).splitlines()[0][:120]}): '
+        die(f'{path} does not fit its own model shape ({" ".join(str(e).split())[:160]}): '
             f'delete it and run {run_first} again')
 
 

@@ -89,7 +89,7 @@ learning_rate = 1.25e-4         # in [0, inf): AdamW, constant, policy
 critic_lr = 1e-5                # in [0, inf): the critic: a value summed over a turn, small steps
 clip_coef = 0.2                 # in (0, inf): PPO ratio clip epsilon
 cliprange_value = 0.2           # in (0, inf): value clip around the rollout's values
-vf_coef = 0.5                   # in [0, inf): value loss weight (separate nets: only via the clip)
+vf_coef = 0.5                   # in [0, inf): value loss weight (separate nets: only via max_grad_norm)
 ent_coef = 0.0                  # in [0, inf): entropy bonus (0: the KL penalty keeps entropy up)
 ptx_coef = 0.0                  # in [0, inf): PPO-ptx weight of the LM loss (InstructGPT: 27.8)
 gamma = 1.0                     # in [0, 1]: discount (short episodes, reward at the end)
@@ -104,6 +104,8 @@ eval_samples = 2                # in [1, inf): answers per held-out prompt at ea
 eval_interval = 8               # in [1, inf): evaluate the policy every this many iterations
 best_of_max = 64                # in [16, inf): best-of-n for n = 1, 2, 4, ..., this (one pass)
 # ----------------------------------------------------------------------------------------
+_renamed = {'lam': 'gae_lambda', 'ppo_epochs': 'update_epochs', 'grad_clip': 'max_grad_norm',
+            'vf_clip': 'cliprange_value', 'init_beta': 'init_kl_coef'}  # the options' names until Nov 2026
 
 
 class Critic(nn.Module):
@@ -371,7 +373,7 @@ if __name__ == '__main__':
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
           f'chars, device {device}; RM std on base answers {1 / gain:.4f}, so score = RM x {gain:.2f}')
     evaluate_policy(0)
-    options = {k: config[k] for k in inspect.signature(train).parameters if k in config}  # train's keywords
+    options = {k: config[k] for k in inspect.signature(train).parameters if k in config}  # named as in train
     try:
         train(policy, base, critic, lambda s, n: gain * rm(s, prompt_len, n), get_prompts, **options,
               gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch,

@@ -190,8 +190,8 @@ if __name__ == '__main__':
             t0 = time.time()
             prompt = format_chat(turns, bard, room)
             for _ in range(5):                                    # a turn that says nothing is drawn again
-                (drawn, _, _), = answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of,
-                                        temperature, top_k)
+                drawn = answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of, temperature,
+                               top_k)[0][0]                        # the one answer's text
                 text, done = end_of_turn(drawn)
                 if text.strip():
                     break

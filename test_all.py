@@ -541,6 +541,28 @@ def test_tiny_ppo_raises_a_toy_reward():
     assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist) and 0.05 < hist[0]['ended'] < 1
 
 
+def test_ppo_ptx_adds_the_language_model_loss():
+    """PPO-ptx (InstructGPT eq. 2): with ptx_coef > 0 every minibatch step also takes an LM batch,
+    and the policy moves towards it: a pretraining set that is all 'e' raises P('e')."""
+    torch.manual_seed(0)
+    e, calls = VOCAB.index('e'), []
+    policy, ref = tiny_model(2), tiny_model(2)
+    def lm_batch():
+        calls.append(1)
+        return torch.full((8, 16), e), torch.full((8, 16), e)         # inputs and next characters
+    p_e = lambda: F.softmax(policy(torch.full((1, 4), e))[0][0, -1], -1)[e].item()
+    before = p_e()
+    gen = torch.Generator().manual_seed(0)
+    ppo_train(policy, ref, Critic(RewardModel(TINY, context=4)), lambda s, n: torch.zeros(len(s)),
+              lambda b: torch.randint(0, 65, (b, 4), generator=gen), prompt_len=4, max_answer_len=8,
+              stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0, learning_rate=3e-3, critic_lr=0.0,
+              init_kl_coef=0.0, kl_target=0.0, kl_horizon=10000, seed=0, max_iters=3, batch_size=8,
+              forward_batch_size=8, gamma=1.0, gae_lambda=0.95, update_epochs=2, num_minibatches=2,
+              clip_coef=0.2, cliprange_value=0.2, vf_coef=0.0, ent_coef=0.0, ptx_coef=1.0, max_grad_norm=1.0,
+              lm_batch_fn=lm_batch, log=lambda s: None)
+    assert len(calls) == 3 * 2 * 2 and p_e() > before + 0.1, (len(calls), before, p_e())
+
+
 def test_rm_initialised_critic_gives_each_character_its_share():
     """With the critic = the RM's running score, GAE's TD errors are each character's share of the
     score, read off the RM on prefixes (it is causal): delta_t = r(x, y_<=t) - r(x, y_<t), up to each
@@ -575,7 +597,7 @@ TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--ba
             '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
-           '--val_prompts=32', '--prompts_per_batch=8', '--log_interval=1']
+           '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
 
@@ -774,11 +796,12 @@ def test_resume_continues_from_the_checkpoint(runs):
     # the data order goes on: a checkpoint of iteration n holds the batch stream after n batches,
     # so iteration n gets the batch an uninterrupted run would have drawn (also after a resume)
     n_train = int(0.9 * len(open(os.path.join(HERE, 'input.txt')).read()))
+    opt = dict(a[2:].split('=') for a in TINY_GPT)
     for out in (runs.dirs['out'], runs.dirs['resume']):
         ck = torch.load(os.path.join(out, 'gpt.pt'), weights_only=True)
         gen = torch.Generator().manual_seed(1337)
         for _ in range(ck['iter_num']):
-            torch.randint(n_train - 64 - 1, (8,), generator=gen)           # TINY_GPT: block 64, batch 8
+            torch.randint(n_train - int(opt['block_size']) - 1, (int(opt['batch_size']),), generator=gen)
         assert torch.equal(ck['rng_state'], gen.get_state()), (out, ck['iter_num'])
     assert torch.load(os.path.join(runs.dirs['resume'], 'gpt.pt'), weights_only=True)['iter_num'] > 80
 
@@ -879,6 +902,8 @@ def test_bad_overrides(run_here, tmp_path):
                           '--prompts_per_batch=2 is more than')
     assert_one_clear_line(*run_here('gpt.py', safe, '--max_iters=0'), '--max_iters=0 from scratch trains nothing')
     assert_one_clear_line(*run_here('ppo.py', safe, '--best_of_max=8'), '--best_of_max=8 is out of range', '[16, inf)')
+    assert_one_clear_line(*run_here('ppo.py', safe, '--lam=0.9'), '--lam is now --gae_lambda')
+    assert_one_clear_line(*run_here('sample.py', safe, '--mode=eval', '--best_of=4'), '--best_of=4 is for sample and chat')
 
 
 def test_option_rules_by_hand():

@@ -344,11 +344,12 @@ if __name__ == '__main__':
     gen = torch.Generator(device).manual_seed(seed)            # answers
     print(f'sampling {K} answers to {train_prompts} train + {dev_prompts} dev + {val_prompts} val prompts')
     done = progress('answers', K * (train_prompts + dev_prompts + val_prompts), 4 * gen_batch)
-    sets = {name: make_preferences(base, data, turn_starts(data, vocab, prompt_len), n, K, prompt_len,
-                                   max_answer_len, stop, tau, temperature, vocab, cpu_gen, gen, gen_batch,
-                                   done)
-            for name, data, n in [('train', train_data, train_prompts), ('dev', train_data, dev_prompts),
-                                  ('val', val_data, val_prompts)]}
+    train_starts, val_starts = (turn_starts(d, vocab, prompt_len) for d in (train_data, val_data))
+    sets = {name: make_preferences(base, data, starts, n, K, prompt_len, max_answer_len, stop, tau,
+                                   temperature, vocab, cpu_gen, gen, gen_batch, done)
+            for name, data, starts, n in [('train', train_data, train_starts, train_prompts),
+                                          ('dev', train_data, train_starts, dev_prompts),
+                                          ('val', val_data, val_starts, val_prompts)]}
     answers = {name: (s.seqs.view(-1, s.seqs.size(-1))[:, prompt_len:], s.lengths.flatten())
                for name, s in sets.items()}                   # (P K, Ta), (P K,)
     train = sets['train']

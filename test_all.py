@@ -521,6 +521,13 @@ def test_exact_kl_and_sampled_estimators():
     assert abs(k3.mean().item() - brute) < 0.03 * brute + 0.01 and (k3 >= 0).all()
 
 
+TINY_PPO_OPTIONS = dict(  # ppo.train's keyword arguments for a tiny in-process run
+    prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0,
+    learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0, kl_horizon=10000, seed=0, max_iters=25,
+    batch_size=64, forward_batch_size=64, gamma=1.0, gae_lambda=0.95, update_epochs=2, num_minibatches=2,
+    clip_coef=0.2, cliprange_value=0.2, vf_coef=0.1, ent_coef=0.0, ptx_coef=0.0, max_grad_norm=1.0)
+
+
 def test_tiny_ppo_raises_a_toy_reward():
     """Reward = share of 'e' in the turn: a few PPO iterations from a random tiny GPT raise it.
     Turns end at a ':' (about 1 in 65 characters), so episodes have different lengths."""
@@ -531,11 +538,7 @@ def test_tiny_ppo_raises_a_toy_reward():
     reward_fn = lambda seqs, n: ((seqs[:, 4:] == e).float() * answer_mask(n, seqs.size(1) - 4)).sum(1) / n * 10
     gen = torch.Generator().manual_seed(0)
     hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=gen),
-                     prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0,
-                     temperature=1.0, learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0,
-                     kl_horizon=10000, seed=0, max_iters=25, batch_size=64, forward_batch_size=64, gamma=1.0,
-                     gae_lambda=0.95, update_epochs=2, num_minibatches=2, clip_coef=0.2, cliprange_value=0.2,
-                     vf_coef=0.1, ent_coef=0.0, ptx_coef=0.0, max_grad_norm=1.0, log=lambda s: None)
+                     **TINY_PPO_OPTIONS, log=lambda s: None)
     first, last = hist[0]['score'], sum(h['score'] for h in hist[-3:]) / 3
     assert last > 3 * first and last > 1.0, (first, last)
     assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist) and 0.05 < hist[0]['ended'] < 1
@@ -553,13 +556,11 @@ def test_ppo_ptx_adds_the_language_model_loss():
     p_e = lambda: F.softmax(policy(torch.full((1, 4), e))[0][0, -1], -1)[e].item()
     before = p_e()
     gen = torch.Generator().manual_seed(0)
+    options = dict(TINY_PPO_OPTIONS, max_answer_len=8, critic_lr=0.0, init_kl_coef=0.0, max_iters=3, batch_size=8,
+                   forward_batch_size=8, vf_coef=0.0, ptx_coef=1.0)             # only the LM loss moves the policy
     ppo_train(policy, ref, Critic(RewardModel(TINY, context=4)), lambda s, n: torch.zeros(len(s)),
-              lambda b: torch.randint(0, 65, (b, 4), generator=gen), prompt_len=4, max_answer_len=8,
-              stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0, learning_rate=3e-3, critic_lr=0.0,
-              init_kl_coef=0.0, kl_target=0.0, kl_horizon=10000, seed=0, max_iters=3, batch_size=8,
-              forward_batch_size=8, gamma=1.0, gae_lambda=0.95, update_epochs=2, num_minibatches=2,
-              clip_coef=0.2, cliprange_value=0.2, vf_coef=0.0, ent_coef=0.0, ptx_coef=1.0, max_grad_norm=1.0,
-              lm_batch_fn=lm_batch, log=lambda s: None)
+              lambda b: torch.randint(0, 65, (b, 4), generator=gen), **options, lm_batch_fn=lm_batch,
+              log=lambda s: None)
     assert len(calls) == 3 * 2 * 2 and p_e() > before + 0.1, (len(calls), before, p_e())
 
 

@@ -303,6 +303,28 @@ def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window(
     assert torch.allclose(mixed, torch.cat([rm(long[:1, :4 + 6], 4), rm(long[1:, -16:], 0)]), atol=1e-5)
 
 
+def test_bf16_training_keeps_attention_and_head_in_fp32():
+    """reward.py's dtype='bfloat16' (CPU bf16 autocast around the training forward): the trunk's
+    linear layers run in bf16, attention and the head in fp32, so the rewards come out fp32 and
+    within bf16 rounding of the fp32 forward, and the gradient reaches every parameter."""
+    torch.manual_seed(0)
+    rm = RewardModel(TINY, context=2)
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    seqs, lengths = torch.randint(0, 65, (4, 4 + 10)), torch.tensor([10, 7, 3, 1])
+    ref = rm(seqs, 4, lengths)                                          # fp32 throughout
+    seen = {}
+    rm.trunk.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o.dtype))
+    rm.trunk.blocks[0].attn.proj.register_forward_hook(lambda m, i, o: seen.update(attention=i[0].dtype))
+    rm.head.register_forward_hook(lambda m, i, o: seen.update(head=o.dtype))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        r = rm(seqs, 4, lengths)
+    assert seen == {'qkv': torch.bfloat16, 'attention': torch.float32, 'head': torch.float32}
+    assert r.dtype == torch.float32
+    assert (r - ref).abs().max() < 0.02 * ref.abs().max(), (r, ref)
+    r.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in rm.parameters() if p is not rm.bias)
+
+
 def test_tiny_reward_model_learns_a_toy_preference():
     """Preferences for sequences with more of character 'e': accuracy well above chance in seconds."""
     torch.manual_seed(0)

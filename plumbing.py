@@ -317,6 +317,13 @@ def get_batch(data, block_size, batch_size, generator, device='cpu'):
     return x.to(device), y.to(device)
 
 
+def fast_bf16(device):
+    """True where bf16 matmuls beat fp32 ones: a CUDA GPU with bf16, a CPU with AVX512-BF16 units."""
+    if device.startswith('cuda'):
+        return torch.cuda.is_bf16_supported()
+    return getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()   # private; absent: False
+
+
 def lr_at(it, lr, warmup, total, min_ratio, decay):
     """The learning rate at iteration it: linear warmup over `warmup` iterations, then 'cosine'
     or 'linear' decay from lr to lr * min_ratio at iteration `total` (held there after it)."""

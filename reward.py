@@ -13,11 +13,8 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     every answer character, summed (RewardModel). It sees prompts, answers and choices, never g.
  3. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over the K(K-1)/2 pairs of a prompt; all
     K answers of a prompt sit in one batch, so each is forwarded once (InstructGPT: this keeps a
-    K-wise comparison from overfitting). `epochs` passes, the learning rate decaying linearly to 0.
-    Mixed precision where the CPU has bf16 units (AVX512-BF16; a GPU with bf16): the trunk's matmuls
-    run in bf16 (autocast), 4x the fp32 rate; weights, attention, head, loss and optimizer stay
-    fp32. A step takes 38 ms instead of 60, so 3 passes fit the time 2 took, and gold_acc is the
-    same as fp32's over three seeds (README).
+    K-wise comparison from overfitting). `epochs` passes, lr decaying linearly to 0; where the CPU has
+    bf16 units the trunk's matmuls train in bf16 (35 ms a step, not 60: room for a third pass, README).
  4. Early stopping: a dev set of training-text prompts (fresh answers and choices) is scored
     `evals` times during training; the RM keeps its best dev loss.
  5. Normalisation: a bias makes the mean reward of base answers to held-out prompts 0, so
@@ -27,9 +24,8 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     but splits text into words as the labeler does: beside the Bayes limit it shows whether a weak
     RM is a data limit or a learning gap.
  7. Measured on held-out prompts with fresh choices (labeler.pair_metrics): val_acc, bayes_acc,
-    gold_acc, ece, prob_mae; the reference learner's bow_val_acc and bow_gold_acc; repeat_gain:
-    what saying one positive word 8 times instead of once adds to the score (the labeler counts it
-    once), in RM standard deviations.
+    gold_acc, ece, prob_mae; the reference learner's bow_val_acc and bow_gold_acc; repeat_gain: what
+    one positive word said 8 times instead of once adds to the score (gold: nothing), in RM stds.
 
 Run:  python reward.py              (after python gpt.py; times and numbers: README)
       python reward.py --seed=1     (other prompts, answers and choices; the same gpt.pt)
@@ -51,7 +47,7 @@ import torch.nn.functional as F
 from gpt import GPT, GPTConfig, load_gpt
 from labeler import NEGATIVE, POSITIVE, all_pairs, gold_scores, label, pair_metrics, words
 from plumbing import (END_OF_TURN, answer_mask, answer_texts, configure, count, die, encode, ended, eta,
-                      load_model, load_splits, lr_at, prepare_out_dir, progress, sample_answers,
+                      fast_bf16, load_model, load_splits, lr_at, prepare_out_dir, progress, sample_answers,
                       sample_prompts, save_checkpoint, turn_starts)
 
 # ----------------------------------------------------------------------------------------
@@ -74,8 +70,7 @@ gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
 epochs = 3                      # in [1, inf): passes over the pairs (README: 2 reach gold_acc 0.95, 3 0.96)
-_bf16 = torch.cuda.is_bf16_supported() if _gpu else getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-dtype = 'bfloat16' if _bf16 else 'float32'  # in {'bfloat16', 'float32'}: the trunk's matmuls in training (README)
+dtype = 'bfloat16' if fast_bf16(device) else 'float32'  # in {'bfloat16', 'float32'}: trunk matmuls in training
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
 log_interval = 50               # in [1, inf)
@@ -191,11 +186,9 @@ def evaluate_rm(rm, data, prompt_len, tau):
 
 def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_batch, evals, grad_clip,
                        generator, log=print, log_interval=50, dtype='float32'):
-    """Fit rm to the Preferences `train` with the pairwise loss, AdamW, the learning rate decaying
-    linearly to 0. `evals` times over the run (the last at the end) the RM is scored on the
-    Preferences `dev`; at the end it keeps the state with the lowest dev loss (early stopping).
-    dtype 'bfloat16': the trunk's matmuls run under bf16 autocast (mixed precision: fp32 weights,
-    attention, head, loss and optimizer); the dev evaluations run in fp32.
+    """Fit rm to the Preferences `train`: pairwise loss, AdamW, lr decaying linearly to 0, the forward
+    under bf16 autocast if dtype is 'bfloat16'. `evals` times (the last at the end) the RM is scored
+    on the Preferences `dev` in fp32, and it keeps the state of lowest dev loss (early stopping).
     Returns [(step, dev metrics)]. A NaN loss raises FloatingPointError."""
     P, k, T = train.seqs.shape
     device = next(rm.parameters()).device
@@ -381,9 +374,8 @@ if __name__ == '__main__':
     rm.trunk.load_state_dict(base.state_dict())
     del base
     try:
-        history = train_reward_model(rm, train, sets['dev'], prompt_len, tau, learning_rate, epochs,
-                                     prompts_per_batch, evals, grad_clip, cpu_gen, log_interval=log_interval,
-                                     dtype=dtype)
+        history = train_reward_model(rm, train, sets['dev'], prompt_len, tau, learning_rate, epochs, prompts_per_batch,
+                                     evals, grad_clip, cpu_gen, log_interval=log_interval, dtype=dtype)
     except FloatingPointError as e:
         die(f'{e}: stopped; {out_dir}/reward.pt was not overwritten. Try a lower --learning_rate')
     best_step = min(history, key=lambda h: h[1]['loss'])[0]

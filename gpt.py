@@ -98,10 +98,10 @@ class CausalSelfAttention(nn.Module):
         # softmax(q k^T / sqrt(hd)) v, causal: a single new token may see everything cached
         if T == 1 and cache is not None:  # one query: two small matmuls beat the CPU flash kernel
             y = torch.softmax((q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5, -1) @ v       # (B, nh, 1, hd)
-        else:
-            drop = self.dropout if self.training else 0.0
-            with torch.autocast('cpu', enabled=False):  # bf16 training (reward.py): fp32 attention, 5x faster on CPU
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=T > 1, dropout_p=drop)
+        else:  # causal; fp32 even under CPU bf16 autocast (reward.py's training), where bf16 is 5x slower
+            with torch.autocast('cpu', enabled=False):
+                q, k, v, drop = q.float(), k.float(), v.float(), self.dropout if self.training else 0.0
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)  # (B,nh,T,hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)              # (B, T, C)
         return self.resid_drop(self.proj(y))
 

@@ -70,7 +70,7 @@ gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
 epochs = 3                      # in [1, inf): passes over the pairs (README: 2 reach gold_acc 0.95, 3 0.96)
-dtype = 'bfloat16' if fast_bf16(device) else 'float32'  # in {'bfloat16', 'float32'}: trunk matmuls in training
+dtype = 'bfloat16' if fast_bf16(device) else 'float32'  # in {'bfloat16', 'float32'}: training matmuls
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
 log_interval = 50               # in [1, inf)
@@ -176,8 +176,7 @@ def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, sto
 
 
 def evaluate_rm(rm, data, prompt_len, tau):
-    """A reward model on Preferences `data`: its pairwise loss, pair_metrics, and the mean and std
-    of its rewards."""
+    """rm on the Preferences `data`: its pairwise loss, pair_metrics, and the mean and std of its rewards."""
     P, k, _ = data.seqs.shape
     r = score(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()  # (P, k)
     return {'loss': pairwise_loss(r, data.prefs)[0].item(), **pair_metrics(r, data.g, data.prefs, tau),
@@ -192,7 +191,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
     Returns [(step, dev metrics)]. A NaN loss raises FloatingPointError."""
     P, k, T = train.seqs.shape
     device = next(rm.parameters()).device
-    chunk = 32 if dtype == 'bfloat16' else 8   # answers a forward: bf16 matmuls are cheap, fewer calls pay more
+    chunk = 32 if dtype == 'bfloat16' else 8   # answers a forward (bf16: fewer, bigger calls win)
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     eval_at = {round(steps * (e + 1) / evals) for e in range(evals)}
@@ -216,7 +215,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
             order = torch.randperm(P, generator=generator)     # a new shuffle each epoch
         b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-            r = rewards(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)  # each once
+            r = rewards(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
         loss, acc = pairwise_loss(r.view(len(b), k), train.prefs[b].to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'reward model loss is {loss.item()} at step {step}')
@@ -374,8 +373,9 @@ if __name__ == '__main__':
     rm.trunk.load_state_dict(base.state_dict())
     del base
     try:
-        history = train_reward_model(rm, train, sets['dev'], prompt_len, tau, learning_rate, epochs, prompts_per_batch,
-                                     evals, grad_clip, cpu_gen, log_interval=log_interval, dtype=dtype)
+        history = train_reward_model(rm, train, sets['dev'], prompt_len, tau, learning_rate, epochs,
+                                     prompts_per_batch, evals, grad_clip, cpu_gen,
+                                     log_interval=log_interval, dtype=dtype)
     except FloatingPointError as e:
         die(f'{e}: stopped; {out_dir}/reward.pt was not overwritten. Try a lower --learning_rate')
     best_step = min(history, key=lambda h: h[1]['loss'])[0]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from gpt import GPT, GPTConfig, load_gpt
 from labeler import NEGATIVE, POSITIVE, all_pairs, gold_scores, label, pair_metrics, words
 from plumbing import (END_OF_TURN, answer_mask, answer_texts, configure, count, die, encode, ended, eta,
-                      fast_bf16, load_model, load_splits, lr_at, prepare_out_dir, progress, sample_answers,
+                      cpu_has_bf16, load_model, load_splits, lr_at, prepare_out_dir, progress, sample_answers,
                       sample_prompts, save_checkpoint, turn_starts)
 
 # ----------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
 epochs = 3                      # in [1, inf): passes over the pairs (README: 2 reach gold_acc 0.95, 3 0.96)
-dtype = 'bfloat16' if fast_bf16(device) else 'float32'  # in {'bfloat16', 'float32'}: training matmuls
+dtype = 'bfloat16' if not _gpu and cpu_has_bf16() else 'float32'  # in {'bfloat16', 'float32'}: CPU training
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
 log_interval = 50               # in [1, inf)
@@ -110,7 +110,7 @@ class RewardModel(nn.Module):
         and the answers -> (B, Ta), or (B, block_size) for answers longer than the block."""
         start = max(0, prompt_len - self.context, seqs.size(1) - self.trunk.config.block_size)
         h = self.trunk.hidden(seqs[:, start:])                 # (B, T', C)
-        with torch.autocast(h.device.type, enabled=False):    # the head in fp32 under bf16 training: a
+        with torch.autocast('cpu', enabled=False):            # the head in fp32 under bf16 training: a
             return self.head(h[:, max(0, prompt_len - start):].float()).squeeze(-1)  # bf16 c_t loses credit
 
     def forward(self, seqs, prompt_len, lengths=None):
@@ -214,7 +214,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
         if step % (P // prompts_per_batch or 1) == 0:
             order = torch.randperm(P, generator=generator)     # a new shuffle each epoch
         b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
             r = rewards(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
         loss, acc = pairwise_loss(r.view(len(b), k), train.prefs[b].to(device))
         if not math.isfinite(loss.item()):
@@ -334,6 +334,8 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
     if prompts_per_batch > train_prompts:
         die(f'--prompts_per_batch={prompts_per_batch} is more than --train_prompts={train_prompts}')
+    if dtype == 'bfloat16' and device != 'cpu':
+        die(f"--dtype=bfloat16 is CPU bf16 autocast; on --device={device!r} the RM trains in fp32: drop it")
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
@@ -380,18 +382,16 @@ if __name__ == '__main__':
         die(f'{e}: stopped; {out_dir}/reward.pt was not overwritten. Try a lower --learning_rate')
     best_step = min(history, key=lambda h: h[1]['loss'])[0]
     metrics = evaluate_rm(rm, sets['val'], prompt_len, tau)
-    norm_bias = metrics.pop('mean_reward')                    # base answers to held-out prompts -> mean 0
+    norm_bias, _ = metrics.pop('mean_reward'), metrics.pop('loss')  # held-out base answers -> mean 0
     with torch.no_grad():
         rm.bias -= norm_bias
-    val_prompts_ids = sets['val'].seqs.view(-1, sets['val'].seqs.size(-1))[:, :prompt_len]
-    reps, n_rep = repeat_rewards(rm, val_prompts_ids, texts['val'], vocab)
+    reps, n_rep = repeat_rewards(rm, sets['val'].seqs.flatten(0, 1)[:, :prompt_len], texts['val'], vocab)
     gain = (reps[8] - reps[1]) / metrics['std_reward'] if n_rep and metrics['std_reward'] > 0 else None
     metrics = {'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'), **metrics, **bow,
                'answer_len': sets['val'].lengths.float().mean().item(),
                'ended': ended(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
                'repeat_rewards': {str(n): round(r, 4) for n, r in reps.items()}, 'repeat_gain': gain,
                'norm_bias': norm_bias, 'seconds': round(time.time() - t_start, 1)}
-    metrics.pop('loss')
     save_checkpoint({'model': rm.state_dict(), 'model_args': args, 'config': config, 'vocab': vocab,
                      'norm_bias': norm_bias, 'prompt_len': prompt_len, 'max_answer_len': max_answer_len,
                      'rm_context': rm_context, 'metrics': metrics}, os.path.join(out_dir, 'reward.pt'))

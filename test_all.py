@@ -306,7 +306,8 @@ def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window(
 def test_bf16_training_keeps_attention_and_head_in_fp32():
     """reward.py's dtype='bfloat16' (CPU bf16 autocast around the training forward): the trunk's
     linear layers run in bf16, attention and the head in fp32, so the rewards come out fp32 and
-    within bf16 rounding of the fp32 forward, and the gradient reaches every parameter."""
+    within bf16 rounding of the fp32 forward, and the gradient reaches every parameter; the dev
+    evaluations of train_reward_model stay fp32."""
     torch.manual_seed(0)
     rm = RewardModel(TINY, context=2)
     torch.nn.init.normal_(rm.head.weight, std=0.3)
@@ -323,6 +324,19 @@ def test_bf16_training_keeps_attention_and_head_in_fp32():
     assert (r - ref).abs().max() < 0.02 * ref.abs().max(), (r, ref)
     r.sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in rm.parameters() if p is not rm.bias)
+    # train_reward_model's dtype switches it: bf16 linear layers in its training steps only, fp32 everywhere else
+    from reward import train_reward_model
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(2, 4)
+    data = Preferences(torch.randint(0, 65, (2, 4, 9)), torch.full((2, 4), 8), g,
+                       label(g[:, all_pairs(4)[0]], g[:, all_pairs(4)[1]], 1.0, generator=gen))
+    calls = []
+    rm.trunk.blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: calls.append((m.training, o.dtype)))
+    for dtype in ('bfloat16', 'float32'):
+        calls.clear()
+        train_reward_model(rm.train(), data, data, 1, 1.0, 1e-3, 1, 1, 1, 1.0, gen, log=lambda s: None, dtype=dtype)
+        bf16 = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+        assert {(True, bf16), (False, torch.float32)} == set(calls), (dtype, calls)
 
 
 def test_tiny_reward_model_learns_a_toy_preference():

@@ -327,9 +327,8 @@ def test_bf16_training_keeps_attention_and_head_in_fp32():
     # train_reward_model's dtype switches it: bf16 linear layers in its training steps only, fp32 everywhere else
     from reward import train_reward_model
     gen = torch.Generator().manual_seed(0)
-    g = torch.randn(2, 4)
-    data = Preferences(torch.randint(0, 65, (2, 4, 9)), torch.full((2, 4), 8), g,
-                       label(g[:, all_pairs(4)[0]], g[:, all_pairs(4)[1]], 1.0, generator=gen))
+    g, (i, j) = torch.randn(2, 4), all_pairs(4)
+    data = Preferences(torch.randint(0, 65, (2, 4, 9)), torch.full((2, 4), 8), g, label(g[:, i], g[:, j], 1.0, generator=gen))
     calls = []
     rm.trunk.blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: calls.append((m.training, o.dtype)))
     for dtype in ('bfloat16', 'float32'):

@@ -1,42 +1,28 @@
 """
-frontier.py: gold against KL to the base model, for best-of-n and for a policy (Gao et al. 2022).
+frontier.py: gold against KL to the reference policy, for best-of-n and for a policy (Gao et al. 2022).
 
 Every alignment result of minibard is reported so: on held-out prompts of the validation text,
-the hidden gold score (labeler.py) against the KL from the pretrained GPT. ppo.py measures the
-base model, best-of-n for n = 1, 2, 4, ..., 64 and the PPO policy along its run with these
-functions; sample.py --mode=eval measures them again. Gold is only ever measured, never used to
-pick anything.
- - best-of-n: n base answers per prompt, the reward model's favourite kept. Its expected gold for
-   every n <= N comes from one pass of N answers per prompt, by the unbiased estimator over
-   their order statistics (Nakano et al. 2021, appendix); its KL is the bound log n - (n-1)/n.
- - a policy: answers sampled from it, and the exact KL to the base summed over each answer, from
-   the full next-character distributions (65 characters: exact is cheap).
+the hidden gold score (labeler.py) against the KL from the reference, the policy RL starts from
+(the SFT model on InstructGPT's road, the pretrained GPT on the road without SFT). ppo.py
+measures the reference, best-of-n over it for n = 1, 2, 4, ..., 64 and the PPO policy along its
+run with these functions; sample.py --mode=eval measures them again. Gold is only ever
+measured, never used to pick anything.
+ - best-of-n: n answers of the reference per prompt, the reward model's favourite kept. Its
+   expected gold for every n <= N comes from one pass of N answers per prompt, by the unbiased
+   estimator over their order statistics (Nakano et al. 2021, appendix); its KL is the bound
+   log n - (n-1)/n.
+ - a policy: answers sampled from it, and the exact KL to the reference summed over each answer,
+   from the full next-character distributions (65 characters: exact is cheap; sft.measure_policy).
 """
 import csv
 import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from labeler import gold_scores
-from plumbing import (answer_mask, answer_texts, decode, ended, progress, sample_answers, sample_prompts,
-                      turn_starts)
+from plumbing import answer_texts, decode, progress, sample_answers
 from reward import score
-
-
-def answer_logits(logits, prompt_len):
-    """The logits that predict the answer's tokens: position t - 1 predicts token t.
-    (B, Tp + Ta, V) -> (B, Ta, V)."""
-    return logits[:, prompt_len - 1:-1]
-
-
-def exact_kl(logits_p, logits_q, temperature=1.0):
-    """Per-position KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the whole vocabulary:
-    (..., V) -> (...)."""
-    logp = F.log_softmax(logits_p.float() / temperature, -1)
-    logq = F.log_softmax(logits_q.float() / temperature, -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+from sft import answer_values, mean_se, measure_policy
 
 
 @torch.no_grad()
@@ -78,11 +64,6 @@ def answer_sum(x, mask):
     return (x * mask).sum(1).mean().item()
 
 
-def mean_se(x):
-    """(mean, standard error of the mean) of a 1-D tensor of per-prompt values."""
-    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
-
-
 def point(name, n_or_iter, per_prompt, kl):
     """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
     gold, mean answer length and share of answers that ended on their own, and a KL in nats."""
@@ -92,24 +73,17 @@ def point(name, n_or_iter, per_prompt, kl):
             'length': per_prompt['length'].mean().item(), 'ended': per_prompt['ended'].mean().item()}
 
 
-def answer_values(answers, lengths, vocab, stop):
-    """What the frontier measures of each answer (N, Ta) besides its score: gold, length, ended."""
-    answers, lengths = answers.cpu(), lengths.cpu()
-    return {'gold': gold_scores(answers, lengths, vocab), 'length': lengths.float(),
-            'ended': ended(answers, lengths, stop).float()}
-
-
 @torch.no_grad()
-def best_of_n_frontier(base, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=256,
+def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=256,
                        log=None):
-    """Best-of-n for n = 1, 2, 4, ..., n_max on held-out prompts (P, Tp), from one pass of n_max
-    base answers per prompt. Returns the rows and three sample answers (plain and best-of-16).
-    log, if given, gets a progress line every 16 generate() calls.
-    KL to the base: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the base itself)."""
+    """Best-of-n over the reference policy `ref` for n = 1, 2, 4, ..., n_max on held-out prompts
+    (P, Tp), from one pass of n_max answers per prompt. Returns the rows and three sample answers
+    (plain and best-of-16). log, if given, gets a progress line every 16 generate() calls.
+    KL to the reference: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the reference itself)."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     P = prompts.size(0)
     done = progress('best-of-n answers', P * n_max, 16 * chunk, log) if log else None
-    *_, y, lengths, r = best_of_n(base, rm, prompts, n_max, max_len, stop, temperature, gen, chunk,
+    *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, chunk,
                                   done=done)                        # (P, N, Ta), (P, N), (P, N)
     values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
@@ -117,35 +91,26 @@ def best_of_n_frontier(base, rm, prompts, vocab, max_len, stop, temperature, n_m
     rows = [point('best_of_n', n, curve[n], math.log(n) - (n - 1) / n) for n in ns]
     first3 = torch.arange(min(3, P))
     best16 = r[first3, :16].argmax(1).cpu()                        # best of the first 16 samples
-    samples = {'base': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
+    samples = {'reference': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
                'best_of_16': answer_texts(y[first3, best16], lengths[first3, best16], vocab)}
     return rows, samples
 
 
 @torch.no_grad()
-def policy_point(policy, base, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
+def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
                  chunk=256):
     """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
-    RM score, length and ending, and the exact KL to the base summed over each answer (nats),
-    averaged. Returns the row and three sample answers."""
-    gen = torch.Generator(prompts.device).manual_seed(seed)
+    RM score, length and ending, and the exact KL to the reference summed over each answer (nats),
+    averaged (sft.measure_policy). Returns the row and three sample answers."""
     P, Tp = prompts.shape
-    rep = prompts.repeat_interleave(n_samples, 0)
-    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, chunk)
-    seqs, mask = torch.cat([rep, y], 1), answer_mask(lengths, y.size(1))
-    kl = torch.cat([exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(base(s)[0], Tp), temperature)
-                    for s in seqs.split(chunk)])                   # (P n, Ta) nats per position
-    per_answer = {'rm': score(rm, seqs, Tp, lengths).cpu(), **answer_values(y, lengths, vocab, stop)}
+    seqs, lengths, per_answer = measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature,
+                                               n_samples, seed, chunk)
+    per_answer['rm'] = score(rm, seqs, Tp, lengths).cpu()
+    kl = per_answer.pop('kl').mean().item()
     per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
     first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts
-    row = point('ppo', it, per_prompt, answer_sum(kl, mask))
-    return row, answer_texts(y[first], lengths[first], vocab)
-
-
-def held_out_prompts(val_data, vocab, n, prompt_len, seed, device):
-    """The evaluation prompts: n speech starts of the validation text, the same for ppo.py and sample.py."""
-    starts = turn_starts(val_data, vocab, prompt_len)
-    return sample_prompts(val_data, starts, n, prompt_len, torch.Generator().manual_seed(seed + 1)).to(device)
+    row = point('ppo', it, per_prompt, kl)
+    return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
 
 
 FIELDS = ['method', 'n_or_iter', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
@@ -160,12 +125,13 @@ def gold_at_kl(curve, kl):
 
 
 def summary(curve, ppo_row, samples, ppo_samples, prompts, vocab):
-    """ppo.json's eval block: base, best_of_16 and ppo (gold, rm, prob, kl, standard errors,
+    """ppo.json's eval block: reference, best_of_16 and ppo (gold, rm, prob, kl, standard errors,
     samples), the whole best-of-n curve, best-of-n's gold at PPO's KL, and the sample prompts."""
     by_n = {row['n_or_iter']: row for row in curve}
     keep = lambda row, s: {**{k: row[k] for k in FIELDS[2:]}, 'samples': s}
     same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
-    return {'base': keep(by_n[1], samples['base']), 'best_of_16': keep(by_n[16], samples['best_of_16']),
+    return {'reference': keep(by_n[1], samples['reference']),
+            'best_of_16': keep(by_n[16], samples['best_of_16']),
             'ppo': keep(ppo_row, ppo_samples), 'best_of_n': curve,
             'best_of_n_at_ppo_kl': {'gold': same_kl, 'extrapolated': extrapolated},
             'prompts': [decode(p, vocab) for p in prompts[:3]]}
@@ -180,23 +146,25 @@ def print_frontier(curve, path, result):
         print(f"{row['method']:<10} {row['n_or_iter']:>6} {row['gold']:7.3f} {row['gold_se']:6.3f} "
               f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
               f"{row['ended']:5.2f}")
-    base, bo16, ppo, same = result['base'], result['best_of_16'], result['ppo'], result['best_of_n_at_ppo_kl']
-    print(f"gold gained over the base: PPO {ppo['gold'] - base['gold']:+.3f} at KL {ppo['kl']:.2f}, "
-          f"best-of-16 {bo16['gold'] - base['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
+    ref, bo16, ppo = result['reference'], result['best_of_16'], result['ppo']
+    same = result['best_of_n_at_ppo_kl']
+    print(f"gold gained over the reference: PPO {ppo['gold'] - ref['gold']:+.3f} at KL {ppo['kl']:.2f}, "
+          f"best-of-16 {bo16['gold'] - ref['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
     print(f"best-of-n at PPO's KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
           f"{curve[-1]['n_or_iter']})" if same['extrapolated'] else '') + f", PPO {ppo['gold']:.3f}")
 
 
 def print_samples(result):
-    """The three sample prompts, each with the base's, best-of-16's and PPO's answer."""
+    """The three sample prompts, each with the reference's, best-of-16's and PPO's answer."""
     for i, p in enumerate(result['prompts']):
         print(f'\n--- prompt {i}: {p!r}')
-        for name in ('base', 'best_of_16', 'ppo'):
+        for name in ('reference', 'best_of_16', 'ppo'):
             print(f"{name:>12}: {result[name]['samples'][i]!r}")
 
 
-def save_frontier(curve, path, out_dir):
-    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed."""
+def save_frontier(curve, path, out_dir, reference='the reference'):
+    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed; the
+    reference (n = 1 of best-of-n) is marked with its name."""
     with open(os.path.join(out_dir, 'frontier.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
@@ -212,7 +180,8 @@ def save_frontier(curve, path, out_dir):
         for rows, label, style in [(curve, 'best-of-n (KL bound)', 'o-'), (path, 'PPO (exact KL)', 's-')]:
             ax.errorbar([r['kl'] for r in rows], [r[key] for r in rows], yerr=[r[key + '_se'] for r in rows],
                         fmt=style, label=label, capsize=2)
-        ax.set_xlabel('KL to the base model (nats)')
+        ax.annotate(reference, (curve[0]['kl'], curve[0][key]), textcoords='offset points', xytext=(8, -12))
+        ax.set_xlabel(f'KL to {reference} (nats)')
         ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score'}[key])
         ax.legend()
     fig.tight_layout()

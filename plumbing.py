@@ -216,6 +216,12 @@ def save_checkpoint(obj, path):
             os.remove(tmp)
 
 
+def run_first(name):
+    """The command that writes a stage's checkpoint ('sft.pt' -> 'python sft.py'), for error messages."""
+    stage = os.path.basename(name).removesuffix('.pt')
+    return f'python {stage}.py' if stage in ('gpt', 'sft', 'reward', 'ppo') else f'what wrote {name}'
+
+
 def load_checkpoint(path, run_first='python gpt.py'):
     """Load a checkpoint dict with weights_only=True (a pickle could run code; ours never needs to)."""
     if not os.path.exists(path):

@@ -7,11 +7,12 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     draws them), one answer each from the current policy: a whole turn up to its blank line, or
     `max_answer_len` characters. The positions after an answer's end are padding, masked out of
     every sum and mean below (log-probs, values, KL, GAE, whitening, losses, entropy).
- 2. Log-probabilities of the sampled characters under the policy and the frozen reference (the
-    pretrained GPT), at the sampling temperature, dropout off.
+ 2. Log-probabilities of the sampled characters under the policy and the frozen reference: the
+    policy PPO starts from (`policy`: the SFT model, whose answers reward.pt learnt from, as in
+    InstructGPT's eq. 2; gpt.pt on the road without SFT), at the sampling temperature, dropout off.
  3. Reward per token: r_t = -beta (log pi(y_t|s_t) - log pi_ref(y_t|s_t)), plus the frozen reward
-    model's score on each answer's own last token, scaled to unit std on base answers (Ziegler et
-    al.; ours is already centred there): how far an RM spreads answers depends on its training,
+    model's score on each answer's own last token, scaled to unit std on the reference's answers
+    (Ziegler et al.; ours is already centred there): how far an RM spreads answers depends on its training,
     and beta should mean the same KL pressure for every reward.pt. An answer cut at max_answer_len
     loses `truncation_penalty` std (Huang et al.; TRL's missing_eos_penalty), or a policy could
     pad its score by never ending.
@@ -39,16 +40,16 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     estimator, never negative), and the exact sum_t KL(pi(.|s_t) || pi_ref(.|s_t)) over all 65
     characters.
  9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., 64 from one
-    pass of 64 base answers per prompt, at the KL bound log n - (n-1)/n, and the policy every
-    `eval_interval` iterations (gold, RM score, exact KL). Gold is only ever measured.
- Left out: per-batch reward whitening (scores are centred and scaled on base answers).
+    pass of 64 answers of the reference per prompt, at the KL bound log n - (n-1)/n, and the
+    policy every `eval_interval` iterations (gold, RM score, exact KL). Gold is only ever measured.
+ Left out: per-batch reward whitening (scores are centred and scaled on the reference's answers).
  Names follow cleanrl and TRL (clip_coef, vf_coef, ent_coef, gae_lambda, update_epochs,
  max_grad_norm, cliprange_value, init_kl_coef); beta is the KL coefficient of the equations.
 
-Run:  python ppo.py            (after gpt.py and reward.py; times and numbers: README)
-      python ppo.py --seed=1   (other prompts, rollouts and held-out prompts; same gpt.pt, reward.pt)
-Writes out/ppo.pt, out/ppo.json (iters, seconds, eval: base / best_of_16 / ppo / best_of_n curve,
-ppo_path), out/ppo_log.csv, out/frontier.csv (+ frontier.png with matplotlib).
+Run:  python ppo.py            (after sft.py and reward.py; times and numbers: README)
+      python ppo.py --seed=1   (other prompts, rollouts and held-out prompts; same sft.pt, reward.pt)
+Writes out/ppo.pt, out/ppo.json (policy, reference, iters, seconds, eval: reference / best_of_16 / ppo /
+best_of_n curve, ppo_path), out/ppo_log.csv, out/frontier.csv (+ frontier.png with matplotlib).
 """
 import copy
 import csv
@@ -62,19 +63,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frontier import (answer_logits, answer_sum, best_of_n_frontier, exact_kl, held_out_prompts, policy_point,
-                      print_frontier, print_samples, save_frontier, summary)
+from frontier import (answer_sum, best_of_n_frontier, policy_point, print_frontier, print_samples,
+                      save_frontier, summary)
 from gpt import GPT, GPTConfig, load_gpt, token_logprobs
 from labeler import gold_scores
 from plumbing import (END_OF_TURN, answer_mask, configure, count, die, encode, ended, eta, get_batch,
-                      load_splits, prepare_out_dir, sample_prompts, save_checkpoint, turn_starts)
+                      load_splits, prepare_out_dir, run_first, sample_prompts, save_checkpoint, turn_starts)
 from reward import load_reward_model
+from sft import answer_logits, exact_kl, held_out_prompts
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
 _gpu = torch.cuda.is_available()
 device = 'cuda' if _gpu else 'cpu'
-out_dir = 'out'                 # reads gpt.pt and reward.pt, writes ppo.pt, ppo.json, ppo_log.csv
+out_dir = 'out'                 # reads <policy> and reward.pt, writes ppo.pt, ppo.json, ppo_log.csv
+policy = 'sft.pt'               # a checkpoint of out_dir to start from and keep the KL to (gpt.pt: no SFT)
 data_path = 'input.txt'
 seed = 1337                     # in [0, inf)
 max_iters = 64                  # in [0, inf): PPO iterations (rollout + update)
@@ -319,45 +322,50 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    base, vocab, gpt_checkpoint = load_gpt(os.path.join(out_dir, 'gpt.pt'), device=device)
     rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
+    labelled = rm_checkpoint.get('policy', 'gpt.pt')                # whose answers the RM learnt from
+    reference = config['reference'] = policy                         # PPO's start, and its KL's reference
+    ref, vocab, ref_checkpoint = load_gpt(os.path.join(out_dir, reference), run_first(reference), device)
     shape = lambda checkpoint: {**checkpoint['model_args'], 'dropout': 0}
-    if rm_vocab != vocab or shape(rm_checkpoint) != shape(gpt_checkpoint):
-        die(f'{out_dir}/reward.pt was not trained from this {out_dir}/gpt.pt (other vocabulary or shape): '
-            f'run python reward.py again')
+    if rm_vocab != vocab or shape(rm_checkpoint) != shape(ref_checkpoint):
+        die(f'{out_dir}/reward.pt was not trained from this {out_dir}/{reference} (other vocabulary or '
+            f'shape): run python reward.py --policy={reference} again')
+    if reference != labelled:
+        print(f'note: {out_dir}/reward.pt learnt from answers of {labelled}, and PPO starts from '
+              f'{reference}: for one road, give both stages the same --policy', file=sys.stderr)
     prompt_len = config['prompt_len'] = prompt_len or rm_checkpoint['prompt_len']
     max_answer_len = config['max_answer_len'] = max_answer_len or rm_checkpoint['max_answer_len']
-    if prompt_len + max_answer_len > base.config.block_size:
+    if prompt_len + max_answer_len > ref.config.block_size:
         die(f'prompt_len + max_answer_len = {prompt_len + max_answer_len} exceeds block_size '
-            f'{base.config.block_size}')
+            f'{ref.config.block_size}')
     train_data, val_data, _ = load_splits(data_path, vocab)
     stop = config['stop'] = encode(END_OF_TURN, vocab)
-    for p in list(base.parameters()) + list(rm.parameters()):
+    for p in list(ref.parameters()) + list(rm.parameters()):
         p.requires_grad_(False)                                       # frozen reference and RM
-    policy = GPT(GPTConfig(**dict(base.config.__dict__, dropout=0.0))).to(device)
-    policy.load_state_dict(base.state_dict())
+    policy = GPT(GPTConfig(**dict(ref.config.__dict__, dropout=0.0))).to(device)
+    policy.load_state_dict(ref.state_dict())
     prompt_gen = torch.Generator().manual_seed(seed)
     starts = turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
-    lm_batch = lambda: get_batch(train_data, base.config.block_size, batch_size, prompt_gen, device)  # ptx
+    lm_batch = lambda: get_batch(train_data, ref.config.block_size, batch_size, prompt_gen, device)  # ptx
     log_path, ckpt_path = os.path.join(out_dir, 'ppo_log.csv'), os.path.join(out_dir, 'ppo.pt')
     log_file = open(log_path, 'w', newline='')
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
     writer.writeheader()
 
-    with torch.no_grad():  # the RM's std on base answers -> rewards of unit scale (Ziegler et al.)
-        seqs0, _, n0 = base.generate(get_prompts(forward_batch_size), max_answer_len, temperature=temperature,
+    with torch.no_grad():  # the RM's std on the reference's answers -> rewards of unit scale (Ziegler et al.)
+        seqs0, _, n0 = ref.generate(get_prompts(forward_batch_size), max_answer_len, temperature=temperature,
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
         gain = 1.0 / rm(seqs0, prompt_len, n0).std().clamp_min(1e-6).item()
     critic = Critic(rm, gain).requires_grad_(True)                    # a trainable copy of the frozen RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
-    curve, samples = best_of_n_frontier(base, rm, held_out, vocab, max_answer_len, stop, temperature,
+    curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, max_answer_len, stop, temperature,
                                         best_of_max, seed, log=print)
     path, ppo_samples = [], []
 
     def evaluate_policy(it):  # the policy on the held-out prompts: one point of its path
-        row, s = policy_point(policy, base, rm, held_out, vocab, max_answer_len, stop, temperature,
+        row, s = policy_point(policy, ref, rm, held_out, vocab, max_answer_len, stop, temperature,
                               eval_samples, seed, it)
         path.append(row)
         ppo_samples[:] = s
@@ -371,25 +379,28 @@ if __name__ == '__main__':
             evaluate_policy(it + 1)
 
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
-          f'chars, device {device}; RM std on base answers {1 / gain:.4f}, so score = RM x {gain:.2f}')
+          f"chars, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so score = RM x "
+          f'{gain:.2f}')
     evaluate_policy(0)
-    options = {k: config[k] for k in inspect.signature(train).parameters if k in config}  # named as in train
+    keywords = [k for k, p in inspect.signature(train).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    options = {k: config[k] for k in keywords if k in config}        # the options named as in train
     try:
-        train(policy, base, critic, lambda s, n: gain * rm(s, prompt_len, n), get_prompts, **options,
+        train(policy, ref, critic, lambda s, n: gain * rm(s, prompt_len, n), get_prompts, **options,
               gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch,
               on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()
     result = summary(curve, path[-1], samples, ppo_samples, held_out, vocab)
-    metrics = {'iters': max_iters, 'seconds': round(time.time() - t_start, 1), 'eval': result,
+    metrics = {'policy': reference, 'reference': reference, 'iters': max_iters,
+               'seconds': round(time.time() - t_start, 1), 'eval': result,
                'ppo_path': path}
     save_checkpoint({'model': policy.state_dict(), 'critic': critic.state_dict(),
                      'model_args': dict(policy.config.__dict__), 'config': config, 'vocab': vocab,
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
     with open(os.path.join(out_dir, 'ppo.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    save_frontier(curve, path, out_dir)
+    save_frontier(curve, path, out_dir, reference)
     print_frontier(curve, path, result)
     print_samples(result)
     print(f"seconds {metrics['seconds']}")

@@ -4,21 +4,24 @@ reward.py: a Bradley-Terry reward model, learnt from the simulated labeler's cho
 The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replaced by labeler.py:
  1. Prompts are the `prompt_len` characters before a speech starts (the end of a speech, the
     blank line, the next speaker's name), from the training text (held-out: the validation
-    text). For each, K answers are sampled from the pretrained GPT (out/gpt.pt), each a whole turn
-    up to and including its blank line, or `max_answer_len` characters. The labeler chooses in
+    text). For each, K answers are sampled from the policy (`policy`: the SFT model out/sft.pt,
+    as InstructGPT; --policy=gpt.pt for the road without SFT), each a whole turn up to and
+    including its blank line, or `max_answer_len` characters. The labeler chooses in
     all K(K-1)/2 pairs (K = 32: 496 pairs for 32 answers). Here a label costs nothing and an answer
     costs compute, so more pairs per answer is the cheap way to more information (InstructGPT's
     people ranked 4 to 9 answers: their time was the cost).
- 2. The reward model r(x, y) is the GPT trunk (initialised from out/gpt.pt) plus a scalar head on
-    every answer character, summed (RewardModel). It sees prompts, answers and choices, never g.
+ 2. The reward model r(x, y) is the GPT trunk (initialised from the same policy, as InstructGPT's
+    RM from its SFT model) plus a scalar head on every answer character, summed (RewardModel).
+    It sees prompts, answers and choices, never g.
  3. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over the K(K-1)/2 pairs of a prompt; all
     K answers of a prompt sit in one batch, so each is forwarded once (InstructGPT: this keeps a
     K-wise comparison from overfitting). `epochs` passes, lr decaying linearly to 0; where the CPU has
     bf16 units the trunk's matmuls train in bf16 (35 ms a step, not 60: room for a third pass, README).
  4. Early stopping: a dev set of training-text prompts (fresh answers and choices) is scored
     `evals` times during training; the RM keeps its best dev loss.
- 5. Normalisation: a bias makes the mean reward of base answers to held-out prompts 0, so
-    sigmoid(r) reads "probability the labeler prefers this answer to a typical base answer".
+ 5. Normalisation: a bias makes the mean reward of the policy's answers to held-out prompts 0, so
+    sigmoid(r) reads "probability the labeler prefers this answer to a typical answer of the
+    policy" (of the SFT model, by default).
  6. A reference learner on the same pairs: the same loss on bag-of-words presence features (one
     weight per word of the training answers, L2 chosen on dev). It knows nothing of the lexicon
     but splits text into words as the labeler does: beside the Bayes limit it shows whether a weak
@@ -27,9 +30,10 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
     gold_acc, ece, prob_mae; the reference learner's bow_val_acc and bow_gold_acc; repeat_gain: what
     one positive word said 8 times instead of once adds to the score (gold: nothing), in RM stds.
 
-Run:  python reward.py              (after python gpt.py; times and numbers: README)
-      python reward.py --seed=1     (other prompts, answers and choices; the same gpt.pt)
-Writes out/reward.pt (model, config, vocab, norm_bias, shapes) and out/reward.json.
+Run:  python reward.py              (after python sft.py; times and numbers: README)
+      python reward.py --seed=1     (other prompts, answers and choices; the same sft.pt)
+      python reward.py --policy=gpt.pt   (the road without SFT: answers of the pretrained GPT)
+Writes out/reward.pt (model, config, vocab, norm_bias, shapes, policy) and out/reward.json.
 """
 import copy
 import json
@@ -47,14 +51,15 @@ import torch.nn.functional as F
 from gpt import GPT, GPTConfig, load_gpt
 from labeler import NEGATIVE, POSITIVE, all_pairs, gold_scores, label, pair_metrics, words
 from plumbing import (END_OF_TURN, answer_mask, answer_texts, configure, count, die, encode, ended, eta,
-                      cpu_has_bf16, load_model, load_splits, lr_at, prepare_out_dir, progress, sample_answers,
-                      sample_prompts, save_checkpoint, turn_starts)
+                      cpu_has_bf16, load_model, load_splits, lr_at, prepare_out_dir, progress, run_first,
+                      sample_answers, sample_prompts, save_checkpoint, turn_starts)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
 _gpu = torch.cuda.is_available()
 device = 'cuda' if _gpu else 'cpu'
-out_dir = 'out'                 # reads out_dir/gpt.pt, writes out_dir/reward.pt and reward.json
+out_dir = 'out'                 # reads out_dir/<policy>, writes out_dir/reward.pt and reward.json
+policy = 'sft.pt'               # a checkpoint of out_dir: whose answers are labelled; the RM starts from it
 data_path = 'input.txt'
 seed = 1337                     # in [0, inf): prompts, answers, labels and shuffles
 prompt_len = 16                 # in [1, inf): the end of a speech and the next speaker's name
@@ -65,7 +70,7 @@ train_prompts = 1250 if _gpu else 625  # in [1, inf): CPU: 20,000 answers, 310,0
 dev_prompts = 40                # in [1, inf): training-text prompts: early stopping, BoW's L2
 val_prompts = 47                # in [1, inf): held-out prompts (validation text): 23,312 pairs
 tau = 1.0                       # in (0, inf): labeler noise: P(i > j) = sigmoid((g_i - g_j) / tau)
-temperature = 1.0               # in (0, inf): sampling temperature of the base policy
+temperature = 1.0               # in (0, inf): sampling temperature of the policy
 gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
@@ -339,18 +344,19 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    base, vocab, _ = load_gpt(os.path.join(out_dir, 'gpt.pt'), device=device)
-    if prompt_len + max_answer_len > base.config.block_size:
+    model, vocab, _ = load_gpt(os.path.join(out_dir, policy), run_first(policy), device=device)
+    if prompt_len + max_answer_len > model.config.block_size:
         die(f'prompt_len + max_answer_len = {prompt_len + max_answer_len} exceeds the GPT block_size '
-            f'{base.config.block_size}: lower them')
+            f'{model.config.block_size}: lower them')
     train_data, val_data, _ = load_splits(data_path, vocab)
     stop = encode(END_OF_TURN, vocab)
     cpu_gen = torch.Generator().manual_seed(seed)              # prompts, labels, shuffles
     gen = torch.Generator(device).manual_seed(seed)            # answers
-    print(f'sampling {K} answers to {train_prompts} train + {dev_prompts} dev + {val_prompts} val prompts')
+    print(f'sampling {K} answers of {policy} to {train_prompts} train + {dev_prompts} dev + '
+          f'{val_prompts} val prompts')
     done = progress('answers', K * (train_prompts + dev_prompts + val_prompts), 4 * gen_batch)
     train_starts, val_starts = (turn_starts(d, vocab, prompt_len) for d in (train_data, val_data))
-    sets = {name: make_preferences(base, data, starts, n, K, prompt_len, max_answer_len, stop, tau,
+    sets = {name: make_preferences(model, data, starts, n, K, prompt_len, max_answer_len, stop, tau,
                                    temperature, vocab, cpu_gen, gen, gen_batch, done)
             for name, data, starts, n in [('train', train_data, train_starts, train_prompts),
                                           ('dev', train_data, train_starts, dev_prompts),
@@ -359,7 +365,7 @@ if __name__ == '__main__':
                for name, s in sets.items()}                   # (P K, Ta), (P K,)
     train = sets['train']
     print(f"{time.time() - t_start:.1f}s: {train.prefs.numel()} train, {sets['dev'].prefs.numel()} dev, "
-          f"{sets['val'].prefs.numel()} val pairs; base answers: {train.lengths.float().mean():.0f} "
+          f"{sets['val'].prefs.numel()} val pairs; answers: {train.lengths.float().mean():.0f} "
           f"characters on average, {ended(*answers['train'], stop).float().mean():.0%} end on their own; "
           f"gold mean {train.g.mean():.2f}, share non-zero {(train.g != 0).float().mean():.2f}")
 
@@ -369,11 +375,11 @@ if __name__ == '__main__':
     print(f"{time.time() - t_start:.1f}s: bag of words ({bow['bow_words']} words, l2 {bow['bow_l2']}): "
           f"val_acc {bow['bow_val_acc']:.4f}, gold_acc {bow['bow_gold_acc']:.4f}")
 
-    # the reward model: pretrained trunk + fresh head, dropout off
-    args = dict(base.config.__dict__, dropout=0.0)
+    # the reward model: the policy's trunk + a fresh head, dropout off
+    args = dict(model.config.__dict__, dropout=0.0)
     rm = RewardModel(GPTConfig(**args), rm_context).to(device)
-    rm.trunk.load_state_dict(base.state_dict())
-    del base
+    rm.trunk.load_state_dict(model.state_dict())
+    del model
     try:
         history = train_reward_model(rm, train, sets['dev'], prompt_len, tau, learning_rate, epochs,
                                      prompts_per_batch, evals, grad_clip, cpu_gen,
@@ -382,19 +388,21 @@ if __name__ == '__main__':
         die(f'{e}: stopped; {out_dir}/reward.pt was not overwritten. Try a lower --learning_rate')
     best_step = min(history, key=lambda h: h[1]['loss'])[0]
     metrics = evaluate_rm(rm, sets['val'], prompt_len, tau)
-    norm_bias, _ = metrics.pop('mean_reward'), metrics.pop('loss')  # held-out base answers -> mean 0
+    norm_bias, _ = metrics.pop('mean_reward'), metrics.pop('loss')  # held-out answers -> mean 0
     with torch.no_grad():
         rm.bias -= norm_bias
     reps, n_rep = repeat_rewards(rm, sets['val'].seqs.flatten(0, 1)[:, :prompt_len], texts['val'], vocab)
     gain = (reps[8] - reps[1]) / metrics['std_reward'] if n_rep and metrics['std_reward'] > 0 else None
-    metrics = {'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'), **metrics, **bow,
+    metrics = {'policy': policy, 'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'),
+               **metrics, **bow,
                'answer_len': sets['val'].lengths.float().mean().item(),
                'ended': ended(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
                'repeat_rewards': {str(n): round(r, 4) for n, r in reps.items()}, 'repeat_gain': gain,
                'norm_bias': norm_bias, 'seconds': round(time.time() - t_start, 1)}
     save_checkpoint({'model': rm.state_dict(), 'model_args': args, 'config': config, 'vocab': vocab,
                      'norm_bias': norm_bias, 'prompt_len': prompt_len, 'max_answer_len': max_answer_len,
-                     'rm_context': rm_context, 'metrics': metrics}, os.path.join(out_dir, 'reward.pt'))
+                     'rm_context': rm_context, 'policy': policy, 'metrics': metrics},
+                    os.path.join(out_dir, 'reward.pt'))
     with open(os.path.join(out_dir, 'reward.json'), 'w') as f:
         json.dump({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, f, indent=2)
     print_report(metrics, val_prompts, K, reps, n_rep)

@@ -2,8 +2,9 @@ r"""
 sample.py: talk to the bard. Step 4 of minibard: ask, read, compare.
 
 Every answer comes with its reward-model score r and P = sigmoid(r). The RM is normalised so
-that base-model answers score 0 on average, so by Bradley-Terry P reads: "the probability the
-labeler prefers this answer to a typical base-model answer" (0.5 = as good as the base).
+that answers of the policy it learnt from (the SFT model; the pretrained one on the road without
+SFT) score 0 on average, so by Bradley-Terry P reads: "the probability the labeler prefers this
+answer to a typical answer of that policy" (0.5 = as good as it).
 P is calibrated for what the RM was trained on, whole turns of up to max_answer_len characters
 (see ece in out/reward.json). Longer text is scored over the last window the RM can read, and
 the output says so.
@@ -24,11 +25,12 @@ import time
 
 import torch
 
-from frontier import (best_of_n, best_of_n_frontier, held_out_prompts, policy_point, print_frontier,
-                      print_samples, summary)
+from frontier import best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples, summary
 from gpt import load_gpt
-from plumbing import END_OF_TURN, answer_texts, configure, die, encode, load_splits, prepare_out_dir
+from plumbing import (END_OF_TURN, answer_texts, configure, die, encode, load_splits, prepare_out_dir,
+                      run_first)
 from reward import load_reward_model, score
+from sft import held_out_prompts
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -36,7 +38,7 @@ _gpu = torch.cuda.is_available()
 device = 'cuda' if _gpu else 'cpu'
 out_dir = 'out'
 data_path = 'input.txt'         # eval mode: held-out prompts come from its validation part
-ckpt = 'ppo'                    # 'ppo', 'gpt', or a path to any checkpoint; ppo falls back to gpt
+ckpt = 'ppo'                    # 'ppo', 'sft', 'gpt', or a path to any checkpoint; ppo falls back to sft, gpt
 mode = 'sample'                 # in {'sample', 'chat', 'eval'}: 'sample', 'chat' or 'eval'
 start = '\n'                    # sample mode's prompt, or 'FILE:path' to read it from a file
 num_samples = 3                 # in [1, inf): continuations printed in sample mode
@@ -52,14 +54,16 @@ TAG = re.compile(r"\n[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,3}:\n")  # a speaker'
 
 
 def checkpoint_path(name, out_dir):
-    """'ppo' | 'gpt' | a path -> the checkpoint path; a missing ppo.pt falls back to gpt.pt with a note."""
-    if name not in ('ppo', 'gpt'):
+    """'ppo' | 'sft' | 'gpt' | a path -> the checkpoint path. A missing ppo.pt falls back to the policy
+    before it, sft.pt, then gpt.pt, with a note."""
+    if name not in ('ppo', 'sft', 'gpt'):
         return name
     path = os.path.join(out_dir, f'{name}.pt')
-    if name == 'ppo' and not os.path.exists(path):
-        print(f'note: no {path} yet (run python ppo.py); talking to the pretrained {out_dir}/gpt.pt',
-              file=sys.stderr)
-        return os.path.join(out_dir, 'gpt.pt')
+    for fallback in {'ppo': ['sft', 'gpt'], 'sft': ['gpt']}.get(name, []):
+        if os.path.exists(path):
+            break
+        path = os.path.join(out_dir, f'{fallback}.pt')
+        print(f'note: no {out_dir}/{name}.pt yet (run python {name}.py); trying {path}', file=sys.stderr)
     return path
 
 
@@ -111,12 +115,12 @@ if __name__ == '__main__':
         die(f"--best_of={best_of} is for sample and chat modes: eval mode measures best-of-n for every n "
             f"up to ppo.py's --best_of_max")
     path = checkpoint_path(ckpt, out_dir)
-    run_first = 'python gpt.py' if path.endswith('gpt.pt') else 'python ppo.py'
-    model, vocab, checkpoint = load_gpt(path, run_first, device=device)
+    model, vocab, checkpoint = load_gpt(path, run_first(path), device=device)
     rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
     if rm_vocab != vocab:
         die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
     max_answer_len = rm_checkpoint['max_answer_len']            # the turns the RM was calibrated on
+    labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')   # whose answers score 0 on average
     max_new_tokens = max_new_tokens or max_answer_len
 
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
@@ -126,14 +130,15 @@ if __name__ == '__main__':
         prepare_out_dir(out_dir)                                 # eval.json goes there
         t0 = time.time()
         c = checkpoint['config']
-        base, _, _ = load_gpt(os.path.join(out_dir, 'gpt.pt'), device=device)
+        reference = c.get('reference', 'gpt.pt')                   # the policy PPO started from
+        ref, _, _ = load_gpt(os.path.join(out_dir, reference), run_first(reference), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
         held_out = held_out_prompts(val_data, vocab, c['eval_prompts'], c['prompt_len'], c['seed'], device)
         print(f"best-of-n, n = 1..{c['best_of_max']}, on {c['eval_prompts']} held-out prompts ...")
-        curve, samples = best_of_n_frontier(base, rm, held_out, vocab, c['max_answer_len'], c['stop'],
+        curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
                                             c['temperature'], c['best_of_max'], c['seed'], log=print)
         print(f"{time.time() - t0:.1f}s: the PPO policy, {c['eval_samples']} answers per prompt ...")
-        final, ppo_samples = policy_point(model, base, rm, held_out, vocab, c['max_answer_len'], c['stop'],
+        final, ppo_samples = policy_point(model, ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
                                           c['temperature'], c['eval_samples'], c['seed'], c['max_iters'])
         result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
@@ -162,7 +167,7 @@ if __name__ == '__main__':
         for text, r, p in answer(model, rm, vocab, prompt, num_samples, max_new_tokens, None, gen, best_of,
                                   temperature, top_k):
             print(prompt + text)
-            print(f'--- reward {r:+.3f}, P(preferred to a typical base answer) = {p:.3f}' +
+            print(f'--- reward {r:+.3f}, P(preferred to a typical {labelled} answer) = {p:.3f}' +
                   (f' (best of {best_of})' if best_of > 1 else ''))
 
     else:  # chat: a whole turn each time, up to the blank line (or max_answer_len characters)

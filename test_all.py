@@ -207,6 +207,65 @@ def test_checkpoint_round_trip(tmp_path):
     assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
 
 
+# ======================================================================== sft.py
+from sft import copy_rate, demonstrations, measure_policy, sft_loss
+
+
+def test_sft_loss_counts_the_answer_characters_only():
+    """The masked cross-entropy against a loop over the answer positions by hand: the prompt's
+    characters and the padding after each answer's end count for nothing."""
+    model, Tp = tiny_model(1), 4
+    seqs, lengths = torch.randint(0, 65, (3, Tp + 6), generator=torch.Generator().manual_seed(0)), torch.tensor([6, 2, 4])
+    logits = model(seqs)[0]
+    terms = [-F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for b in range(3) for t in range(lengths[b])]
+    loss = sft_loss(model, seqs, lengths, Tp)
+    assert len(terms) == 12 and abs(loss.item() - sum(terms).item() / 12) < 1e-6
+    padded = seqs.clone()
+    padded[1, Tp + 2:], padded[2, Tp + 4:] = 7, 9                        # other padding: the same loss
+    assert abs(sft_loss(model, padded, lengths, Tp).item() - loss.item()) < 1e-6
+    whole = F.cross_entropy(logits[:, Tp - 1:-1].reshape(-1, 65), seqs[:, Tp:].reshape(-1))  # all positions
+    assert abs(whole.item() - loss.item()) > 1e-3                     # (so the mask does something here)
+
+
+def test_demonstrations_are_real_turns_the_labeler_likes():
+    """Each demonstration is a prompt and the turn after it in the text, cut at its blank line or
+    max_len, kept where gold >= min_gold: against a regex walk over the raw string."""
+    import re
+    text = open(os.path.join(HERE, 'input.txt')).read()[:60000]
+    data = torch.tensor(encode(text, VOCAB))
+    seqs, lengths = demonstrations(data, VOCAB, 16, 96, 1)
+    expected = []
+    for m in re.finditer(r'\n\n[^\n]+:\n', text):
+        if m.end() >= 16:
+            turn = text[m.end():].split('\n\n')[0] + '\n\n'          # the turn with its blank line
+            if gold_score(turn[:96]) >= 1:
+                expected.append(text[m.end() - 16:m.end()] + turn[:96])
+    got = [decode(s[:16 + n], VOCAB) for s, n in zip(seqs.tolist(), lengths.tolist())]
+    assert len(got) > 20 and got == expected
+    assert len(demonstrations(data, VOCAB, 16, 96, 99)[0]) == 0             # none is that well liked
+
+
+def test_a_policy_measured_against_itself_has_zero_kl():
+    """measure_policy's KL is the exact sum over each answer of KL(pi || pi_ref) at every position:
+    0 against itself, and against another model the sum worked out from the full distributions."""
+    policy, ref, Tp = tiny_model(1), tiny_model(2), 4
+    prompts = torch.randint(0, 65, (3, Tp), generator=torch.Generator().manual_seed(0))
+    _, _, same = measure_policy(policy, policy, prompts, VOCAB, 6, [0], 1.0, 2, seed=0)
+    assert torch.equal(same['kl'], torch.zeros(6))
+    seqs, lengths, other = measure_policy(policy, ref, prompts, VOCAB, 6, [0], 1.0, 2, seed=0)
+    for b in range(6):
+        p, q = F.softmax(policy(seqs[b:b + 1])[0][0], -1), F.softmax(ref(seqs[b:b + 1])[0][0], -1)
+        brute = sum((p[t] * (p[t] / q[t]).log()).sum() for t in range(Tp - 1, Tp - 1 + lengths[b]))
+        assert abs(other['kl'][b].item() - brute.item()) < 1e-4
+    assert set(other) == {'gold', 'length', 'ended', 'kl'} and torch.equal(other['length'], lengths.float())
+
+
+def test_copy_rate_by_hand():
+    demos = ['To be, or not to be: that is the question', 'O Romeo, Romeo!']
+    texts = ['I say: or not to be: that is all', 'O Romeo, wherefore', 'Romeo!', '']
+    assert copy_rate(texts, demos, 12) == 1 / 4                          # ' or not to be' is 13 characters
+    assert copy_rate(texts, demos, 6) == 3 / 4 and copy_rate(texts, demos, 40) == 0
+
 # ======================================================================== reward.py
 from frontier import best_of_n
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
@@ -412,7 +471,7 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
 
 
 # ======================================================================== ppo.py
-from frontier import exact_kl
+from sft import exact_kl
 from ppo import (AdaptiveKLController, Critic, gae, kl_estimates, per_token_rewards, ppo_losses, train as ppo_train,
                  whiten)
 
@@ -634,6 +693,8 @@ TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--ba
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
            '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
+TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=20', '--eval_interval=5', '--eval_prompts=8',
+            '--log_interval=5']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
 
@@ -647,14 +708,17 @@ class Runs:
         self.root, self.pool, self.jobs = root, ThreadPoolExecutor(max_workers=16), {}
         self.dirs = {'out': str(root / 'out')}                      # the main chain gpt -> reward -> ppo
 
-    def add(self, name, script, *args, after=None, own=None, stdin=None, job=run):
+    def add(self, name, script, *args, after=None, own=None, stdin=None, job=run, beside=False):
         """Run `script` once the run `after` (added before this one) has succeeded: in out/, or,
-        given `own` (a list of checkpoint names), in a fresh folder holding copies of those."""
+        given `own` (a list of checkpoint names), in a fresh folder holding copies of those, or,
+        `beside` True, in the folder of the run `after`."""
         def work():
             if after is not None and self[after][0] != 0:
                 return 1, f'not run: {after} failed\n{self[after][1]}'
             if own is not None:
                 self.dirs[name] = copy_ckpts(self.dirs['out'], self.root / name, *own)
+            if beside:
+                self.dirs[name] = self.dirs[after]
             return job(script, f'--out_dir={self.dirs.get(name, self.dirs["out"])}', *args, stdin=stdin)
         self.jobs[name] = self.pool.submit(work)
 
@@ -667,6 +731,14 @@ def copy_ckpts(src, dst, *names):
     for n in names:
         shutil.copy(os.path.join(src, n), dst)
     return str(dst)
+
+
+def with_sft_as_gpt(script, out_dir_arg, *args, stdin=None):
+    """Run a stage in a folder whose sft.pt is a copy of the main chain's gpt.pt (SFT that moved nothing)."""
+    out = out_dir_arg.split('=', 1)[1]
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(os.path.dirname(out), 'out', 'gpt.pt'), os.path.join(out, 'sft.pt'))
+    return run(script, out_dir_arg, *args, stdin=stdin)
 
 
 def interrupted(script, *args, stdin=None):
@@ -693,13 +765,19 @@ def runs(tmp_path_factory):
     r = Runs(tmp_path_factory.mktemp('runs'))
     r.add('gpt', 'gpt.py', *TINY_GPT)
     r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[])                 # same seed, same settings, alongside
-    r.add('reward', 'reward.py', *TINY_RM, after='gpt')
-    r.add('reward_again', 'reward.py', *TINY_RM, after='gpt', own=['gpt.pt'])
+    r.add('sft', 'sft.py', *TINY_SFT, after='gpt')
+    r.add('sft_again', 'sft.py', *TINY_SFT, after='gpt', own=['gpt.pt'])
+    r.add('reward', 'reward.py', *TINY_RM, after='sft')
+    r.add('reward_again', 'reward.py', *TINY_RM, after='sft', own=['sft.pt'])
+    r.add('reward_no_sft', 'reward.py', *TINY_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
+    r.add('ppo_no_sft', 'ppo.py', *TINY_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
+    r.add('reward_sft_copy', 'reward.py', *TINY_RM, after='gpt', own=[], job=with_sft_as_gpt)
+    r.add('ppo_sft_copy', 'ppo.py', *TINY_PPO, after='reward_sft_copy', beside=True)
     r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
-    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['gpt.pt', 'reward.pt'])
-    r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['gpt.pt', 'reward.pt', 'ppo.pt'])
+    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt'])
+    r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt', 'ppo.pt'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
@@ -720,10 +798,40 @@ def test_tiny_training_lowers_loss(runs):
     assert first > 4.0 and metrics['val_loss'] < first - 1.0, (first, metrics)
 
 
+def test_sft_stage_keeps_its_lowest_held_out_loss(runs):
+    code, log = runs['sft']
+    assert code == 0, log
+    m = json.load(open(os.path.join(runs.dirs['out'], 'sft.json')))
+    for key in ['demos', 'val_loss', 'gold', 'gold_se', 'gold_pretrained', 'kl_to_pretrained', 'copy_rate', 'seconds']:
+        assert key in m, key
+    losses = {int(l.split()[1][:-1]): float(l.split('loss ')[1].split()[0])
+              for l in log.splitlines() if l.startswith('step ')}
+    assert 0 in losses and m['best_step'] == min(losses, key=losses.get) and m['val_loss'] == round(min(losses.values()), 4)
+    assert m['kl_to_pretrained'] >= 0 and 0 <= m['copy_rate'] <= 1 and 'iter 5/20' in log
+    model, vocab, ck = load_gpt(os.path.join(runs.dirs['out'], 'sft.pt'))   # loads wherever gpt.pt does
+    assert vocab == VOCAB and ck['iter_num'] == m['best_step'] and ck['metrics']['demos'] == m['demos']
+
+
+def test_the_road_without_sft_is_one_flag_away(runs):
+    """--policy=gpt.pt gives what a pipeline gets whose SFT step moved nothing (sft.pt = gpt.pt):
+    the policy flag is all that separates the roads."""
+    for name in ['reward_no_sft', 'ppo_no_sft', 'reward_sft_copy', 'ppo_sft_copy']:
+        assert runs[name][0] == 0, runs[name][1]
+    load = lambda name, f: json.load(open(os.path.join(runs.dirs[name], f)))
+    drop = lambda m, *keys: {k: v for k, v in m.items() if k not in keys}
+    plain, copied = load('reward_no_sft', 'reward.json'), load('reward_sft_copy', 'reward.json')
+    assert plain['policy'] == 'gpt.pt' and copied['policy'] == 'sft.pt'
+    assert drop(plain, 'policy', 'seconds') == drop(copied, 'policy', 'seconds')
+    plain, copied = load('ppo_no_sft', 'ppo.json'), load('ppo_sft_copy', 'ppo.json')
+    assert plain['reference'] == 'gpt.pt' and copied['reference'] == 'sft.pt'
+    assert plain['eval'] == copied['eval'] and plain['ppo_path'] == copied['ppo_path']
+
+
 def test_reward_stage_writes_its_metrics(runs):
     code, log = runs['reward']
     assert code == 0, log
     m = json.load(open(os.path.join(runs.dirs['out'], 'reward.json')))
+    assert m['policy'] == 'sft.pt'
     for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'bow_val_acc',
                 'bow_gold_acc', 'repeat_gain', 'best_step', 'seconds']:
         assert key in m, key
@@ -735,7 +843,7 @@ def test_reward_stage_writes_its_metrics(runs):
     for row, acc in [('Bayes limit', m['bayes_acc']), ('bag of words', m['bow_val_acc']), ('reward model', m['val_acc'])]:
         assert f'{row:22}{acc:8.4f}' in log                         # the three side by side, as reward.json says
     ck = torch.load(os.path.join(runs.dirs['out'], 'reward.pt'), weights_only=True)
-    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias', 'rm_context', 'prompt_len'} <= set(ck)
+    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias', 'rm_context', 'prompt_len', 'policy'} <= set(ck)
 
 
 def test_ppo_stage_writes_log_and_eval(runs):
@@ -743,11 +851,11 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert code == 0, log
     out = runs.dirs['out']
     m = json.load(open(os.path.join(out, 'ppo.json')))
-    assert m['iters'] == 3 and m['seconds'] > 0
-    for name in ['base', 'best_of_16', 'ppo']:
+    assert m['iters'] == 3 and m['seconds'] > 0 and m['policy'] == m['reference'] == 'sft.pt'
+    for name in ['reference', 'best_of_16', 'ppo']:
         assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended', 'samples'}
         assert len(m['eval'][name]['samples']) == 3
-    assert m['eval']['base']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
+    assert m['eval']['reference']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
     assert [r['n_or_iter'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
     assert [r['n_or_iter'] for r in m['ppo_path']] == [0, 2, 3] and m['ppo_path'][-1]['gold'] == m['eval']['ppo']['gold']
@@ -765,8 +873,8 @@ def test_sample_eval_mode_reproduces_ppo_json(runs):
     assert code == 0, log
     m = json.load(open(os.path.join(runs.dirs['out'], 'eval.json')))
     ppo_eval = json.load(open(os.path.join(runs.dirs['out'], 'ppo.json')))['eval']
-    assert set(m) == {'base', 'best_of_16', 'ppo', 'best_of_n', 'best_of_n_at_ppo_kl', 'prompts'}
-    for name in ['base', 'best_of_16', 'ppo']:                        # the same seeds: the same numbers
+    assert set(m) == {'reference', 'best_of_16', 'ppo', 'best_of_n', 'best_of_n_at_ppo_kl', 'prompts'}
+    for name in ['reference', 'best_of_16', 'ppo']:                        # the same seeds: the same numbers
         assert {k: m[name][k] for k in ('gold', 'rm', 'kl')} == {k: ppo_eval[name][k] for k in ('gold', 'rm', 'kl')}
     assert m['best_of_n'] == ppo_eval['best_of_n']
 
@@ -849,7 +957,7 @@ def strip_times(log, n=20):
 
 def test_same_seed_same_losses(runs):
     """Every stage run a second time with the same seed and settings: the same first 20 iterations."""
-    for stage in ['gpt', 'reward', 'ppo']:
+    for stage in ['gpt', 'sft', 'reward', 'ppo']:
         (code, first), (code2, second) = runs[stage], runs[f'{stage}_again']
         assert code == 0 and code2 == 0, second
         assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3
@@ -868,7 +976,7 @@ def assert_one_clear_line(code, log, *words):
 def test_nan_stops_without_overwriting(runs):
     """In a real process: one line, no traceback, and the checkpoints it started from are untouched."""
     assert_one_clear_line(*runs['ppo_nan'], 'is nan', 'ppo.pt was not overwritten')
-    for f in ['gpt.pt', 'ppo.pt']:
+    for f in ['sft.pt', 'ppo.pt']:
         assert open(os.path.join(runs.dirs['ppo_nan'], f), 'rb').read() == \
             open(os.path.join(runs.dirs['out'], f), 'rb').read()
 
@@ -915,7 +1023,8 @@ class Evil:
 def test_stages_run_out_of_order(run_here, tmp_path):
     os.mkdir(tmp_path / 'gpt_only')
     save_tiny(tiny_model(), tmp_path / 'gpt_only' / 'gpt.pt')
-    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}'), 'gpt.pt', 'run python gpt.py first')
+    assert_one_clear_line(*run_here('sft.py', f'--out_dir={tmp_path}'), 'gpt.pt', 'run python gpt.py first')
+    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/gpt_only'), 'sft.pt', 'run python sft.py first')
     assert_one_clear_line(*run_here('sample.py', f'--out_dir={tmp_path}'), 'run python gpt.py first')
     assert_one_clear_line(*run_here('ppo.py', f'--out_dir={tmp_path}/gpt_only'), 'reward.pt',
                           'run python reward.py first')
@@ -967,22 +1076,22 @@ def test_truncated_checkpoint_and_malicious_pickle(run_here, tmp_path):
     os.mkdir(tmp_path / 'truncated')
     blob = good.read_bytes()[:good.stat().st_size // 2]
     (tmp_path / 'truncated' / 'gpt.pt').write_bytes(blob)
-    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/truncated'),
+    assert_one_clear_line(*run_here('sft.py', f'--out_dir={tmp_path}/truncated'),
                           f'cannot load {tmp_path}/truncated/gpt.pt', 'python gpt.py')
     assert (tmp_path / 'truncated' / 'gpt.pt').read_bytes() == blob  # the file is left as it was
     os.mkdir(tmp_path / 'evil')
     torch.save({'model': Evil(f"touch {tmp_path / 'pwned'}")}, str(tmp_path / 'evil' / 'gpt.pt'))  # runs a command
-    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/evil'), 'cannot load')
+    assert_one_clear_line(*run_here('sft.py', f'--out_dir={tmp_path}/evil'), 'cannot load')
     assert not (tmp_path / 'pwned').exists(), 'a checkpoint ran code'
 
 
 def test_checkpoints_of_another_shape(runs, run_here, tmp_path):
     assert runs['reward'][0] == 0
-    other = copy_ckpts(runs.dirs['out'], tmp_path, 'reward.pt')     # this reward.pt + a gpt.pt of another shape
+    other = copy_ckpts(runs.dirs['out'], tmp_path, 'reward.pt')     # this reward.pt + an sft.pt of another shape
     ck = torch.load(os.path.join(runs.dirs['out'], 'gpt.pt'), weights_only=True)
     args = dict(ck['model_args'], n_embd=32)
     save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'vocab': ck['vocab']},
-                    os.path.join(other, 'gpt.pt'))
+                    os.path.join(other, 'sft.pt'))
     assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}'), 'not trained from this', 'python reward.py')
 
 
@@ -1015,7 +1124,7 @@ def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
     assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
 
 
-@pytest.mark.parametrize('script', ['gpt.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
+@pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
 def test_help_lists_every_option_with_its_default(script, run_here, tmp_path):
     """--help: exit 0, every global of the hyperparameter block as --name=value with its comment,
     and nothing loaded or written."""
@@ -1071,7 +1180,7 @@ def wrong_values(default, comment):
     return wrong_type, None
 
 
-@pytest.mark.parametrize('script', ['gpt.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
+@pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
 def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
     """Each option with a wrong-typed and an out-of-range value: one `error:` line naming it,
     no traceback, nothing written. Every number has a declared range (`in [lo, hi)` first in its

@@ -13,14 +13,21 @@ measured, never used to pick anything.
    log n - (n-1)/n.
  - a policy: answers sampled from it, and the exact KL to the reference summed over each answer,
    from the full next-character distributions (65 characters: exact is cheap; sft.measure_policy).
+
+Run:  python frontier.py    (after ppo.py, and any of ppo.py --advantage=rloo / grpo and dpo.py)
+Writes out/frontier.csv (a row per point, column method: best_of_n, sft, ppo, rloo, grpo, dpo)
+and out/frontier.png: every run found in out_dir, on one frontier; ppo.py and dpo.py redraw it.
 """
 import csv
+import glob
+import json
 import math
 import os
+import sys
 
 import torch
 
-from plumbing import answer_texts, decode, progress, sample_answers
+from plumbing import answer_texts, configure, decode, die, progress, sample_answers
 from reward import score
 from sft import answer_values, mean_se, measure_policy
 
@@ -98,7 +105,7 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
 
 @torch.no_grad()
 def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
-                 chunk=256):
+                 chunk=256, method='ppo'):
     """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
     RM score, length and ending, and the exact KL to the reference summed over each answer (nats),
     averaged (sft.measure_policy). Returns the row and three sample answers."""
@@ -109,10 +116,14 @@ def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_
     kl = per_answer.pop('kl').mean().item()
     per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
     first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts
-    row = point('ppo', it, per_prompt, kl)
+    row = point(method, it, per_prompt, kl)
     return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
 
 
+# ----------------------------------------------------------------------------------------
+# hyperparameters (`--key=value` overrides any of them)
+out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
+# ----------------------------------------------------------------------------------------
 FIELDS = ['method', 'n_or_iter', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
 
 
@@ -125,64 +136,117 @@ def gold_at_kl(curve, kl):
 
 
 def summary(curve, ppo_row, samples, ppo_samples, prompts, vocab):
-    """ppo.json's eval block: reference, best_of_16 and ppo (gold, rm, prob, kl, standard errors,
-    samples), the whole best-of-n curve, best-of-n's gold at PPO's KL, and the sample prompts."""
+    """ppo.json's eval block: reference, best_of_16 and the policy under its method's name (ppo,
+    rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole best-of-n curve,
+    best-of-n's gold at the policy's KL, and the sample prompts."""
     by_n = {row['n_or_iter']: row for row in curve}
     keep = lambda row, s: {**{k: row[k] for k in FIELDS[2:]}, 'samples': s}
     same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
     return {'reference': keep(by_n[1], samples['reference']),
             'best_of_16': keep(by_n[16], samples['best_of_16']),
-            'ppo': keep(ppo_row, ppo_samples), 'best_of_n': curve,
+            ppo_row['method']: keep(ppo_row, ppo_samples), 'best_of_n': curve,
             'best_of_n_at_ppo_kl': {'gold': same_kl, 'extrapolated': extrapolated},
             'prompts': [decode(p, vocab) for p in prompts[:3]]}
 
 
 def print_frontier(curve, path, result):
-    """The gold-vs-KL table: best-of-n, then the PPO policy along its run; then the comparisons."""
-    print(f"{'method':<10} {'n/iter':>6} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
-          f"{'length':>6} {'ended':>5}")
-    for row in curve + path:
-        bound = '<=' if row['method'] == 'best_of_n' and row['n_or_iter'] > 1 else '  '
-        print(f"{row['method']:<10} {row['n_or_iter']:>6} {row['gold']:7.3f} {row['gold_se']:6.3f} "
-              f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
-              f"{row['ended']:5.2f}")
-    ref, bo16, ppo = result['reference'], result['best_of_16'], result['ppo']
-    same = result['best_of_n_at_ppo_kl']
-    print(f"gold gained over the reference: PPO {ppo['gold'] - ref['gold']:+.3f} at KL {ppo['kl']:.2f}, "
+    """The gold-vs-KL table: best-of-n, then the policy along its run; then the comparisons."""
+    print_rows(curve + path)
+    name = path[-1]['method']
+    ref, bo16, ppo = result['reference'], result['best_of_16'], result[name]
+    same, name = result['best_of_n_at_ppo_kl'], name.upper()
+    print(f"gold gained over the reference: {name} {ppo['gold'] - ref['gold']:+.3f} at KL {ppo['kl']:.2f}, "
           f"best-of-16 {bo16['gold'] - ref['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
-    print(f"best-of-n at PPO's KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
-          f"{curve[-1]['n_or_iter']})" if same['extrapolated'] else '') + f", PPO {ppo['gold']:.3f}")
+    print(f"best-of-n at {name}'s KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
+          f"{curve[-1]['n_or_iter']})" if same['extrapolated'] else '') + f", {name} {ppo['gold']:.3f}")
 
 
-def print_samples(result):
-    """The three sample prompts, each with the reference's, best-of-16's and PPO's answer."""
+def print_samples(result, method='ppo'):
+    """The three sample prompts, each with the reference's, best-of-16's and the policy's answer."""
     for i, p in enumerate(result['prompts']):
         print(f'\n--- prompt {i}: {p!r}')
-        for name in ('reference', 'best_of_16', 'ppo'):
+        for name in ('reference', 'best_of_16', method):
             print(f"{name:>12}: {result[name]['samples'][i]!r}")
 
 
-def save_frontier(curve, path, out_dir, reference='the reference'):
-    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed; the
-    reference (n = 1 of best-of-n) is marked with its name."""
+RUNS = ['ppo', 'rloo', 'grpo']          # ppo.py's runs (--advantage): out_dir/<name>.json each
+
+
+def collect(out_dir):
+    """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first of
+    ppo.py's runs: each run of one seed measures the same curve), the reference itself as 'sft'
+    when it is the SFT model, each ppo.py run's path and each DPO run's (dpo_beta*.json, column
+    beta). Runs of another seed or reference than the first are left out, with a note.
+    -> (rows, the reference's name); no ppo.py run yet: ([], None)."""
+    dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))       # one for each beta
+    names = RUNS + sorted(os.path.basename(f)[:-len('.json')] for f in dpo)
+    runs = {name: json.load(open(os.path.join(out_dir, f'{name}.json'))) for name in names
+            if os.path.exists(os.path.join(out_dir, f'{name}.json'))}
+    first = next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
+    if first is None:
+        return [], None
+    same = lambda run: tuple(run.get(k) for k in ('reference', 'seed', 'eval_prompts'))
+    curve, reference = first['eval']['best_of_n'], first.get('reference', 'gpt.pt')
+    rows = [dict(r) for r in curve]
+    if reference == 'sft.pt':
+        rows.append({**curve[0], 'method': 'sft', 'n_or_iter': 0})
+    for name, run in runs.items():
+        if same(run) != same(first):
+            print(f'note: {name}.json has another reference, seed or eval_prompts than the first run: '
+                  'left out', file=sys.stderr)
+            continue
+        rows += [{**r, 'beta': run.get('beta', '')} for r in run['path']]
+    return rows, reference
+
+
+def save_frontier(rows, out_dir, reference='the reference'):
+    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed: gold
+    and RM score against KL to the reference, every method a line (DPO one per beta)."""
     with open(os.path.join(out_dir, 'frontier.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS + ['beta'], extrasaction='ignore')
         w.writeheader()
-        w.writerows(curve + path)
+        w.writerows(rows)
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lines = {}
+    for r in rows:
+        label = {'best_of_n': 'best-of-n (KL bound)', 'sft': 'SFT'}.get(r['method'], r['method'].upper())
+        lines.setdefault(label + (f" β {r['beta']:g}" if r.get('beta', '') != '' else ''), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key in zip(axes, ('gold', 'rm')):
-        for rows, label, style in [(curve, 'best-of-n (KL bound)', 'o-'), (path, 'PPO (exact KL)', 's-')]:
-            ax.errorbar([r['kl'] for r in rows], [r[key] for r in rows], yerr=[r[key + '_se'] for r in rows],
-                        fmt=style, label=label, capsize=2)
-        ax.annotate(reference, (curve[0]['kl'], curve[0][key]), textcoords='offset points', xytext=(8, -12))
+        for label, pts in lines.items():
+            style = 'o-' if label.startswith('best') else '*' if label == 'SFT' else '.-'
+            ax.errorbar([r['kl'] for r in pts], [r[key] for r in pts], yerr=[r[key + '_se'] for r in pts],
+                        fmt=style, label=label, capsize=2, markersize=12 if label == 'SFT' else 6)
         ax.set_xlabel(f'KL to {reference} (nats)')
         ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score'}[key])
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'frontier.png'))
+
+
+def print_rows(rows):
+    """The gold-vs-KL table of frontier rows."""
+    print(f"{'method':<10} {'n/iter':>6} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
+          f"{'length':>6} {'ended':>5}")
+    for row in rows:
+        bound = '<=' if row['method'] == 'best_of_n' and row['n_or_iter'] > 1 else '  '
+        beta = f" β {row['beta']:g}" if row.get('beta', '') != '' else ''
+        print(f"{row['method']:<10} {row['n_or_iter']:>6} {row['gold']:7.3f} {row['gold_se']:6.3f} "
+              f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
+              f"{row['ended']:5.2f}{beta}")
+
+
+if __name__ == '__main__':
+    config = configure(globals(), sys.argv[1:])
+    rows, reference = collect(out_dir)
+    if not rows:
+        die(f'no run in {out_dir} to draw: run python ppo.py (or --advantage=rloo, or python dpo.py) first')
+    save_frontier(rows, out_dir, reference)
+    print_rows(rows)
+    print(f'written: {out_dir}/frontier.csv' + (' and frontier.png' if os.path.exists(
+          os.path.join(out_dir, 'frontier.png')) else ' (pip install matplotlib for frontier.png)'))

@@ -24,7 +24,14 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     1/beta std at a KL of 1/(2 beta^2) (Gaussian rewards), so beta = 1 would stop short of
     best-of-16. Why a 3.5-nat target: README, section 3.
  5. Advantages by GAE (gamma 1, lambda 0.95) from the critic (7), returns = advantages + values;
-    advantages whitened over the rollout batch.
+    advantages whitened over the rollout batch. Or, with `advantage` rloo or grpo, a critic-free
+    group baseline (group_advantages): `group_size` answers to each prompt, each answer's return
+    R_i = sum_t r_t (its score and the same per-token KL penalty, gamma 1) less the mean return of
+    the other G - 1 answers (RLOO, Ahmadian et al. 2024), or less the group's mean and over its std
+    (GRPO, Shao et al. 2024); every character of an answer gets its answer's advantage, no value
+    network is trained, and the clipped surrogate is PPO's. GRPO puts the KL in the loss as a k3
+    term; here it stays in the reward for every method, so the three differ only in the baseline
+    and the adaptive controller steers each to the same KL.
  6. PPO update: `update_epochs` passes over `num_minibatches` shuffled minibatches; clipped
     surrogate (clip_coef 0.2), clipped value loss (cliprange_value 0.2), global grad-norm clip;
     optional entropy bonus and PPO-ptx (LM loss on input.txt, InstructGPT eq. 2; off). Small
@@ -48,8 +55,10 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
 
 Run:  python ppo.py            (after sft.py and reward.py; times and numbers: README)
       python ppo.py --seed=1   (other prompts, rollouts and held-out prompts; same sft.pt, reward.pt)
+      python ppo.py --advantage=rloo   (or grpo: the critic-free group baselines, beside PPO's files)
 Writes out/ppo.pt, out/ppo.json (policy, reference, iters, seconds, eval: reference / best_of_16 / ppo /
-best_of_n curve, ppo_path), out/ppo_log.csv, out/frontier.csv (+ frontier.png with matplotlib).
+best_of_n curve, path), out/ppo_log.csv (rloo.*, grpo.* for the group baselines), and redraws
+out/frontier.csv (+ frontier.png with matplotlib) from every run in out_dir (frontier.py).
 """
 import copy
 import csv
@@ -63,8 +72,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frontier import (answer_sum, best_of_n_frontier, policy_point, print_frontier, print_samples,
-                      save_frontier, summary)
+from frontier import (answer_sum, best_of_n_frontier, collect, policy_point, print_frontier,
+                      print_samples, save_frontier, summary)
 from gpt import GPT, GPTConfig, load_gpt, token_logprobs
 from labeler import gold_scores
 from plumbing import (END_OF_TURN, answer_mask, configure, count, die, encode, ended, eta, get_batch,
@@ -97,6 +106,8 @@ ent_coef = 0.0                  # in [0, inf): entropy bonus (0: the KL penalty 
 ptx_coef = 0.0                  # in [0, inf): PPO-ptx weight of the LM loss (InstructGPT: 27.8)
 gamma = 1.0                     # in [0, 1]: discount (short episodes, reward at the end)
 gae_lambda = 0.95               # in [0, 1]: GAE lambda
+advantage = 'gae'               # in {'gae', 'rloo', 'grpo'}: critic and GAE, or a group baseline (point 5)
+group_size = 4                  # in [2, inf): rloo / grpo: answers per prompt (batch_size / this prompts)
 init_kl_coef = 0.5              # in [0, inf): beta at the start, for rewards of unit std (point 4)
 kl_target = 3.5                 # in [0, inf): nats per answer to steer to; 0 = fixed beta
 kl_horizon = 5120               # in [1, inf): episodes for the controller to close the gap
@@ -162,6 +173,19 @@ def gae(rewards, values, gamma, gae_lambda):
     return advantages, advantages + values
 
 
+def group_advantages(returns, group_size, scale=False, eps=1e-8):
+    """Critic-free advantages from G = group_size answers to each prompt: returns (P G,), the
+    answers of a prompt next to each other -> (P G,).
+
+    RLOO (Ahmadian et al. 2024):  A_i = R_i - 1/(G-1) sum_{j != i} R_j   (the leave-one-out baseline)
+    GRPO (Shao et al. 2024), scale: A_i = (R_i - mean_j R_j) / (std_j R_j + eps)"""
+    R = returns.view(-1, group_size)                                  # (P, G)
+    if scale:
+        return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
+    others = (R.sum(1, keepdim=True) - R) / (group_size - 1)          # mean of the other G - 1 returns
+    return (R - others).flatten()
+
+
 def masked_mean(x, mask):
     """Mean of x over the positions where mask (same shape, 0/1) is 1: padding does not count."""
     return (x * mask).sum() / mask.sum()
@@ -213,7 +237,7 @@ class AdaptiveKLController:
 @torch.no_grad()
 def forward_rollout(policy, ref, critic, seqs, prompt_len, temperature, chunk):
     """No-grad passes over the rollout seqs (B, Tp + Ta) in chunks of `chunk`: log pi, log pi_ref,
-    V, the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta)."""
+    V (0 without a critic), the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta)."""
     outs = []
     for s in seqs.split(chunk):
         logits = answer_logits(policy(s)[0], prompt_len)                # (b, Ta, V)
@@ -221,7 +245,7 @@ def forward_rollout(policy, ref, critic, seqs, prompt_len, temperature, chunk):
         answer, logp_all = s[:, prompt_len:], F.log_softmax(logits.float() / temperature, -1)
         outs.append((token_logprobs(logits, answer, temperature),        # log pi(y_t | s_t)
                      token_logprobs(ref_logits, answer, temperature),    # log pi_ref(y_t | s_t)
-                     critic(s, prompt_len),                              # V(s_t)
+                     critic(s, prompt_len) if critic else logits.new_zeros(logits.shape[:2]),  # V(s_t)
                      exact_kl(logits, ref_logits, temperature),          # KL(pi || pi_ref) at s_t
                      -(logp_all.exp() * logp_all).sum(-1)))              # H(pi(.|s_t))
     return [torch.cat(x) for x in zip(*outs)]
@@ -234,26 +258,31 @@ LOG_FIELDS = ['iter', 'score', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length',
 def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer_len, stop, temperature, seed,
           max_iters, batch_size, update_epochs, num_minibatches, learning_rate, critic_lr, clip_coef,
           cliprange_value, vf_coef, ent_coef, ptx_coef, gamma, gae_lambda, init_kl_coef, kl_target,
-          kl_horizon, max_grad_norm, truncation_penalty, forward_batch_size, gold_fn=None, lm_batch_fn=None,
-          log=print, on_iter=None):
-    """The PPO loop. policy, ref: GPTs; critic(seqs, Tp) -> V (B, Ta); reward_fn(seqs (B, Tp + Ta),
+          kl_horizon, max_grad_norm, truncation_penalty, forward_batch_size, advantage='gae', group_size=1,
+          gold_fn=None, lm_batch_fn=None, log=print, on_iter=None):
+    """The PPO loop. policy, ref: GPTs; critic(seqs, Tp) -> V (B, Ta), or None for a group baseline
+    (advantage 'rloo' or 'grpo': batch_size / group_size prompts, group_size answers each);
+    reward_fn(seqs (B, Tp + Ta),
     lengths (B,)) -> scores (B,); get_prompts(n) -> (n, prompt_len) tokens; stop: the end-of-turn
     tokens; the rest: this file's hyperparameters. Episodes are whole turns of varying length:
     everything after an answer's end is masked out. Returns the per-iteration log (list of dicts).
     A NaN/inf loss raises FloatingPointError before the update, so nothing bad gets saved."""
     Tp, chunk = prompt_len, forward_batch_size
-    params = list(policy.parameters()) + list(critic.parameters())
-    opt = torch.optim.AdamW([{'params': policy.parameters(), 'lr': learning_rate},
-                             {'params': critic.parameters(), 'lr': critic_lr}], weight_decay=0.0)
+    groups = [{'params': list(policy.parameters()), 'lr': learning_rate}]
+    if critic is not None:
+        groups.append({'params': list(critic.parameters()), 'lr': critic_lr})
+    params = [p for g in groups for p in g['params']]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     kl_ctl = AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
     gen = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
     history, t_run = [], time.time()
-    policy.eval(), critic.eval()                                      # dropout off during RL
+    policy.eval(), critic is None or critic.eval()                    # dropout off during RL
+    G = 1 if advantage == 'gae' else group_size
     for it in range(max_iters):
         t0 = time.time()
         # ---- rollout: sample a turn, then score every token under the policy, the reference and the RM
-        prompts = get_prompts(batch_size)                            # (B, Tp)
+        prompts = get_prompts(batch_size // G).repeat_interleave(G, 0)  # (B, Tp): G answers a prompt
         seqs, _, lengths = policy.generate(prompts, max_answer_len, temperature=temperature, generator=gen,
                                            stop=stop)                # (B, Tp + Ta), (B,)
         mask = answer_mask(lengths, seqs.size(1) - Tp)               # (B, Ta) 1 up to each answer's end
@@ -265,8 +294,12 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
         scores = scores - truncation_penalty * (~finished).float()   # a fixed cost for running out
         beta = kl_ctl.beta
         rewards = per_token_rewards(scores, logp, ref_logp, beta, mask)  # (B, Ta)
-        advantages, returns = gae(rewards, values, gamma, gae_lambda)
-        advantages = whiten(advantages, mask)
+        if advantage == 'gae':
+            advantages, returns = gae(rewards, values, gamma, gae_lambda)
+            advantages = whiten(advantages, mask)
+        else:                                                        # R_i = sum_t r_t; no critic: V = 0
+            advantages = group_advantages(rewards.sum(1), G, scale=advantage == 'grpo')[:, None] * mask
+            returns = values
         k1, k3 = kl_estimates(logp, ref_logp)
         kl = answer_sum(kl_exact, mask)                              # nats per answer
         kl_ctl.update(kl, batch_size)
@@ -276,7 +309,7 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
         for _ in range(update_epochs):
             for idx in torch.randperm(B, generator=shuffle).chunk(num_minibatches):  # sizes differ by <= 1
                 logits = answer_logits(policy(seqs[idx])[0], Tp)             # (mb, Ta, V)
-                new_values = critic(seqs[idx], Tp) * mask[idx]              # (mb, Ta)
+                new_values = critic(seqs[idx], Tp) * mask[idx] if critic else values[idx]  # (mb, Ta)
                 new_logp = token_logprobs(logits, seqs[idx, Tp:], temperature)
                 pg_loss, v_loss, clipfrac, approx_kl = ppo_losses(
                     new_logp, logp[idx], advantages[idx], new_values, values[idx], returns[idx], mask[idx],
@@ -319,6 +352,10 @@ if __name__ == '__main__':
     if num_minibatches > batch_size:
         die(f'--batch_size={batch_size} must be at least --num_minibatches={num_minibatches} '
             '(episodes per minibatch)')
+    if advantage != 'gae' and batch_size % group_size:
+        die(f'--batch_size={batch_size} must be a multiple of --group_size={group_size} ({advantage}: '
+            'whole groups of answers to a prompt)')
+    name = 'ppo' if advantage == 'gae' else advantage                 # ppo.*, rloo.*, grpo.*: side by side
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
@@ -348,7 +385,7 @@ if __name__ == '__main__':
     starts = turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
     lm_batch = lambda: get_batch(train_data, ref.config.block_size, batch_size, prompt_gen, device)  # ptx
-    log_path, ckpt_path = os.path.join(out_dir, 'ppo_log.csv'), os.path.join(out_dir, 'ppo.pt')
+    log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path, 'w', newline='')
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
     writer.writeheader()
@@ -357,7 +394,7 @@ if __name__ == '__main__':
         seqs0, _, n0 = ref.generate(get_prompts(forward_batch_size), max_answer_len, temperature=temperature,
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
         gain = 1.0 / rm(seqs0, prompt_len, n0).std().clamp_min(1e-6).item()
-    critic = Critic(rm, gain).requires_grad_(True)                    # a trainable copy of the frozen RM
+    critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
     curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, max_answer_len, stop, temperature,
@@ -366,7 +403,7 @@ if __name__ == '__main__':
 
     def evaluate_policy(it):  # the policy on the held-out prompts: one point of its path
         row, s = policy_point(policy, ref, rm, held_out, vocab, max_answer_len, stop, temperature,
-                              eval_samples, seed, it)
+                              eval_samples, seed, it, method=name)
         path.append(row)
         ppo_samples[:] = s
         print(f"eval {it}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
@@ -378,8 +415,9 @@ if __name__ == '__main__':
         if (it + 1) % eval_interval == 0 or it + 1 == max_iters:
             evaluate_policy(it + 1)
 
+    groups = '' if advantage == 'gae' else f', {batch_size // group_size} prompts x {group_size} ({name})'
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
-          f"chars, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so score = RM x "
+          f"chars{groups}, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so score = RM x "
           f'{gain:.2f}')
     evaluate_policy(0)
     keywords = [k for k, p in inspect.signature(train).parameters.items() if p.kind == p.KEYWORD_ONLY]
@@ -392,15 +430,15 @@ if __name__ == '__main__':
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()
     result = summary(curve, path[-1], samples, ppo_samples, held_out, vocab)
-    metrics = {'policy': reference, 'reference': reference, 'iters': max_iters,
-               'seconds': round(time.time() - t_start, 1), 'eval': result,
-               'ppo_path': path}
-    save_checkpoint({'model': policy.state_dict(), 'critic': critic.state_dict(),
+    metrics = {'policy': reference, 'reference': reference, 'advantage': advantage, 'seed': seed,
+               'eval_prompts': eval_prompts, 'iters': max_iters,
+               'seconds': round(time.time() - t_start, 1), 'eval': result, 'path': path}
+    save_checkpoint({'model': policy.state_dict(), 'critic': critic.state_dict() if critic else None,
                      'model_args': dict(policy.config.__dict__), 'config': config, 'vocab': vocab,
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
-    with open(os.path.join(out_dir, 'ppo.json'), 'w') as f:
+    with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    save_frontier(curve, path, out_dir, reference)
+    save_frontier(collect(out_dir)[0], out_dir, reference)             # every run in out_dir, this one too
     print_frontier(curve, path, result)
-    print_samples(result)
+    print_samples(result, name)
     print(f"seconds {metrics['seconds']}")

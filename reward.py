@@ -33,7 +33,8 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
 Run:  python reward.py              (after python sft.py; times and numbers: README)
       python reward.py --seed=1     (other prompts, answers and choices; the same sft.pt)
       python reward.py --policy=gpt.pt   (the road without SFT: answers of the pretrained GPT)
-Writes out/reward.pt (model, config, vocab, norm_bias, shapes, policy) and out/reward.json.
+Writes out/reward.pt (model, config, vocab, norm_bias, shapes, policy), out/reward.json and
+out/preferences.pt (the labelled answers of the train, dev and val prompts: what dpo.py trains on).
 """
 import copy
 import json
@@ -368,6 +369,11 @@ if __name__ == '__main__':
           f"{sets['val'].prefs.numel()} val pairs; answers: {train.lengths.float().mean():.0f} "
           f"characters on average, {ended(*answers['train'], stop).float().mean():.0%} end on their own; "
           f"gold mean {train.g.mean():.2f}, share non-zero {(train.g != 0).float().mean():.2f}")
+
+    labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
+    save_checkpoint({'policy': policy, 'vocab': vocab, 'prompt_len': prompt_len, 'seed': seed, 'tau': tau,
+                     'max_answer_len': max_answer_len, **labelled},   # for dpo.py, which never reads g
+                    os.path.join(out_dir, 'preferences.pt'))
 
     # the reference learner: bag of words on the same pairs
     texts = {name: answer_texts(*answers[name], vocab) for name in sets}

@@ -124,7 +124,7 @@ if __name__ == '__main__':
     max_new_tokens = max_new_tokens or max_answer_len
 
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
-        if 'ppo_path' not in checkpoint.get('metrics', {}):
+        if 'path' not in checkpoint.get('metrics', {}):
             die(f'eval mode evaluates the PPO policy: run python ppo.py first ({path} is not a PPO '
                 'checkpoint)')
         prepare_out_dir(out_dir)                                 # eval.json goes there
@@ -138,13 +138,15 @@ if __name__ == '__main__':
         curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
                                             c['temperature'], c['best_of_max'], c['seed'], log=print)
         print(f"{time.time() - t0:.1f}s: the PPO policy, {c['eval_samples']} answers per prompt ...")
+        method = checkpoint['metrics']['path'][-1]['method']   # ppo, rloo or grpo
         final, ppo_samples = policy_point(model, ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
-                                          c['temperature'], c['eval_samples'], c['seed'], c['max_iters'])
+                                          c['temperature'], c['eval_samples'], c['seed'], c['max_iters'],
+                                          method=method)
         result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        print_frontier(curve, checkpoint['metrics']['ppo_path'][:-1] + [final], result)
-        print_samples(result)
+        print_frontier(curve, checkpoint['metrics']['path'][:-1] + [final], result)
+        print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
               f'points are read from {path}); written to {out_dir}/eval.json')
 

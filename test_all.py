@@ -266,6 +266,24 @@ def test_copy_rate_by_hand():
     assert copy_rate(texts, demos, 12) == 1 / 4                          # ' or not to be' is 13 characters
     assert copy_rate(texts, demos, 6) == 3 / 4 and copy_rate(texts, demos, 40) == 0
 
+# ======================================================================== dpo.py
+def test_dpo_loss_by_hand_and_log_2_at_the_reference():
+    from dpo import answer_logprobs, dpo_loss
+    logp, ref = torch.tensor([[-10.0, -12.0, -11.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
+    prefs = torch.tensor([[1.0, 0.0, 0.0]])                           # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
+    h = [1.0, -1.0, 0.0]                                             # log pi - log pi_ref
+    margins = [h[0] - h[1], h[2] - h[0], h[2] - h[1]]                 # h_w - h_l of each pair
+    by_hand = sum(-math.log(1 / (1 + math.exp(-0.5 * m))) for m in margins) / 3
+    loss, acc = dpo_loss(logp, ref, prefs, 0.5)
+    assert abs(loss.item() - by_hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
+    assert abs(dpo_loss(ref, ref, prefs, 0.5)[0].item() - math.log(2)) < 1e-7   # pi = pi_ref: log 2
+    model, Tp = tiny_model(1), 4                                     # summed answer log-probs skip the padding
+    seqs, lengths = torch.randint(0, 65, (2, Tp + 5), generator=torch.Generator().manual_seed(0)), torch.tensor([5, 2])
+    logits = model(seqs)[0]
+    hand = [sum(F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for t in range(lengths[b])) for b in range(2)]
+    assert torch.allclose(answer_logprobs(model, seqs, lengths, Tp), torch.stack(hand), atol=1e-5)
+
+
 # ======================================================================== reward.py
 from frontier import best_of_n
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
@@ -553,6 +571,45 @@ def test_padded_batch_equals_the_episodes_one_by_one():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_group_advantages_against_a_naive_loop():
+    """RLOO: each answer's return less the mean of the other G - 1 of its prompt (a loop over the
+    answers), summing to 0 in each group; GRPO: the group's mean off and its std as the scale."""
+    from ppo import group_advantages
+    R = torch.randn(3 * 4, generator=torch.Generator().manual_seed(0))
+    rloo = group_advantages(R, 4)
+    for p in range(3):
+        for i in range(4):
+            others = [R[4 * p + j].item() for j in range(4) if j != i]
+            assert abs(rloo[4 * p + i].item() - (R[4 * p + i].item() - sum(others) / 3)) < 1e-6
+    assert torch.allclose(rloo.view(3, 4).sum(1), torch.zeros(3), atol=1e-6)
+    grpo = group_advantages(R, 4, scale=True).view(3, 4)
+    for p in range(3):
+        g = R[4 * p:4 * p + 4]
+        mean = sum(g.tolist()) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in g.tolist()) / 3)
+        assert torch.allclose(grpo[p], (g - mean) / std, atol=1e-5)
+
+
+def test_group_baseline_on_padded_answers():
+    """With a group baseline every character of an answer gets its answer's advantage and the
+    padding none: the clipped loss of a padded batch is that of its real tokens, pooled."""
+    from ppo import group_advantages
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([7, 3, 5, 2])
+    mask = (torch.arange(7) < lengths[:, None]).float()
+    rewards = torch.randn(4, 7, generator=gen) * mask
+    adv = group_advantages(rewards.sum(1), 2)[:, None] * mask
+    assert (adv[mask == 0] == 0).all() and torch.allclose(adv[0, :7], adv[0, 0].expand(7))
+    assert abs(adv[0, 0].item() - (rewards[0].sum() - rewards[1].sum()).item()) < 1e-5   # G = 2: the other one
+    logp, old = torch.randn(4, 7, generator=gen), torch.randn(4, 7, generator=gen)
+    zeros = torch.zeros(4, 7)
+    flat = lambda x: torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])[None]
+    padded = ppo_losses(logp, old, adv, zeros, zeros, zeros, mask, 0.2, 0.2)
+    pooled = ppo_losses(flat(logp), flat(old), flat(adv), *(flat(zeros),) * 3, torch.ones(1, 17), 0.2, 0.2)
+    for a, b in zip(padded, pooled):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_adaptive_kl_controller_hand_numbers():
     c = AdaptiveKLController(0.1, 6.0, 10000)
     assert abs(c.update(9.0, 64) - 0.1 * (1 + 0.2 * 64 / 10000)) < 1e-12      # error 0.5 clipped to 0.2
@@ -695,6 +752,7 @@ TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=6
            '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
 TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=20', '--eval_interval=5', '--eval_prompts=8',
             '--log_interval=5']
+TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--eval_interval=20', '--log_interval=10']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
 
@@ -779,6 +837,10 @@ def runs(tmp_path_factory):
     r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt', 'ppo.pt'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
+    r.add('roads_ppo', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
+    r.add('roads_rloo', 'ppo.py', *TINY_PPO, '--advantage=rloo', after='roads_ppo', beside=True)
+    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='roads_rloo', beside=True)
+    r.add('roads_frontier', 'frontier.py', after='roads_dpo', beside=True)
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
     r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
@@ -824,7 +886,7 @@ def test_the_road_without_sft_is_one_flag_away(runs):
     assert drop(plain, 'policy', 'seconds') == drop(copied, 'policy', 'seconds')
     plain, copied = load('ppo_no_sft', 'ppo.json'), load('ppo_sft_copy', 'ppo.json')
     assert plain['reference'] == 'gpt.pt' and copied['reference'] == 'sft.pt'
-    assert plain['eval'] == copied['eval'] and plain['ppo_path'] == copied['ppo_path']
+    assert plain['eval'] == copied['eval'] and plain['path'] == copied['path']
 
 
 def test_reward_stage_writes_its_metrics(runs):
@@ -858,14 +920,36 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert m['eval']['reference']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
     assert [r['n_or_iter'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
-    assert [r['n_or_iter'] for r in m['ppo_path']] == [0, 2, 3] and m['ppo_path'][-1]['gold'] == m['eval']['ppo']['gold']
+    assert [r['n_or_iter'] for r in m['path']] == [0, 2, 3] and m['path'][-1]['gold'] == m['eval']['ppo']['gold']
     frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
-    assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl,length,ended' and len(frontier) == 1 + 5 + 3
+    assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
+    assert len(frontier) == 1 + 5 + 1 + 3                            # best-of-n, the SFT point, PPO's path
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
     assert len(rows) == 4 and rows[0].startswith('iter,score,gold,kl,kl_k1,kl_k3,beta')
     for word in ['score', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
         assert f' {word} ' in log.split('iter 2/3 (66%):')[1].split('\n')[0]
     assert "best-of-n at PPO's KL" in log
+
+
+def test_every_road_on_one_frontier(runs):
+    """PPO, the RLOO group baseline and DPO from one reference, side by side: each its own files,
+    and one frontier.csv with a method column, drawn by python frontier.py."""
+    for name in ['roads_ppo', 'roads_rloo', 'roads_dpo', 'roads_frontier']:
+        assert runs[name][0] == 0 and 'Traceback' not in runs[name][1], runs[name][1]
+    d = runs.dirs['roads_ppo']
+    ppo, rloo, dpo = (json.load(open(os.path.join(d, f'{n}.json'))) for n in ('ppo', 'rloo', 'dpo'))
+    assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.1
+    assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}
+    assert 'groups of' not in runs['roads_rloo'][1] and ', 4 prompts x 4 (rloo)' in runs['roads_rloo'][1]
+    assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']              # the same seed: the same curve
+    assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.1 for r in dpo['path']) and dpo == json.load(
+        open(os.path.join(d, 'dpo_beta0.1.json')))
+    assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
+    import csv
+    rows = list(csv.DictReader(open(os.path.join(d, 'frontier.csv'))))
+    methods = [r['method'] for r in rows]
+    assert set(methods) == {'best_of_n', 'sft', 'ppo', 'rloo', 'dpo'} and methods.count('dpo') == len(dpo['path'])
+    assert methods.count('rloo') == len(rloo['path']) and len(rows) == 5 + 1 + 3 + 3 + len(dpo['path'])
 
 
 def test_sample_eval_mode_reproduces_ppo_json(runs):

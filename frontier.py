@@ -245,7 +245,7 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])
     rows, reference = collect(out_dir)
     if not rows:
-        die(f'no run in {out_dir} to draw: run python ppo.py (or --advantage=rloo, or python dpo.py) first')
+        die(f'no run of ppo.py in {out_dir} (the best-of-n curve comes with it): run python ppo.py first')
     save_frontier(rows, out_dir, reference)
     print_rows(rows)
     print(f'written: {out_dir}/frontier.csv' + (' and frontier.png' if os.path.exists(

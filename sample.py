@@ -124,9 +124,9 @@ if __name__ == '__main__':
     max_new_tokens = max_new_tokens or max_answer_len
 
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
-        if 'path' not in checkpoint.get('metrics', {}):
-            die(f'eval mode evaluates the PPO policy: run python ppo.py first ({path} is not a PPO '
-                'checkpoint)')
+        if 'best_of_n' not in checkpoint.get('metrics', {}).get('eval', {}):
+            die(f'eval mode measures a run of ppo.py again (PPO, or --advantage=rloo or grpo): {path} is '
+                'not one; run python ppo.py first')
         prepare_out_dir(out_dir)                                 # eval.json goes there
         t0 = time.time()
         c = checkpoint['config']

@@ -12,8 +12,8 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     InstructGPT's eq. 2; gpt.pt on the road without SFT), at the sampling temperature, dropout off.
  3. Reward per token: r_t = -beta (log pi(y_t|s_t) - log pi_ref(y_t|s_t)), plus the frozen reward
     model's score on each answer's own last token, scaled to unit std on the reference's answers
-    (Ziegler et al.; ours is already centred there): how far an RM spreads answers depends on its training,
-    and beta should mean the same KL pressure for every reward.pt. An answer cut at max_answer_len
+    (Ziegler et al.; ours is already centred there): how far an RM spreads answers depends on its
+    training, and beta should mean the same KL pressure for every reward.pt. An answer cut at max_answer_len
     loses `truncation_penalty` std (Huang et al.; TRL's missing_eos_penalty), or a policy could
     pad its score by never ending.
  4. beta is adapted (Ziegler et al.): e = clip(KL / target - 1, -0.2, 0.2), beta <- beta (1 + e n
@@ -262,11 +262,11 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
           gold_fn=None, lm_batch_fn=None, log=print, on_iter=None):
     """The PPO loop. policy, ref: GPTs; critic(seqs, Tp) -> V (B, Ta), or None for a group baseline
     (advantage 'rloo' or 'grpo': batch_size / group_size prompts, group_size answers each);
-    reward_fn(seqs (B, Tp + Ta),
-    lengths (B,)) -> scores (B,); get_prompts(n) -> (n, prompt_len) tokens; stop: the end-of-turn
-    tokens; the rest: this file's hyperparameters. Episodes are whole turns of varying length:
-    everything after an answer's end is masked out. Returns the per-iteration log (list of dicts).
-    A NaN/inf loss raises FloatingPointError before the update, so nothing bad gets saved."""
+    reward_fn(seqs (B, Tp + Ta), lengths (B,)) -> scores (B,); get_prompts(n) -> (n, prompt_len)
+    tokens; stop: the end-of-turn tokens; the rest: this file's hyperparameters. Episodes are
+    whole turns of varying length: everything after an answer's end is masked out. Returns the
+    per-iteration log (list of dicts). A NaN/inf loss raises FloatingPointError before the
+    update, so nothing bad gets saved."""
     Tp, chunk = prompt_len, forward_batch_size
     groups = [{'params': list(policy.parameters()), 'lr': learning_rate}]
     if critic is not None:
@@ -277,7 +277,9 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
     gen = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
     history, t_run = [], time.time()
-    policy.eval(), critic is None or critic.eval()                    # dropout off during RL
+    policy.eval()                                                    # dropout off during RL
+    if critic is not None:
+        critic.eval()
     G = 1 if advantage == 'gae' else group_size
     for it in range(max_iters):
         t0 = time.time()

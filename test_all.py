@@ -750,8 +750,8 @@ TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--ba
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
            '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
-TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=20', '--eval_interval=5', '--eval_prompts=8',
-            '--log_interval=5']
+TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=15', '--eval_interval=5', '--eval_prompts=8',
+            '--eval_samples=1', '--log_interval=5']
 TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--eval_interval=20', '--log_interval=10']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
@@ -830,15 +830,13 @@ def runs(tmp_path_factory):
     r.add('reward_no_sft', 'reward.py', *TINY_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
     r.add('ppo_no_sft', 'ppo.py', *TINY_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
     r.add('reward_sft_copy', 'reward.py', *TINY_RM, after='gpt', own=[], job=with_sft_as_gpt)
-    r.add('ppo_sft_copy', 'ppo.py', *TINY_PPO, after='reward_sft_copy', beside=True)
     r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
-    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt'])
+    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt', 'ppo.pt'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
-    r.add('roads_ppo', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
-    r.add('roads_rloo', 'ppo.py', *TINY_PPO, '--advantage=rloo', after='roads_ppo', beside=True)
+    r.add('roads_rloo', 'ppo.py', *TINY_PPO, '--advantage=rloo', after='ppo_again', beside=True)
     r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='roads_rloo', beside=True)
     r.add('roads_frontier', 'frontier.py', after='roads_dpo', beside=True)
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
@@ -869,24 +867,25 @@ def test_sft_stage_keeps_its_lowest_held_out_loss(runs):
     losses = {int(l.split()[1][:-1]): float(l.split('loss ')[1].split()[0])
               for l in log.splitlines() if l.startswith('step ')}
     assert 0 in losses and m['best_step'] == min(losses, key=losses.get) and m['val_loss'] == round(min(losses.values()), 4)
-    assert m['kl_to_pretrained'] >= 0 and 0 <= m['copy_rate'] <= 1 and 'iter 5/20' in log
+    assert m['kl_to_pretrained'] >= 0 and 0 <= m['copy_rate'] <= 1 and 'iter 5/15' in log
     model, vocab, ck = load_gpt(os.path.join(runs.dirs['out'], 'sft.pt'))   # loads wherever gpt.pt does
     assert vocab == VOCAB and ck['iter_num'] == m['best_step'] and ck['metrics']['demos'] == m['demos']
 
 
 def test_the_road_without_sft_is_one_flag_away(runs):
     """--policy=gpt.pt gives what a pipeline gets whose SFT step moved nothing (sft.pt = gpt.pt):
-    the policy flag is all that separates the roads."""
-    for name in ['reward_no_sft', 'ppo_no_sft', 'reward_sft_copy', 'ppo_sft_copy']:
+    the policy flag is all that separates the roads; PPO then starts from, and keeps its KL to,
+    the pretrained model."""
+    for name in ['reward_no_sft', 'ppo_no_sft', 'reward_sft_copy']:
         assert runs[name][0] == 0, runs[name][1]
     load = lambda name, f: json.load(open(os.path.join(runs.dirs[name], f)))
     drop = lambda m, *keys: {k: v for k, v in m.items() if k not in keys}
     plain, copied = load('reward_no_sft', 'reward.json'), load('reward_sft_copy', 'reward.json')
     assert plain['policy'] == 'gpt.pt' and copied['policy'] == 'sft.pt'
     assert drop(plain, 'policy', 'seconds') == drop(copied, 'policy', 'seconds')
-    plain, copied = load('ppo_no_sft', 'ppo.json'), load('ppo_sft_copy', 'ppo.json')
-    assert plain['reference'] == 'gpt.pt' and copied['reference'] == 'sft.pt'
-    assert plain['eval'] == copied['eval'] and plain['path'] == copied['path']
+    ppo = load('ppo_no_sft', 'ppo.json')
+    assert ppo['policy'] == ppo['reference'] == 'gpt.pt' and ppo['path'][0]['kl'] == 0 < ppo['path'][-1]['kl']
+    assert 'note:' not in runs['ppo_no_sft'][1]                       # reward.pt learnt from gpt.pt's answers
 
 
 def test_reward_stage_writes_its_metrics(runs):
@@ -934,9 +933,9 @@ def test_ppo_stage_writes_log_and_eval(runs):
 def test_every_road_on_one_frontier(runs):
     """PPO, the RLOO group baseline and DPO from one reference, side by side: each its own files,
     and one frontier.csv with a method column, drawn by python frontier.py."""
-    for name in ['roads_ppo', 'roads_rloo', 'roads_dpo', 'roads_frontier']:
+    for name in ['ppo_again', 'roads_rloo', 'roads_dpo', 'roads_frontier']:
         assert runs[name][0] == 0 and 'Traceback' not in runs[name][1], runs[name][1]
-    d = runs.dirs['roads_ppo']
+    d = runs.dirs['ppo_again']
     ppo, rloo, dpo = (json.load(open(os.path.join(d, f'{n}.json'))) for n in ('ppo', 'rloo', 'dpo'))
     assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.1
     assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}

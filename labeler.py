@@ -1,7 +1,7 @@
 """
 labeler.py: the simulated labeler, and the yardsticks that knowing it allows.
 
-InstructGPT's human labellers, replaced by code whose preferences are known (README, section 2): a hidden
+InstructGPT's human labellers, replaced by code whose preferences are known (README, section 3): a hidden
 gold score g(y) of an answer, and a noisy Bradley-Terry choice between two answers. reward.py
 asks it for labels; nothing the reward model or PPO trains on ever reads g. Because the choice
 rule is known, pair_metrics can measure any scorer of answers against the truth: agreement with

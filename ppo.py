@@ -22,7 +22,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     runs of millions; ours has 8,192, so 5,120 lets beta move by up to a third over a run. It
     starts at init_kl_coef 0.5: for rewards of unit std the RL objective's optimum gains about
     1/beta std at a KL of 1/(2 beta^2) (Gaussian rewards), so beta = 1 would stop short of
-    best-of-16. Why a 3.5-nat target: README, section 3.
+    best-of-16. Why a 3.5-nat target: README, section 4.
  5. Advantages by GAE (gamma 1, lambda 0.95) from the critic (7), returns = advantages + values;
     advantages whitened over the rollout batch. Or, with `advantage` rloo or grpo, a critic-free
     group baseline (group_advantages): `group_size` answers to each prompt, each answer's return

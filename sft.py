@@ -180,8 +180,8 @@ if __name__ == '__main__':
     if len(demos) == 0 or len(val_demos) == 0:
         die(f'--min_gold={min_gold} keeps {len(demos)} training and {len(val_demos)} held-out turns: '
             'lower it')
-    demo_texts = answer_texts(demos[:, prompt_len:], demo_lengths, vocab)
     answers = demos[:, prompt_len:]
+    demo_texts = answer_texts(answers, demo_lengths, vocab)                 # for the copy rate
     print(f'{len(demos)} demonstrations (gold >= {min_gold}) of the training text, {len(val_demos)} held '
           f'out: {demo_lengths.float().mean():.0f} characters on average, '
           f'{ended(answers, demo_lengths, stop).float().mean():.0%} end on their own, '
@@ -195,8 +195,9 @@ if __name__ == '__main__':
     gen = torch.Generator().manual_seed(seed)                        # batches
     demos, demo_lengths, val_demos, val_lengths = (t.to(device) for t in (demos, demo_lengths, val_demos,
                                                                           val_lengths))
-    best = (demo_loss(pretrained, val_demos, val_lengths, prompt_len), 0, copy.deepcopy(model.state_dict()))
-    print(f'step 0: held-out demonstration loss {best[0]:.4f} (the pretrained model)')
+    pretrained_loss = demo_loss(pretrained, val_demos, val_lengths, prompt_len)
+    best = (pretrained_loss, 0, copy.deepcopy(model.state_dict()))  # (loss, step, state) of the lowest so far
+    print(f'step 0: held-out demonstration loss {pretrained_loss:.4f} (the pretrained model)')
     since_best, t0, it, run_loss = 0, time.time(), 0, None
     while it < max_iters and since_best < patience:
         for group in optimizer.param_groups:
@@ -245,7 +246,7 @@ if __name__ == '__main__':
     sft, pre = rows['sft'], rows['pretrained']
     metrics = {'demos': len(demos), 'val_demos': len(val_demos), 'min_gold': min_gold, 'best_step': best[1],
                'steps': it, 'val_loss': best[0],
-               'val_loss_pretrained': demo_loss(pretrained, val_demos, val_lengths, prompt_len),
+               'val_loss_pretrained': pretrained_loss,
                'gold': sft['gold'], 'gold_se': sft['gold_se'], 'gold_pretrained': pre['gold'],
                'gold_pretrained_se': pre['gold_se'], 'kl_to_pretrained': sft['kl'], 'length': sft['length'],
                'ended': sft['ended'], 'length_pretrained': pre['length'], 'ended_pretrained': pre['ended'],

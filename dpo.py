@@ -21,7 +21,7 @@ The recipe (Rafailov et al. 2023), on minibard's data:
     ones' h(y_l), and the answers' length (the labeler's gold grows with the words said).
 
 Run:  python dpo.py              (after reward.py; times and numbers: README)
-      python dpo.py --beta=0.3   (a larger beta: a stronger pull back to the reference)
+      python dpo.py --beta=1    (a larger beta: a stronger pull back to the reference)
 Writes out/dpo.pt, out/dpo.json (beta, path: rows of gold, gold_se, rm, kl, length, ended, beta) and
 the same as out/dpo_beta<beta>.json, so that runs of several beta stand side by side; redraws
 out/frontier.csv and .png (frontier.py).
@@ -51,7 +51,7 @@ out_dir = 'out'                 # reads preferences.pt, <policy>, reward.pt; wri
 data_path = 'input.txt'         # the held-out prompts come from its validation part
 policy = 'sft.pt'               # a checkpoint of out_dir: the start and the reference (gpt.pt: no SFT)
 seed = 1337                     # in [0, inf): shuffles and the held-out prompts (as ppo.py's --seed)
-beta = 0.1                      # in (0, inf): the implicit reward's scale: larger stays nearer pi_ref
+beta = 0.3                      # in (0, inf): the implicit reward's scale: larger stays nearer pi_ref
 learning_rate = 1e-4            # in (0, inf): AdamW, decaying linearly to 0
 epochs = 1                      # in [1, inf): passes over the labelled prompts
 prompts_per_batch = 1           # in [1, inf): prompts a step: K answers, K(K-1)/2 pairs each

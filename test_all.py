@@ -937,12 +937,12 @@ def test_every_road_on_one_frontier(runs):
         assert runs[name][0] == 0 and 'Traceback' not in runs[name][1], runs[name][1]
     d = runs.dirs['ppo_again']
     ppo, rloo, dpo = (json.load(open(os.path.join(d, f'{n}.json'))) for n in ('ppo', 'rloo', 'dpo'))
-    assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.1
+    assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.3
     assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}
     assert 'groups of' not in runs['roads_rloo'][1] and ', 4 prompts x 4 (rloo)' in runs['roads_rloo'][1]
     assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']              # the same seed: the same curve
-    assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.1 for r in dpo['path']) and dpo == json.load(
-        open(os.path.join(d, 'dpo_beta0.1.json')))
+    assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.3 for r in dpo['path']) and dpo == json.load(
+        open(os.path.join(d, 'dpo_beta0.3.json')))
     assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
     import csv
     rows = list(csv.DictReader(open(os.path.join(d, 'frontier.csv'))))

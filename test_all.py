@@ -752,9 +752,11 @@ TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=6
            '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
 TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=15', '--eval_interval=5', '--eval_prompts=8',
             '--eval_samples=1', '--log_interval=5']
-TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--eval_interval=20', '--log_interval=10']
+TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--prompts_per_batch=4', '--eval_interval=10', '--log_interval=5']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
+SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']    # the road without SFT
+SMALL_PPO = [*TINY_PPO, '--max_iters=1', '--eval_interval=1']
 
 
 class Runs:
@@ -824,21 +826,19 @@ def runs(tmp_path_factory):
     r.add('gpt', 'gpt.py', *TINY_GPT)
     r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[])                 # same seed, same settings, alongside
     r.add('sft', 'sft.py', *TINY_SFT, after='gpt')
-    r.add('sft_again', 'sft.py', *TINY_SFT, after='gpt', own=['gpt.pt'])
     r.add('reward', 'reward.py', *TINY_RM, after='sft')
     r.add('reward_again', 'reward.py', *TINY_RM, after='sft', own=['sft.pt'])
-    r.add('reward_no_sft', 'reward.py', *TINY_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
-    r.add('ppo_no_sft', 'ppo.py', *TINY_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
-    r.add('reward_sft_copy', 'reward.py', *TINY_RM, after='gpt', own=[], job=with_sft_as_gpt)
+    r.add('reward_no_sft', 'reward.py', *SMALL_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
+    r.add('ppo_no_sft', 'ppo.py', *SMALL_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
+    r.add('reward_sft_copy', 'reward.py', *SMALL_RM, after='gpt', own=[], job=with_sft_as_gpt)
     r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
     r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt', 'ppo.pt'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
-    r.add('roads_rloo', 'ppo.py', *TINY_PPO, '--advantage=rloo', after='ppo_again', beside=True)
-    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='roads_rloo', beside=True)
-    r.add('roads_frontier', 'frontier.py', after='roads_dpo', beside=True)
+    r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True)
+    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)      # beside RLOO, at once
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
     r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
@@ -930,12 +930,14 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert "best-of-n at PPO's KL" in log
 
 
-def test_every_road_on_one_frontier(runs):
+def test_every_road_on_one_frontier(runs, run_here):
     """PPO, the RLOO group baseline and DPO from one reference, side by side: each its own files,
     and one frontier.csv with a method column, drawn by python frontier.py."""
-    for name in ['ppo_again', 'roads_rloo', 'roads_dpo', 'roads_frontier']:
+    for name in ['ppo_again', 'roads_rloo', 'roads_dpo']:
         assert runs[name][0] == 0 and 'Traceback' not in runs[name][1], runs[name][1]
     d = runs.dirs['ppo_again']
+    code, out = run_here('frontier.py', f'--out_dir={d}')
+    assert code == 0 and 'written: ' in out, out
     ppo, rloo, dpo = (json.load(open(os.path.join(d, f'{n}.json'))) for n in ('ppo', 'rloo', 'dpo'))
     assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.3
     assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}
@@ -948,7 +950,7 @@ def test_every_road_on_one_frontier(runs):
     rows = list(csv.DictReader(open(os.path.join(d, 'frontier.csv'))))
     methods = [r['method'] for r in rows]
     assert set(methods) == {'best_of_n', 'sft', 'ppo', 'rloo', 'dpo'} and methods.count('dpo') == len(dpo['path'])
-    assert methods.count('rloo') == len(rloo['path']) and len(rows) == 5 + 1 + 3 + 3 + len(dpo['path'])
+    assert methods.count('rloo') == len(rloo['path']) == 2 and len(rows) == 5 + 1 + 3 + 2 + len(dpo['path'])
 
 
 def test_sample_eval_mode_reproduces_ppo_json(runs):
@@ -1040,7 +1042,7 @@ def strip_times(log, n=20):
 
 def test_same_seed_same_losses(runs):
     """Every stage run a second time with the same seed and settings: the same first 20 iterations."""
-    for stage in ['gpt', 'sft', 'reward', 'ppo']:
+    for stage in ['gpt', 'reward', 'ppo']:
         (code, first), (code2, second) = runs[stage], runs[f'{stage}_again']
         assert code == 0 and code2 == 0, second
         assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3

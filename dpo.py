@@ -37,7 +37,7 @@ import torch
 
 from frontier import collect, policy_point, print_rows, save_frontier
 from gpt import load_gpt, token_logprobs
-from labeler import pair_metrics
+from labeler import all_pairs, pair_metrics
 from plumbing import (END_OF_TURN, answer_mask, configure, count, die, encode, eta, load_checkpoint,
                       load_splits, prepare_out_dir, run_first, save_checkpoint)
 from reward import load_reward_model, pairwise_loss
@@ -130,6 +130,7 @@ if __name__ == '__main__':
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     gen, t0, run = torch.Generator().manual_seed(seed), time.time(), None
+    i, j = all_pairs(K)                                              # the pairs prefs labels, in its order
     for step in range(steps):
         for group in opt.param_groups:
             group['lr'] = learning_rate * (1 - step / steps)          # linear decay to 0
@@ -149,7 +150,6 @@ if __name__ == '__main__':
         opt.step()
         with torch.no_grad():                                        # h of the chosen and the rejected
             h = (logp - ref_logp[b]).detach()
-            i, j = torch.triu_indices(K, K, offset=1)
             won = prefs[b] > 0.5
             h_w = torch.where(won, h[:, i], h[:, j]).mean().item()
             h_l = torch.where(won, h[:, j], h[:, i]).mean().item()

@@ -38,15 +38,14 @@ import torch
 from frontier import collect, policy_point, print_rows, save_frontier
 from gpt import load_gpt, token_logprobs
 from labeler import all_pairs, pair_metrics
-from plumbing import (END_OF_TURN, answer_mask, configure, count, die, encode, eta, load_checkpoint,
-                      load_splits, prepare_out_dir, run_first, save_checkpoint)
+from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, configure, count, die, encode, eta,
+                      load_checkpoint, load_splits, prepare_out_dir, run_first, save_checkpoint)
 from reward import load_reward_model, pairwise_loss
 from sft import answer_logits, held_out_prompts
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
-_gpu = torch.cuda.is_available()
-device = 'cuda' if _gpu else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; sizes follow it
 out_dir = 'out'                 # reads preferences.pt, <policy>, reward.pt; writes dpo.pt, dpo.json
 data_path = 'input.txt'         # the held-out prompts come from its validation part
 policy = 'sft.pt'               # a checkpoint of out_dir: the start and the reference (gpt.pt: no SFT)
@@ -56,7 +55,7 @@ learning_rate = 1e-4            # in (0, inf): AdamW, decaying linearly to 0
 epochs = 1                      # in [1, inf): passes over the labelled prompts
 prompts_per_batch = 1           # in [1, inf): prompts a step: K answers, K(K-1)/2 pairs each
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip
-forward_batch_size = 256        # in [1, inf): sequences per no-grad forward
+forward_batch_size = ByDevice(cpu=32, cuda=256)  # in [1, inf): sequences a no-grad forward (CPU: in cache)
 eval_prompts = 256              # in [1, inf): held-out prompts, as ppo.py
 eval_samples = 2                # in [1, inf): answers per held-out prompt at each point of the path
 eval_interval = 125             # in [1, inf): measure the policy every this many steps
@@ -82,9 +81,7 @@ def dpo_loss(logp, ref_logp, prefs, beta):
 @torch.no_grad()
 def all_logprobs(model, seqs, lengths, prompt_len, chunk):
     """answer_logprobs over many answers (N, Tp + Ta), in chunks cut to their longest answer."""
-    out = [answer_logprobs(model, s[:, :prompt_len + int(n.max())], n, prompt_len)
-           for s, n in zip(seqs.split(chunk), lengths.split(chunk))]
-    return torch.cat(out)
+    return by_length(lambda s, n: answer_logprobs(model, s, n, prompt_len), seqs, lengths, prompt_len, chunk)
 
 
 if __name__ == '__main__':
@@ -120,7 +117,7 @@ if __name__ == '__main__':
 
     def evaluate(step):  # the policy on the held-out prompts: one point of its path
         row, samples = policy_point(model, ref, rm, held_out, vocab, max_len, stop, temperature,
-                                    eval_samples, seed, step, method='dpo')
+                                    eval_samples, seed, step, forward_batch_size, method='dpo')
         path.append({**row, 'beta': beta})
         print(f"eval {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
               f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")

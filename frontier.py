@@ -34,15 +34,16 @@ from sft import answer_values, mean_se, measure_policy
 
 @torch.no_grad()
 def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batch=1024, top_k=None,
-              done=None):
-    """Best-of-n reranking: n answers per prompt (P, Tp), keep the RM's favourite.
+              done=None, chunk=32):
+    """Best-of-n reranking: n answers per prompt (P, Tp), sampled `batch` at a time and scored
+    `chunk` at a time, keep the RM's favourite.
 
     Returns the best answers (P, Ta) and their lengths (P,) and rewards (P,), and all answers
     (P, n, Ta) with lengths and rewards (P, n)."""
     P, Tp = prompts.shape
     rep = prompts.repeat_interleave(n, 0)                               # (P n, Tp)
     y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k, done)
-    r = score(rm, torch.cat([rep, y], 1), Tp, lengths).view(P, n)       # (P, n)
+    r = score(rm, torch.cat([rep, y], 1), Tp, lengths, chunk).view(P, n)  # (P, n)
     best, idx = r.argmax(1), torch.arange(P)
     y, lengths = y.view(P, n, -1), lengths.view(P, n)
     return y[idx, best], lengths[idx, best], r[idx, best], y, lengths, r
@@ -81,17 +82,17 @@ def point(name, n_or_iter, per_prompt, kl):
 
 
 @torch.no_grad()
-def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=256,
-                       log=None):
+def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, batch=256,
+                       chunk=32, log=None):
     """Best-of-n over the reference policy `ref` for n = 1, 2, 4, ..., n_max on held-out prompts
     (P, Tp), from one pass of n_max answers per prompt. Returns the rows and three sample answers
     (plain and best-of-16). log, if given, gets a progress line every 16 generate() calls.
     KL to the reference: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the reference itself)."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     P = prompts.size(0)
-    done = progress('best-of-n answers', P * n_max, 16 * chunk, log) if log else None
-    *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, chunk,
-                                  done=done)                        # (P, N, Ta), (P, N), (P, N)
+    done = progress('best-of-n answers', P * n_max, 16 * batch, log) if log else None
+    *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, batch,
+                                  done=done, chunk=chunk)           # (P, N, Ta), (P, N), (P, N)
     values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
@@ -105,14 +106,14 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
 
 @torch.no_grad()
 def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
-                 chunk=256, method='ppo'):
+                 chunk=32, method='ppo'):
     """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
     RM score, length and ending, and the exact KL to the reference summed over each answer (nats),
     averaged (sft.measure_policy). Returns the row and three sample answers."""
     P, Tp = prompts.shape
     seqs, lengths, per_answer = measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature,
                                                n_samples, seed, chunk)
-    per_answer['rm'] = score(rm, seqs, Tp, lengths).cpu()
+    per_answer['rm'] = score(rm, seqs, Tp, lengths, chunk).cpu()
     kl = per_answer.pop('kl').mean().item()
     per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
     first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts

@@ -18,40 +18,42 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (configure, count, decode, die, encode, eta, get_batch, load_checkpoint,
+from plumbing import (ByDevice, configure, count, decode, die, encode, eta, get_batch, load_checkpoint,
                       load_model, load_splits, load_weights, lr_at, prepare_out_dir, save_checkpoint)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (plain globals; `--key=value` overrides any of them, see configure())
-_gpu = torch.cuda.is_available()  # CPU and GPU get different default sizes (underscore: not a flag)
-device = 'cuda' if _gpu else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...: a device this machine has
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...; sizes follow it
 out_dir = 'out'                 # where checkpoints and metrics go
 data_path = 'input.txt'         # Tiny Shakespeare, 1,115,394 chars; first 90% train
 init_from = 'scratch'           # in {'scratch', 'resume'}: resume continues from out_dir/gpt.pt
 seed = 1337                     # in [0, inf): same seed + same settings = same losses on CPU
 # model
-n_layer = 6 if _gpu else 2      # in [1, inf): depth; on 2 cores fewer layers, more steps win (README)
-n_head = 6 if _gpu else 4       # in [1, inf): attention heads; n_embd must divide by it
-n_embd = 384 if _gpu else 128   # in [2, inf): width (head size n_embd / n_head even: rotary)
+n_layer = ByDevice(cpu=2, cuda=6)  # in [1, inf): depth; on 2 cores fewer layers, more steps win (README)
+n_head = ByDevice(cpu=4, cuda=6)  # in [1, inf): attention heads; n_embd must divide by it
+n_embd = ByDevice(cpu=128, cuda=384)  # in [2, inf): width (head size n_embd / n_head even: rotary)
 token_mix = 3                   # in [1, inf): input at t mixes the last this many chars (1 = off)
 block_size = 256                # in [2, inf): context in characters (RLHF: prompt + a turn fit)
-dropout = 0.2 if _gpu else 0.0  # in [0, 1): the small CPU model underfits: dropout only costs it
+dropout = ByDevice(cpu=0.0, cuda=0.2)  # in [0, 1): the small CPU model underfits: dropout only costs it
 # optimisation: AdamW, linear warmup, then decay to min_lr (cosine: nanoGPT's schedule)
-batch_size = 64 if _gpu else 3  # in [1, inf): sequences per step: on 2 cores, steps count
-max_iters = 5000 if _gpu else 6000  # in [0, inf): CPU: ~140 s of steps on 2 cores
-learning_rate = 1e-3 if _gpu else 3e-3  # in (0, inf): a tiny model takes a high lr
-min_lr_ratio = 0.1 if _gpu else 0.0  # in [0, 1]: decay ends at lr * this (CPU: 0 wins, README)
-lr_decay = 'cosine' if _gpu else 'linear'  # in {'cosine', 'linear'}: linear: Bergsma et al. 2025
+batch_size = ByDevice(cpu=3, cuda=64)  # in [1, inf): sequences per micro-batch: on 2 cores, steps count
+gradient_accumulation_steps = None  # int in [1, inf) or None: micro-batches a step, all ranks (None: 1 a rank)
+max_iters = ByDevice(cpu=6000, cuda=5000)  # in [0, inf): CPU: ~140 s of steps on 2 cores
+learning_rate = ByDevice(cpu=3e-3, cuda=1e-3)  # in (0, inf): a tiny model takes a high lr
+min_lr_ratio = ByDevice(cpu=0.0, cuda=0.1)  # in [0, 1]: decay ends at lr * this (CPU: 0 wins, README)
+lr_decay = ByDevice(cpu='linear', cuda='cosine')  # in {'cosine', 'linear'}: linear: Bergsma et al. 2025
 warmup_iters = 100              # in [0, inf): short warmup: tiny models tolerate a high lr early
 weight_decay = 0.1              # in [0, inf): on matrices only (not norms, not biases)
 beta1, beta2 = 0.9, 0.99        # in [0, 1): beta2 0.99 as nanoGPT's shakespeare_char: few tokens/step
 grad_clip = 1.0                 # in [0, inf): clip the global grad norm (0 = off)
 # evaluation and logging
-eval_interval = 250 if _gpu else 1000  # in [1, inf): estimate train/val loss every this many iters
-eval_iters = 200 if _gpu else 20      # in [1, inf): batches per estimate (final: the whole val split)
+eval_interval = ByDevice(cpu=1000, cuda=250)  # in [1, inf): estimate train/val loss every this many iters
+eval_iters = ByDevice(cpu=20, cuda=200)  # in [1, inf): batches per estimate (final: the whole val split)
 log_interval = 100              # in [1, inf): print an iter line every this many iters
 sample_chars = 500              # in [0, inf): length of the sample printed at the end
 compile = False                 # torch.compile (worth it on GPU; CPU compile costs more)
@@ -299,12 +301,30 @@ def load_gpt(path, run_first='python gpt.py', device='cpu'):
 
 # ------------------------------------------------------------------ pretraining
 if __name__ == '__main__':
+    # One process, or N under torchrun (it sets RANK and WORLD_SIZE): DistributedDataParallel, as
+    # nanoGPT's train.py. Each rank trains on its own micro-batches, the gradients are averaged over
+    # the ranks after the last one; every rank evaluates (the same numbers), rank 0 writes and logs.
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    master = rank == 0
+    if not master:
+        sys.stdout = open(os.devnull, 'w')                            # one log, rank 0's
     config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
     if max_iters == 0 and init_from == 'scratch':
         die('--max_iters=0 from scratch trains nothing: give it some iterations, or add '
             '--init_from=resume to re-measure out_dir/gpt.pt')
     if n_embd % n_head or (n_embd // n_head) % 2:
         die(f'--n_embd={n_embd} must split into --n_head={n_head} heads of an even size (rotary pairs)')
+    accum = gradient_accumulation_steps or world                      # micro-batches a step, all ranks
+    if accum % world:
+        die(f'--gradient_accumulation_steps={accum} must be a multiple of the {world} processes (each takes '
+            'an equal share of every step)')
+    cuda = torch.device(device).type == 'cuda'                      # also 'cuda:1'; CPU: fp32
+    if ddp:
+        if cuda:                                                      # one GPU a process
+            device = config['device'] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if cuda else 'gloo')
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
@@ -313,7 +333,10 @@ if __name__ == '__main__':
     if block_size >= len(val_data):
         die(f'--block_size={block_size} is not shorter than the validation text ({len(val_data):,} chars)')
     ckpt_path = os.path.join(out_dir, 'gpt.pt')
-    gen = torch.Generator().manual_seed(seed)                         # batches: own stream, reproducible
+    # micro-batch j of every step comes from data stream j (seed + j): the same windows whether one
+    # process takes them all or N ranks take accum / N each; this rank's streams are `mine`
+    mine = range(rank * accum // world, (rank + 1) * accum // world)
+    gens = [torch.Generator().manual_seed(seed + j) for j in mine]
     model_args = dict(block_size=block_size, vocab_size=len(vocab), n_layer=n_layer, n_head=n_head,
                       n_embd=n_embd, token_mix=token_mix, dropout=dropout)
     iter_num, best_val, checkpoint = 0, float('inf'), None
@@ -323,7 +346,12 @@ if __name__ == '__main__':
             die(f'{ckpt_path} was trained on another vocabulary than {data_path}')
         model_args = checkpoint['model_args']  # the shape comes from the checkpoint, not the flags
         iter_num, best_val = checkpoint['iter_num'], checkpoint['best_val_loss']
-        gen.set_state(checkpoint['rng_state'])
+        states = checkpoint.get('rng_states') or [checkpoint['rng_state']]   # one per data stream
+        if len(states) != accum:
+            die(f'{ckpt_path} was trained with {len(states)} micro-batches a step: resume with '
+                f'--gradient_accumulation_steps={len(states)}')
+        for g, j in zip(gens, mine):
+            g.set_state(states[j])
     model = GPT(GPTConfig(**model_args)).to(device)
     # AdamW; weight decay on matrices only, as in nanoGPT / GPT-2 (not on norms, and not on the
     # token mix, whose decay would pull it towards 'see no character' instead of the identity)
@@ -335,11 +363,13 @@ if __name__ == '__main__':
         load_weights(model, checkpoint['model'], ckpt_path, 'python gpt.py')
         load_weights(optimizer, checkpoint['optimizer'], ckpt_path, 'python gpt.py')
         print(f'resuming from {ckpt_path} at iter {iter_num} (best val loss {best_val:.4f})')
-    fwd = torch.compile(model) if compile else model
-    cuda = torch.device(device).type == 'cuda'                      # also 'cuda:1'; CPU: fp32
+    fwd = torch.compile(model) if compile else model                 # evaluation: this rank alone
+    step_fwd = DDP(fwd) if ddp else fwd                              # training: gradients averaged
     ctx = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16, enabled=cuda)
     print(f'{model.num_params() / 1e6:.2f}M parameters, {len(train_data):,} train / '
-          f'{len(val_data):,} val chars, device {device}')
+          f'{len(val_data):,} val chars, device {device}'
+          + (f', {world} processes x {accum // world} micro-batch(es) of {batch_size}' if ddp else '')
+          + (f', {accum} micro-batches of {batch_size} a step' if accum > 1 and not ddp else ''))
 
     train_time, last_train = 0.0, float('nan')
     diverged = f'try a lower --learning_rate; {ckpt_path} keeps the last good model'
@@ -354,34 +384,51 @@ if __name__ == '__main__':
                 die(f'val loss is {losses["val"]} at iter {iter_num}: {diverged}')
             if losses['val'] < best_val:
                 best_val = losses['val']
-                if iter_num > 0:
+                states = [g.get_state() for g in gens]               # every stream, for a resume
+                if ddp:
+                    everyone = [None] * world
+                    dist.all_gather_object(everyone, states)
+                    states = [s for rank_states in everyone for s in rank_states]
+                if iter_num > 0 and master:
                     save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                      'model_args': model_args, 'config': config, 'vocab': vocab,
                                      'iter_num': iter_num, 'best_val_loss': best_val,
-                                     'train_loss': last_train, 'rng_state': gen.get_state()}, ckpt_path)
+                                     'train_loss': last_train, 'rng_states': states}, ckpt_path)
         if iter_num >= max_iters:
             break
         t0 = time.time()
         for group in optimizer.param_groups:
             group['lr'] = lr_at(iter_num, learning_rate, warmup_iters, max_iters, min_lr_ratio, lr_decay)
-        x, y = get_batch(train_data, block_size, batch_size, gen, device)  # (B, T) each
-        with ctx:
-            _, loss = fwd(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for i, g in enumerate(gens):                                  # L = 1/accum sum_j L_j over all ranks
+            x, y = get_batch(train_data, block_size, batch_size, g, device)  # (B, T) each
+            if ddp:                                                   # average over ranks at the last only
+                step_fwd.require_backward_grad_sync = i == len(gens) - 1
+            with ctx:
+                _, loss = step_fwd(x, y)
+            (loss * world / accum).backward()                         # DDP's average over ranks: / world
+            step_loss += loss.detach() / len(gens)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         train_time += dt
         iter_num += 1
         if iter_num % log_interval == 0:
-            lossf = loss.item()
+            if ddp:
+                dist.all_reduce(step_loss)                            # the mean over all ranks' micro-batches
+                step_loss /= world
+            lossf = float(step_loss)
             if not math.isfinite(lossf):
                 die(f'loss is {lossf} at iter {iter_num}: {diverged}')
             print(f'iter {count(iter_num, max_iters)}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
-                  f'{batch_size * block_size / dt:,.0f} tok/s, '
+                  f'{batch_size * accum * block_size / dt:,.0f} tok/s, '
                   f'{eta(iter_num, max_iters, t_loop, start_iter)}')
+    if ddp:
+        dist.destroy_process_group()
+    if not master:
+        sys.exit(0)
 
     seconds = time.time() - t_start
     model, _, best = load_gpt(ckpt_path, device=device)               # the best checkpoint:
@@ -391,10 +438,10 @@ if __name__ == '__main__':
     start_ids = torch.tensor([encode('\n', vocab)], device=device)
     sample = model.generate(start_ids, sample_chars, generator=torch.Generator(device).manual_seed(seed))[0]
     print('-' * 80 + '\n' + decode(sample[0, 1:], vocab) + '\n' + '-' * 80)
-    tokens = (iter_num - start_iter) * batch_size * block_size
+    tokens = (iter_num - start_iter) * batch_size * accum * block_size
     metrics = {'val_loss': round(val_loss, 4), 'train_loss': round(best['train_loss'], 4), 'iters': iter_num,
                'seconds': round(seconds, 1), 'params': model.num_params(),
-               'tokens_per_sec': round(tokens / max(train_time, 1e-9)), 'device': device}
+               'tokens_per_sec': round(tokens / max(train_time, 1e-9)), 'device': device, 'processes': world}
     with open(os.path.join(out_dir, 'gpt.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps(metrics))

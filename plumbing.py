@@ -5,7 +5,8 @@ The recipe lives in gpt.py, reward.py, ppo.py and sample.py (and the labeler and
 they share, labeler.py and frontier.py); this file holds the parts a reader can take on trust:
  - options: `--key=value` overrides, each checked against the rule that opens its comment in the
    hyperparameter block, --help, and one-line errors instead of tracebacks (die);
- - progress lines with an ETA; atomic checkpoints, read with weights_only=True;
+ - progress lines with an ETA; atomic checkpoints, read with weights_only=True; results kept
+   in a file for as long as what they depend on is unchanged (cached);
  - the corpus: input.txt read and checked, the character codec, the train/val split, random
    training windows, the learning-rate schedule;
  - turns: speech starts as prompts, and batched sampling of one turn per prompt, padded after
@@ -14,6 +15,8 @@ It imports only torch, so every script can import it first.
 """
 import ast
 import difflib
+import hashlib
+import json
 import math
 import os
 import re
@@ -49,6 +52,26 @@ def _exit_in_one_line(kind, value, tb, default=sys.excepthook):
     default(kind, value, tb)
 
 
+class ByDevice:
+    """A default that depends on the device of the run: `n_layer = ByDevice(cpu=2, cuda=6)`.
+    configure() puts the value for the run's --device in its place (cuda: the cuda value; cpu
+    and mps: the cpu value) before any other override is read, so `--device=cpu` on a GPU machine
+    gets the CPU sizes and `--device=cuda` the GPU sizes."""
+    def __init__(self, cpu, cuda):
+        self.cpu, self.cuda = cpu, cuda
+
+    def __repr__(self):
+        return f'ByDevice(cpu={self.cpu!r}, cuda={self.cuda!r})'
+
+
+def resolve_defaults(scope, device):
+    """Every ByDevice default of `scope` replaced by its value for `device` ('cpu', 'cuda:1', ...)."""
+    gpu = torch.device(device).type == 'cuda'
+    for k, v in scope.items():
+        if isinstance(v, ByDevice):
+            scope[k] = v.cuda if gpu else v.cpu
+
+
 def configure(scope, argv):
     """Apply `--key=value` overrides to a script's globals `scope`; return the options as a dict.
 
@@ -56,8 +79,9 @@ def configure(scope, argv):
     without a __file__: its plain values). The value is read as a Python literal (`--lr=3e-4`,
     `--top_k=None`, `--start='ROMEO:'`), falling back to the raw string. Its type must match the
     default's (an int is accepted for a float); a default of None accepts anything. Unknown keys
-    name the closest one, or the new name of one listed in the script's `_renamed`. -h / --help
-    prints the options and exits.
+    name the closest one, or the new name of one listed in the script's `_renamed`. The --device
+    override comes first: the defaults that depend on it (ByDevice) follow it. -h / --help prints
+    the options (as on the device given) and exits.
     """
     sys.excepthook = _exit_in_one_line
     block = option_block(scope['__file__']) if '__file__' in scope else None
@@ -66,6 +90,11 @@ def configure(scope, argv):
     else:
         plain = (bool, int, float, str, type(None))
         keys = [k for k, v in scope.items() if not k.startswith('_') and isinstance(v, plain)]
+    if 'device' in scope:
+        given = [literal(a.split('=', 1)[1]) for a in argv if a.startswith('--device=')]
+        scope['device'] = given[-1] if given else scope['device']
+        check_device(scope['device'])
+        resolve_defaults(scope, scope['device'])
     if '-h' in argv or '--help' in argv:
         print_help(scope, block)
         sys.exit(0)
@@ -80,11 +109,7 @@ def configure(scope, argv):
                     or [k for k in keys if key in k]                                 # --lam: gae_lambda
                     or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))        # else the closest
             die(f'unknown option --{key}; did you mean --{near[0]}? (--help lists the options)')
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        old = scope[key]
+        value, old = literal(text), scope[key]
         if isinstance(old, float) and type(value) is int:
             value = float(value)
         if old is not None and type(value) is not type(old):        # (None only where the default is None)
@@ -94,9 +119,15 @@ def configure(scope, argv):
         for names, comment in block:
             for n in names:
                 check_option(n, scope[n], comment)
-    if 'device' in keys:
-        check_device(scope['device'])
     return {k: scope[k] for k in keys}
+
+
+def literal(text):
+    """An override's value: a Python literal (`3e-4`, `None`, `'ROMEO:'`), or else the raw string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 # An option's rule opens its comment in the hyperparameter block: `in [1, inf)`, `in (0, 1]`,
@@ -155,7 +186,7 @@ def option_block(path):
     for line in block:
         code, _, comment = line.partition('#')                    # (no '#' inside a default value)
         names = [n.strip() for n in code.split('=')[0].split(',') if not n.strip().startswith('_')]
-        if names or not code.strip():                              # (_gpu is not an option)
+        if names or not code.strip():                              # (_names are not options)
             rows.append((names if code.strip() else [], comment.strip()))
     return rows
 
@@ -214,6 +245,40 @@ def save_checkpoint(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def digest(x):
+    """A short fingerprint of a file (a path) or a tensor's values: what a cached result depends on."""
+    h = hashlib.sha256()
+    if isinstance(x, torch.Tensor):
+        h.update(str((x.dtype, tuple(x.shape))).encode() + x.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        with open(x, 'rb') as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def cached(path, key, compute, log=print):
+    """compute() -> a json-able result, kept in the json file `path` under `key` (a dict of what the
+    result depends on, digests of files among them): a later call with the same key reads it back
+    instead of computing it again. The file is written atomically; a corrupt one is recomputed."""
+    key = json.dumps(key, sort_keys=True)
+    try:
+        with open(path) as f:
+            store = json.load(f)
+    except (OSError, ValueError):
+        store = {}
+    if key in store:
+        log(f'(measured before with the same models, prompts and settings: read from {path}; '
+            'delete it to measure again)')
+        return store[key]
+    result = json.loads(json.dumps(compute()))                     # tuples -> lists, as read back
+    store[key] = result
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(store, f)
+    os.replace(tmp, path)
+    return result
 
 
 def run_first(name):
@@ -368,6 +433,24 @@ def sample_answers(model, prompts, max_len, stop, temperature, generator, batch=
     answers = [F.pad(out[:, prompts.size(1):], (0, Ta - (out.size(1) - prompts.size(1))), value=pad)
                for out, _, _ in outs]
     return torch.cat(answers), torch.cat([lengths for *_, lengths in outs])
+
+
+def by_length(fn, seqs, lengths, prompt_len, chunk):
+    """fn over prompt + answer sequences (N, Tp + Ta) with answer lengths (N,), in chunks of `chunk`
+    rows sorted by length, each chunk cut to its longest answer: the padding after the answers is
+    hardly ever computed, and a small chunk stays in the CPU's cache. fn(seqs (b, Tp + t), lengths
+    (b,)) returns a tensor (b,) or (b, t), or a tuple of them; -> the same for all N rows, in the
+    order given, (N, t) ones padded with zeros to (N, Ta)."""
+    Ta = seqs.size(1) - prompt_len
+    order = lengths.argsort(stable=True)
+    parts = []
+    for i in order.split(chunk):
+        out = fn(seqs[i, :prompt_len + int(lengths[i].max())], lengths[i])
+        parts.append(out if isinstance(out, tuple) else (out,))
+    back = order.argsort()                                          # row k of the sorted batch -> k
+    outs = tuple(torch.cat([F.pad(p, (0, Ta - p.size(1))) if p.dim() == 2 else p for p in ps])[back]
+                 for ps in zip(*parts))
+    return outs if isinstance(out, tuple) else outs[0]
 
 
 def answer_mask(lengths, width):

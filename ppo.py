@@ -76,15 +76,15 @@ from frontier import (answer_sum, best_of_n_frontier, collect, policy_point, pri
                       print_samples, save_frontier, summary)
 from gpt import GPT, GPTConfig, load_gpt, token_logprobs
 from labeler import gold_scores
-from plumbing import (END_OF_TURN, answer_mask, configure, count, die, encode, ended, eta, get_batch,
-                      load_splits, prepare_out_dir, run_first, sample_prompts, save_checkpoint, turn_starts)
-from reward import load_reward_model
+from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, cached, configure, count, die, digest,
+                      encode, ended, eta, get_batch, load_splits, prepare_out_dir, run_first, sample_prompts,
+                      save_checkpoint, turn_starts)
+from reward import load_reward_model, score
 from sft import answer_logits, exact_kl, held_out_prompts
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
-_gpu = torch.cuda.is_available()
-device = 'cuda' if _gpu else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; sizes follow it
 out_dir = 'out'                 # reads <policy> and reward.pt, writes ppo.pt, ppo.json, ppo_log.csv
 policy = 'sft.pt'               # a checkpoint of out_dir to start from and keep the KL to (gpt.pt: no SFT)
 data_path = 'input.txt'
@@ -112,7 +112,7 @@ init_kl_coef = 0.5              # in [0, inf): beta at the start, for rewards of
 kl_target = 3.5                 # in [0, inf): nats per answer to steer to; 0 = fixed beta
 kl_horizon = 5120               # in [1, inf): episodes for the controller to close the gap
 max_grad_norm = 1.0             # in (0, inf): global grad-norm clip of policy and critic
-forward_batch_size = 256        # in [1, inf): sequences per no-grad forward (memory bound)
+forward_batch_size = ByDevice(cpu=32, cuda=256)  # in [1, inf): sequences a no-grad forward (CPU: in cache)
 eval_prompts = 256              # in [1, inf): held-out prompts for every reported number
 eval_samples = 2                # in [1, inf): answers per held-out prompt at each PPO point
 eval_interval = 8               # in [1, inf): evaluate the policy every this many iterations
@@ -235,20 +235,21 @@ class AdaptiveKLController:
 
 
 @torch.no_grad()
-def forward_rollout(policy, ref, critic, seqs, prompt_len, temperature, chunk):
-    """No-grad passes over the rollout seqs (B, Tp + Ta) in chunks of `chunk`: log pi, log pi_ref,
-    V (0 without a critic), the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta)."""
-    outs = []
-    for s in seqs.split(chunk):
-        logits = answer_logits(policy(s)[0], prompt_len)                # (b, Ta, V)
+def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature, chunk):
+    """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), `chunk` at a
+    time, each cut to its longest answer (plumbing.by_length): log pi, log pi_ref, V (0 without a
+    critic), the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta), 0 past the
+    chunk's longest answer."""
+    def passes(s, _):
+        logits = answer_logits(policy(s)[0], prompt_len)                # (b, t, V)
         ref_logits = answer_logits(ref(s)[0], prompt_len)
         answer, logp_all = s[:, prompt_len:], F.log_softmax(logits.float() / temperature, -1)
-        outs.append((token_logprobs(logits, answer, temperature),        # log pi(y_t | s_t)
-                     token_logprobs(ref_logits, answer, temperature),    # log pi_ref(y_t | s_t)
-                     critic(s, prompt_len) if critic else logits.new_zeros(logits.shape[:2]),  # V(s_t)
-                     exact_kl(logits, ref_logits, temperature),          # KL(pi || pi_ref) at s_t
-                     -(logp_all.exp() * logp_all).sum(-1)))              # H(pi(.|s_t))
-    return [torch.cat(x) for x in zip(*outs)]
+        return (token_logprobs(logits, answer, temperature),             # log pi(y_t | s_t)
+                token_logprobs(ref_logits, answer, temperature),         # log pi_ref(y_t | s_t)
+                critic(s, prompt_len) if critic else logits.new_zeros(logits.shape[:2]),  # V(s_t)
+                exact_kl(logits, ref_logits, temperature),               # KL(pi || pi_ref) at s_t
+                -(logp_all.exp() * logp_all).sum(-1))                    # H(pi(.|s_t))
+    return by_length(passes, seqs, lengths, prompt_len, chunk)
 
 
 LOG_FIELDS = ['iter', 'score', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
@@ -288,10 +289,10 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
         seqs, _, lengths = policy.generate(prompts, max_answer_len, temperature=temperature, generator=gen,
                                            stop=stop)                # (B, Tp + Ta), (B,)
         mask = answer_mask(lengths, seqs.size(1) - Tp)               # (B, Ta) 1 up to each answer's end
-        logp, ref_logp, values, kl_exact, entropy = forward_rollout(policy, ref, critic, seqs, Tp,
+        logp, ref_logp, values, kl_exact, entropy = forward_rollout(policy, ref, critic, seqs, lengths, Tp,
                                                                     temperature, chunk)  # (B, Ta) each
         values = values * mask                                       # V = 0 after the end (gae)
-        scores = torch.cat([reward_fn(s, n) for s, n in zip(seqs.split(chunk), lengths.split(chunk))])  # (B,)
+        scores = reward_fn(seqs, lengths)                            # (B,)
         finished = ended(seqs[:, Tp:], lengths, stop)                # (B,) did the speaker stop?
         scores = scores - truncation_penalty * (~finished).float()   # a fixed cost for running out
         beta = kl_ctl.beta
@@ -361,7 +362,8 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
+    rm_path = os.path.join(out_dir, 'reward.pt')
+    rm, rm_vocab, rm_checkpoint = load_reward_model(rm_path, device=device)
     labelled = rm_checkpoint.get('policy', 'gpt.pt')                # whose answers the RM learnt from
     reference = config['reference'] = policy                         # PPO's start, and its KL's reference
     ref, vocab, ref_checkpoint = load_gpt(os.path.join(out_dir, reference), run_first(reference), device)
@@ -393,19 +395,23 @@ if __name__ == '__main__':
     writer.writeheader()
 
     with torch.no_grad():  # the RM's std on the reference's answers -> rewards of unit scale (Ziegler et al.)
-        seqs0, _, n0 = ref.generate(get_prompts(forward_batch_size), max_answer_len, temperature=temperature,
+        seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
         gain = 1.0 / rm(seqs0, prompt_len, n0).std().clamp_min(1e-6).item()
     critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
-    curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, max_answer_len, stop, temperature,
-                                        best_of_max, seed, log=print)
+    bon_key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(rm_path),
+               'prompts': digest(held_out), 'seed': seed, 'max_answer_len': max_answer_len,
+               'temperature': temperature, 'best_of_max': best_of_max, 'device': torch.device(device).type}
+    curve, samples = cached(os.path.join(out_dir, 'best_of_n.json'), bon_key, lambda: best_of_n_frontier(
+        ref, rm, held_out, vocab, max_answer_len, stop, temperature, best_of_max, seed,
+        chunk=forward_batch_size, log=print))                        # the same for ppo, rloo, grpo
     path, ppo_samples = [], []
 
     def evaluate_policy(it):  # the policy on the held-out prompts: one point of its path
         row, s = policy_point(policy, ref, rm, held_out, vocab, max_answer_len, stop, temperature,
-                              eval_samples, seed, it, method=name)
+                              eval_samples, seed, it, forward_batch_size, method=name)
         path.append(row)
         ppo_samples[:] = s
         print(f"eval {it}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
@@ -425,9 +431,9 @@ if __name__ == '__main__':
     keywords = [k for k, p in inspect.signature(train).parameters.items() if p.kind == p.KEYWORD_ONLY]
     options = {k: config[k] for k in keywords if k in config}        # the options named as in train
     try:
-        train(policy, ref, critic, lambda s, n: gain * rm(s, prompt_len, n), get_prompts, **options,
-              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch,
-              on_iter=on_iter)
+        train(policy, ref, critic, lambda s, n: gain * score(rm, s, prompt_len, n, forward_batch_size),
+              get_prompts, **options, gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab),
+              lm_batch_fn=lm_batch, on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()

@@ -51,14 +51,13 @@ import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, load_gpt
 from labeler import NEGATIVE, POSITIVE, all_pairs, gold_scores, label, pair_metrics, words
-from plumbing import (END_OF_TURN, answer_mask, answer_texts, configure, count, die, encode, ended, eta,
-                      cpu_has_bf16, load_model, load_splits, lr_at, prepare_out_dir, progress, run_first,
-                      sample_answers, sample_prompts, save_checkpoint, turn_starts)
+from plumbing import (END_OF_TURN, ByDevice, answer_mask, answer_texts, by_length, configure, count,
+                      cpu_has_bf16, die, encode, ended, eta, load_model, load_splits, lr_at, prepare_out_dir,
+                      progress, run_first, sample_answers, sample_prompts, save_checkpoint, turn_starts)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
-_gpu = torch.cuda.is_available()
-device = 'cuda' if _gpu else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; sizes follow it
 out_dir = 'out'                 # reads out_dir/<policy>, writes out_dir/reward.pt and reward.json
 policy = 'sft.pt'               # a checkpoint of out_dir: whose answers are labelled; the RM starts from it
 data_path = 'input.txt'
@@ -67,7 +66,7 @@ prompt_len = 16                 # in [1, inf): the end of a speech and the next 
 max_answer_len = 96             # in [2, inf): a turn ends at its blank line or this long
 rm_context = 0                  # in [0, inf): prompt characters the RM reads (the labeler: none)
 K = 32                          # in [2, inf): answers per prompt: 496 pairs (InstructGPT: 4..9)
-train_prompts = 1250 if _gpu else 625  # in [1, inf): CPU: 20,000 answers, 310,000 pairs
+train_prompts = ByDevice(cpu=625, cuda=1250)  # in [1, inf): CPU: 20,000 answers, 310,000 pairs
 dev_prompts = 40                # in [1, inf): training-text prompts: early stopping, BoW's L2
 val_prompts = 47                # in [1, inf): held-out prompts (validation text): 23,312 pairs
 tau = 1.0                       # in (0, inf): labeler noise: P(i > j) = sigmoid((g_i - g_j) / tau)
@@ -76,7 +75,8 @@ gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
 epochs = 3                      # in [1, inf): passes over the pairs (README: 2 reach gold_acc 0.95, 3 0.96)
-dtype = 'bfloat16' if not _gpu and cpu_has_bf16() else 'float32'  # in {'bfloat16', 'float32'}: CPU training
+_bf16 = 'bfloat16' if cpu_has_bf16() else 'float32'  # the CPU's fast dtype for the RM (bf16 units or not)
+dtype = ByDevice(cpu=_bf16, cuda='float32')  # in {'bfloat16', 'float32'}: on CPU, bf16 autocast or not
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
 log_interval = 50               # in [1, inf)
@@ -134,17 +134,15 @@ class RewardModel(nn.Module):
         return c.sum(1) + self.bias
 
 
-def rewards(rm, seqs, prompt_len, lengths=None, chunk=512):
+def rewards(rm, seqs, prompt_len, lengths=None, chunk=32):
     """Rewards (N,) of N prompt + answer sequences (N, Tp + Ta) with answer lengths (N,): forwarded
-    shortest first in chunks, each cut to its longest answer, so the padding after the answers is
-    hardly ever computed. Differentiable; on the RM's device."""
+    shortest first in chunks, each cut to its longest answer (plumbing.by_length). Differentiable;
+    on the RM's device."""
     device = next(rm.parameters()).device
     if lengths is None:
         lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len)
-    order = lengths.argsort(stable=True)
-    parts = [rm(seqs[i, :prompt_len + int(lengths[i].max())].to(device), prompt_len, lengths[i].to(device))
-             for i in order.split(chunk)]                        # each chunk cut to its longest answer
-    return torch.cat(parts)[order.argsort()]                   # back in the order given
+    forward = lambda s, n: rm(s.to(device), prompt_len, n.to(device))
+    return by_length(forward, seqs, lengths, prompt_len, chunk)
 
 
 score = torch.no_grad()(rewards)                               # the same, for evaluation

@@ -34,8 +34,7 @@ from sft import held_out_prompts
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
-_gpu = torch.cuda.is_available()
-device = 'cuda' if _gpu else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; sizes follow it
 out_dir = 'out'
 data_path = 'input.txt'         # eval mode: held-out prompts come from its validation part
 ckpt = 'ppo'                    # 'ppo', 'sft', 'gpt', or a path to any checkpoint; ppo falls back to sft, gpt

@@ -39,14 +39,13 @@ import torch.nn.functional as F
 
 from gpt import load_gpt, token_logprobs
 from labeler import gold_score, gold_scores
-from plumbing import (END_OF_TURN, answer_mask, answer_texts, configure, count, decode, die, encode, ended,
-                      eta, load_splits, lr_at, prepare_out_dir, sample_answers, sample_prompts,
+from plumbing import (END_OF_TURN, answer_mask, answer_texts, by_length, configure, count, decode, die,
+                      encode, ended, eta, load_splits, lr_at, prepare_out_dir, sample_answers, sample_prompts,
                       save_checkpoint, turn_starts)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
-_gpu = torch.cuda.is_available()
-device = 'cuda' if _gpu else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; sizes follow it
 out_dir = 'out'                 # reads out_dir/gpt.pt, writes out_dir/sft.pt and sft.json
 data_path = 'input.txt'
 seed = 1337                     # in [0, inf): batches, and the held-out answers
@@ -137,18 +136,20 @@ def answer_values(answers, lengths, vocab, stop):
 
 
 @torch.no_grad()
-def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=256):
-    """n_samples answers of `policy` to each held-out prompt (P, Tp), and per answer its gold,
-    length, ended and exact KL(pi || pi_ref) summed over its characters (nats).
-    -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
+def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=32,
+                   batch=256):
+    """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time,
+    and per answer its gold, length, ended and exact KL(pi || pi_ref) summed over its characters
+    (nats), forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     Tp = prompts.size(1)
     rep = prompts.repeat_interleave(n_samples, 0)                   # (P n, Tp)
-    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, chunk)
-    seqs, mask = torch.cat([rep, y], 1), answer_mask(lengths, y.size(1))
-    kl = torch.cat([exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
-                    for s in seqs.split(chunk)])                   # (P n, Ta) nats per position
-    return seqs, lengths, {**answer_values(y, lengths, vocab, stop), 'kl': (kl * mask).sum(1).cpu()}
+    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch)
+    seqs = torch.cat([rep, y], 1)
+    kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
+                       * answer_mask(n, s.size(1) - Tp)).sum(1)     # (b,) nats per answer
+    return seqs, lengths, {**answer_values(y, lengths, vocab, stop),
+                           'kl': by_length(kl, seqs, lengths, Tp, chunk).cpu()}
 
 
 def mean_se(x):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, KVCache, load_gpt, token_logprobs
-from plumbing import answer_mask, configure, decode, encode, save_checkpoint
+from plumbing import ByDevice, answer_mask, configure, decode, encode, resolve_defaults, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
@@ -757,6 +757,8 @@ TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_m
             '--eval_interval=2']
 SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']    # the road without SFT
 SMALL_PPO = [*TINY_PPO, '--max_iters=1', '--eval_interval=1']
+DDP_GPT = [*TINY_GPT, '--n_embd=32', '--block_size=32', '--batch_size=4', '--max_iters=12', '--eval_interval=6',
+           '--eval_iters=2', '--log_interval=3', '--sample_chars=10']
 
 
 class Runs:
@@ -801,6 +803,16 @@ def with_sft_as_gpt(script, out_dir_arg, *args, stdin=None):
     return run(script, out_dir_arg, *args, stdin=stdin)
 
 
+def torchrun(script, *args, stdin=None):
+    """Run a stage as N = 2 CPU processes under torchrun (gloo), as a user with two GPUs would run it."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    STARTED.append(p)
+    return finish((p, None))
+
+
 def interrupted(script, *args, stdin=None):
     """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after)."""
     p, _ = start(script, *args, '--max_iters=100000', '--eval_interval=20')
@@ -833,6 +845,8 @@ def runs(tmp_path_factory):
     r.add('reward_sft_copy', 'reward.py', *SMALL_RM, after='gpt', own=[], job=with_sft_as_gpt)
     r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
+    r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
+    r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)       # 2 processes, 1 micro-batch each
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
     r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt', 'ppo.pt'])
@@ -854,7 +868,8 @@ def test_tiny_training_lowers_loss(runs):
     assert code == 0, log
     first = float(log.split('step 0: ')[1].split('val loss ')[1].split('\n')[0])
     metrics = json.load(open(os.path.join(runs.dirs['out'], 'gpt.json')))
-    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec', 'device'}
+    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec', 'device',
+                            'processes'} and metrics['processes'] == 1
     assert first > 4.0 and metrics['val_loss'] < first - 1.0, (first, metrics)
 
 
@@ -1031,8 +1046,28 @@ def test_resume_continues_from_the_checkpoint(runs):
         gen = torch.Generator().manual_seed(1337)
         for _ in range(ck['iter_num']):
             torch.randint(n_train - int(opt['block_size']) - 1, (int(opt['batch_size']),), generator=gen)
-        assert torch.equal(ck['rng_state'], gen.get_state()), (out, ck['iter_num'])
+        assert len(ck['rng_states']) == 1 and torch.equal(ck['rng_states'][0], gen.get_state()), (out, ck['iter_num'])
     assert torch.load(os.path.join(runs.dirs['resume'], 'gpt.pt'), weights_only=True)['iter_num'] > 80
+
+
+def test_torchrun_two_processes_train_what_one_does(runs):
+    """torchrun with 2 CPU processes (gloo), one micro-batch each: the losses, the weights and the
+    data streams of one process taking both micro-batches of every step; rank 0 alone logs and
+    writes one checkpoint."""
+    (code1, one), (code2, two) = runs['gpt_accum2'], runs['gpt_ddp']
+    assert code1 == 0 and code2 == 0, (one, two)
+    assert '2 processes x 1 micro-batch(es) of 4' in two and two.count('step 0: ') == 1, two
+    numbers = lambda log: [float(w.rstrip(',')) for l in log.splitlines() if l.startswith(('step ', 'iter '))
+                           for w in l.split(', time')[0].split(', eta')[0].split()[3:] if w[0].isdigit()]
+    assert len(numbers(one)) == len(numbers(two)) >= 10
+    assert numbers(one) == pytest.approx(numbers(two), abs=2e-4)
+    a, b = (torch.load(os.path.join(runs.dirs[k], 'gpt.pt'), weights_only=True) for k in ('gpt_accum2', 'gpt_ddp'))
+    assert a['iter_num'] == b['iter_num'] and len(a['rng_states']) == len(b['rng_states']) == 2
+    assert all(torch.equal(x, y) for x, y in zip(a['rng_states'], b['rng_states']))
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-5), k
+    assert sorted(os.listdir(runs.dirs['gpt_ddp'])) == ['gpt.json', 'gpt.pt']
+    assert json.load(open(os.path.join(runs.dirs['gpt_ddp'], 'gpt.json')))['processes'] == 2
 
 
 def strip_times(log, n=20):
@@ -1209,12 +1244,39 @@ def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
     assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
 
 
+def script_globals(script, device=None):
+    """A script's globals as an import leaves them, the defaults that depend on the device
+    (ByDevice) resolved for `device` (None: the script's own default device)."""
+    g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
+    resolve_defaults(g, device or g.get('device', 'cpu'))
+    return g
+
+
+def test_size_defaults_follow_the_device(capsys):
+    """The sizes follow the run's --device, not whether CUDA is present: --device=cpu on a GPU
+    machine gets the CPU sizes, --device=cuda the GPU ones (resolved here without a GPU)."""
+    cpu, cuda, mps = (script_globals('gpt.py', d) for d in ('cpu', 'cuda:1', 'mps'))
+    assert (cpu['n_layer'], cpu['n_embd'], cpu['batch_size']) == (2, 128, 3)
+    assert (cuda['n_layer'], cuda['n_embd'], cuda['batch_size']) == (6, 384, 64)
+    assert mps['n_layer'] == 2
+    for script in ('gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'dpo.py', 'sample.py'):
+        g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
+        sized = {k: v for k, v in g.items() if isinstance(v, ByDevice)}
+        assert sized or script in ('sft.py', 'sample.py'), script
+        config = configure(g, ['--device=cpu'])                      # as each script starts
+        assert all(config[k] == v.cpu for k, v in sized.items()), script
+        assert not any(isinstance(v, ByDevice) for v in config.values()), script
+    g = runpy.run_path(os.path.join(HERE, 'ppo.py'), run_name='imported')
+    assert configure(g, ['--device=cpu', '--batch_size=64'])['forward_batch_size'] == 32
+    assert configure(dict(g, __file__=g['__file__']), ['--forward_batch_size=7'])['forward_batch_size'] == 7
+
+
 @pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
 def test_help_lists_every_option_with_its_default(script, run_here, tmp_path):
     """--help: exit 0, every global of the hyperparameter block as --name=value with its comment,
     and nothing loaded or written."""
     import ast
-    g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
+    g = script_globals(script)
     src = open(os.path.join(HERE, script)).read()
     first = src[:src.index('\n# hyperparameters')].count('\n') + 2        # the block's lines, 1-based
     last = first + src[src.index('\n# hyperparameters') + 1:].split('\n# ----')[0].count('\n')
@@ -1235,7 +1297,7 @@ def block_options(script):
     '# hyperparameters' to the next '# ----'."""
     import ast
     src = open(os.path.join(HERE, script)).read()
-    g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
+    g = script_globals(script)
     lines = src.splitlines()
     first = next(i for i, l in enumerate(lines) if l.startswith('# hyperparameters')) + 1
     last = next(i for i in range(first, len(lines)) if lines[i].startswith('# ----'))

@@ -7,7 +7,8 @@ SFT) score 0 on average, so by Bradley-Terry P reads: "the probability the label
 answer to a typical answer of that policy" (0.5 = as good as it).
 P is calibrated for what the RM was trained on, whole turns of up to max_answer_len characters
 (see ece in out/reward.json). Longer text is scored over the last window the RM can read, and
-the output says so.
+the output says so. In both chat modes an answer that runs into that limit is shown to its last
+whole line or sentence (whole()), and P is the RM's on exactly what is shown.
 
 Run:
     python sample.py                                  # 3 continuations of --start, each with P
@@ -15,20 +16,23 @@ Run:
     python sample.py --start=FILE:prompt.txt --ckpt=gpt --max_new_tokens=500   # any length
     python sample.py --mode=chat                      # you speak as ROMEO, the bard answers as JULIET
     echo 'What light through yonder window breaks?' | python sample.py --mode=chat
+    python sample.py --mode=web                       # the chat in a browser, at http://127.0.0.1:8000/
     python sample.py --mode=eval                      # ppo.py's gold-vs-KL frontier again -> out/eval.json
 """
 import json
 import os
 import re
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
 from frontier import best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples, summary
 from gpt import load_gpt
 from plumbing import (END_OF_TURN, answer_texts, configure, die, encode, load_splits, prepare_out_dir,
-                      run_first)
+                      run_first, sample_answers)
 from reward import load_reward_model, score
 from sft import held_out_prompts
 
@@ -38,7 +42,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; s
 out_dir = 'out'
 data_path = 'input.txt'         # eval mode: held-out prompts come from its validation part
 ckpt = 'ppo'                    # 'ppo', 'sft', 'gpt', or a path to any checkpoint; ppo falls back to sft, gpt
-mode = 'sample'                 # in {'sample', 'chat', 'eval'}: 'sample', 'chat' or 'eval'
+mode = 'sample'                 # in {'sample', 'chat', 'web', 'eval'}: web: the chat as a local page
 start = '\n'                    # sample mode's prompt, or 'FILE:path' to read it from a file
 num_samples = 3                 # in [1, inf): continuations printed in sample mode
 max_new_tokens = None           # int in [1, inf) or None: sample mode's length; None = the RM's
@@ -48,6 +52,8 @@ best_of = 1                     # in [1, inf): draw n answers, keep the RM's fav
 seed = 1337                     # in [0, inf)
 you = 'ROMEO'                   # chat: the character you speak as
 bard = 'JULIET'                 # chat: the character the model answers as; a whole turn each time
+host = '127.0.0.1'              # web: the address to listen on (127.0.0.1: this machine only)
+port = 8000                     # in [0, 65535]: web: the port (0: any free one)
 # ----------------------------------------------------------------------------------------
 TAG = re.compile(r"\n[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,3}:\n")  # a speaker's name on a line of its own
 
@@ -104,6 +110,167 @@ def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, t
     y, lengths, r, *_ = best_of_n(model, rm, ids, best_of, max_len, stop, temperature, gen, top_k=top_k)
     texts = answer_texts(y, lengths, vocab)
     return [(text, r[i].item(), torch.sigmoid(r[i]).item()) for i, text in enumerate(texts)]
+
+
+def whole(text, ended):
+    """What the chat shows of a turn: one that ended on its own whole; one that ran into the length
+    limit trimmed back to its last whole line or sentence (. ! ? ; :), or with neither to its last
+    whole word, so that no answer is shown cut mid-word. -> (shown, how: '', 'line', 'sentence',
+    'word' or 'none')."""
+    if ended:
+        return text, ''
+    ends = [(p, 'line') for p in range(1, len(text)) if text[p] == '\n']
+    ends += [(p + 1, 'sentence') for p in range(len(text)) if text[p] in '.!?;:'
+             and (p + 1 == len(text) or text[p + 1] in ' \n')]
+    if ends:
+        p, how = max(ends)
+        return text[:p].rstrip(), how
+    if ' ' in text.strip():
+        return text.strip()[:text.strip().rindex(' ')], 'word'
+    return text, 'none'
+
+
+def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
+    """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: best_of
+    answers drawn, each ended where its turn ends (end_of_turn) and shown whole (whole()), each
+    scored by the RM on exactly what is shown, as a turn of the scene (the text, then the blank
+    line); the favourite is kept. -> {'answer', 'p', 'reward', 'seconds', 'cut', 'note'}."""
+    t0, dev = time.time(), next(model.parameters()).device
+    prompt = format_chat(turns, bard, model.config.block_size - max_len - len(END_OF_TURN))
+    ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(best_of, 1)   # (n, Tp)
+    for _ in range(5):                                             # a turn that says nothing: draw again
+        y, lengths = sample_answers(model, ids, max_len, stop, temperature, gen, top_k=top_k)
+        drawn = [end_of_turn(text) for text in answer_texts(y, lengths, vocab)]
+        shown = [whole(text, ended) for text, ended in drawn]
+        if any(text.strip() for text, _ in shown):
+            break
+    turns_said = [encode(text + END_OF_TURN, vocab) for text, _ in shown]
+    n = torch.tensor([len(t) for t in turns_said], device=dev)
+    said = torch.full((best_of, int(n.max())), stop[-1], device=dev)
+    for i, t in enumerate(turns_said):
+        said[i, :len(t)] = torch.tensor(t, device=dev)
+    r = score(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()   # (n,) on what is shown
+    best = max([i for i, (text, _) in enumerate(shown) if text.strip()] or [0], key=lambda i: r[i])
+    (text, how), (drawn_text, ended_here) = shown[best], drawn[best]
+    cut = not ended_here
+    note = '' if not cut else f'cut at {max_len} characters' + (
+        f', shown to its last whole {how} ({len(text)} of {len(drawn_text)})' if how != 'none' else '')
+    reward = r[best]
+    return {'answer': text, 'p': torch.sigmoid(torch.tensor(reward)).item(), 'reward': reward,
+            'seconds': round(time.time() - t0, 3), 'cut': cut, 'note': note}
+
+
+# ------------------------------------------------------------------ the chat as a local web page
+MAX_BODY, MAX_LINE, MAX_TURNS, MAX_BEST_OF = 65536, 500, 200, 64   # what one request may hold
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # the page, read once
+
+
+class BadRequest(Exception):
+    """A request the page (or anyone) sent that cannot be answered: its HTTP status and one line."""
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def read_chat_request(body, vocab, you, bard):
+    """POST /chat's JSON body {"history": [{"who": "you" | "bard", "text": ...}, ...], "line": ...,
+    "best_of": n} -> (turns [(speaker, text)], the line as the bard reads it, best_of, note), or
+    BadRequest. Characters the bard does not know are left out, with a note, as in chat mode."""
+    try:
+        request = json.loads(body.decode('utf-8'))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest(400, 'the body is not JSON: send {"history": [...], "line": "...", "best_of": 1}')
+    if not isinstance(request, dict) or not isinstance(request.get('line'), str):
+        raise BadRequest(400, 'the JSON needs a "line": the text you say, as a string')
+    history, best_of = request.get('history', []), request.get('best_of', 1)
+    if not isinstance(history, list) or len(history) > MAX_TURNS or not all(
+            isinstance(t, dict) and t.get('who') in ('you', 'bard') and isinstance(t.get('text'), str)
+            and len(t['text']) <= 4 * MAX_LINE for t in history):
+        raise BadRequest(400, f'"history" must be a list of at most {MAX_TURNS} turns '
+                              '{"who": "you" or "bard", "text": "..."}')
+    if type(best_of) is not int or not 1 <= best_of <= MAX_BEST_OF:
+        raise BadRequest(400, f'"best_of" must be a whole number from 1 to {MAX_BEST_OF}')
+    line = request['line'].strip()
+    if not line:
+        raise BadRequest(400, 'the line is empty: say something to the bard')
+    if len(line) > MAX_LINE:
+        raise BadRequest(400, f'the line is {len(line)} characters; the bard listens to at most {MAX_LINE}')
+    line, dropped = clean(line, vocab)
+    if not line.strip():
+        raise BadRequest(400, f'the bard knows none of the characters {dropped!r}: try plain English letters')
+    turns = [(you if t['who'] == 'you' else bard, clean(t['text'], vocab)[0]) for t in history]
+    note = f'the bard knows no {dropped!r}; left out' if dropped else ''
+    return turns + [(you, line)], line, best_of, note
+
+
+def make_server(host, port, chat, vocab, you, bard, model='the model', typical='the policy', quiet=False):
+    """A threading HTTP server for the chat: GET / the page, POST /chat an answer (chat(turns,
+    best_of) -> reply()'s dict). One answer at a time (a lock: one model, one generator); the page
+    keeps the scene, so the server holds nothing between requests. Nothing is read from disk. The
+    page names the model and the policy P compares with (`typical`); names go in as JSON, '<' escaped.
+    Each request is logged in one line to stderr unless quiet."""
+    lock = threading.Lock()
+    names = json.dumps({'you': you, 'bard': bard, 'model': model, 'typical': typical}).replace('<', '\\u003c')
+    with open(PAGE_PATH, encoding='utf-8') as f:
+        page = f.read().replace('NAMES_JSON', names)             # all inline: nothing is fetched
+
+    class Handler(BaseHTTPRequestHandler):
+        def send(self, status, body, kind='application/json'):
+            data = body.encode('utf-8') if isinstance(body, str) else json.dumps(body).encode('utf-8')
+            self.send_response(status)
+            self.send_header('Content-Type', f'{kind}; charset=utf-8')
+            self.send_header('Content-Length', str(len(data)))
+            self.send_header('Content-Security-Policy', "default-src 'none'; style-src 'unsafe-inline'; "
+                             "script-src 'unsafe-inline'; connect-src 'self'")
+            if status == 405:
+                self.send_header('Allow', 'GET, POST')
+            self.end_headers()
+            if self.command != 'HEAD':
+                self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.split('?')[0] != '/':
+                return self.send(404, {'error': f'no page {self.path[:80]!r} here: the chat is at /'})
+            self.send(200, page, 'text/html')
+
+        do_HEAD = do_GET
+
+        def do_POST(self):
+            if self.path != '/chat':
+                return self.send(404, {'error': f'nothing to POST to at {self.path[:80]!r}: use /chat'})
+            try:
+                size = int(self.headers.get('Content-Length', ''))
+            except ValueError:
+                return self.send(411, {'error': 'send the body with a Content-Length'})
+            if not 0 <= size <= MAX_BODY:
+                self.close_connection = True                          # the body stays unread
+                return self.send(413, {'error': f'the request is {size} bytes; at most {MAX_BODY}'})
+            try:
+                turns, line, best_of, note = read_chat_request(self.rfile.read(size), vocab, you, bard)
+            except BadRequest as e:
+                return self.send(e.status, {'error': str(e)})
+            with lock:
+                answer = chat(turns, best_of)
+            answer['note'] = '; '.join(n for n in (note, answer['note']) if n)
+            self.send(200, {**answer, 'line': line})
+
+        def not_allowed(self):
+            self.send(405, {'error': f'{self.command} is not answered here: GET / for the page, POST /chat'})
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed
+
+        def log_message(self, fmt, *args):                            # one short line a request
+            if not quiet:
+                print(f'{self.command} {self.path[:40]} {args[1] if len(args) > 1 else ""}', file=sys.stderr)
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        die(f'cannot listen on {host}:{port} ({e.strerror}): choose another with --port=... or --host=...')
+    server.daemon_threads = True
+    return server
+
+
 
 
 if __name__ == '__main__':
@@ -171,10 +338,9 @@ if __name__ == '__main__':
             print(f'--- reward {r:+.3f}, P(preferred to a typical {labelled} answer) = {p:.3f}' +
                   (f' (best of {best_of})' if best_of > 1 else ''))
 
-    else:  # chat: a whole turn each time, up to the blank line (or max_answer_len characters)
+    elif mode == 'chat':  # a whole turn each time, up to the blank line (or max_answer_len characters)
         turns, stop = [], encode(END_OF_TURN, vocab)
         encode(you + bard, vocab)                                 # names any character the model lacks
-        room = model.config.block_size - max_answer_len           # the conversation keeps what fits here
         print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.',
               file=sys.stderr)
         while True:
@@ -193,17 +359,24 @@ if __name__ == '__main__':
             if not line:                                          # nothing the bard can read: ask again
                 continue
             turns.append((you, line))
-            t0 = time.time()
-            prompt = format_chat(turns, bard, room)
-            for _ in range(5):                                    # a turn that says nothing is drawn again
-                drawn = answer(model, rm, vocab, prompt, 1, max_answer_len, stop, gen, best_of, temperature,
-                               top_k)[0][0]                        # the one answer's text
-                text, done = end_of_turn(drawn)
-                if text.strip():
-                    break
-            said = text + END_OF_TURN if done else text                # the turn as the RM reads turns
-            r = score(rm, torch.tensor([encode(prompt + said, vocab)], device=device), len(prompt)).item()
-            p = torch.sigmoid(torch.tensor(r)).item()
-            turns.append((bard, text))
-            print(f'{bard}: {text}\n   [P = {p:.2f}, reward {r:+.2f}, {time.time() - t0:.1f} s'
-                  + ('' if done else f', cut at {max_answer_len} characters') + ']')
+            a = reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, best_of, temperature, top_k)
+            turns.append((bard, a['answer']))
+            print(f"{bard}: {a['answer']}\n   [P = {a['p']:.2f}, reward {a['reward']:+.2f}, "
+                  f"{a['seconds']:.1f} s" + (f", {a['note']}" if a['note'] else '') + ']')
+
+    else:  # web: the same chat as a local page; the page keeps the scene and sends it each time
+        stop = encode(END_OF_TURN, vocab)
+        encode(you + bard, vocab)
+        chat = lambda turns, n: reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, n,
+                                      temperature, top_k)
+        server = make_server(host, port, chat, vocab, you, bard, os.path.basename(path), labelled)
+        if host not in ('127.0.0.1', 'localhost', '::1'):
+            print(f'note: listening on {host}: anyone who can reach this machine can talk to the bard',
+                  file=sys.stderr)
+        print(f'the bard is at http://{host}:{server.server_address[1]}/ (Ctrl-C stops it)')
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print('\nstopped serving', file=sys.stderr)
+        finally:
+            server.server_close()

@@ -287,7 +287,7 @@ def test_dpo_loss_by_hand_and_log_2_at_the_reference():
 # ======================================================================== reward.py
 from frontier import best_of_n
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
-from reward import Preferences, RewardModel, evaluate_rm, pairwise_loss
+from reward import Preferences, RewardModel, evaluate_rm, pairwise_loss, score
 
 
 def test_gold_score_on_hand_written_lines():
@@ -1027,6 +1027,108 @@ def test_chat_format_and_trimming():
     assert end_of_turn('Ay, my lord.\nKING EDWARD IV:\nStay') == ('Ay, my lord.', True)   # a name, no blank line
     assert end_of_turn('Ay, my lord.\nCome, sir: go') == ('Ay, my lord.\nCome, sir: go', False)
     assert end_of_turn('Ay, my lo') == ('Ay, my lo', False)
+
+
+def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
+    from sample import whole
+    assert whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
+    assert whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
+    assert whole('I am. Thou art not', False) == ('I am.', 'sentence')
+    assert whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
+    assert whole('Nonesuch', False) == ('Nonesuch', 'none')
+    assert whole('Go hence', True) == ('Go hence', '')                  # a turn that ended is kept whole
+    text = open(os.path.join(HERE, 'input.txt')).read()
+    for start in range(0, 200000, 997):                                # real text cut at 96 characters
+        cut = text[start:start + 96]
+        shown, how = whole(cut, False)
+        assert cut.startswith(shown) and shown.strip() and how != 'none'
+        assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)  # whole words
+
+
+def chat_models():
+    """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
+    config = GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    rm = RewardModel(config).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    return GPT(config).eval(), rm
+
+
+def test_reply_scores_exactly_what_it_shows():
+    from sample import format_chat, reply
+    model, rm = chat_models()
+    stop = encode('\n\n', VOCAB)
+    turns = [('ROMEO', 'Good morrow.')]
+    for best_of in (1, 3):
+        a = reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, torch.Generator().manual_seed(best_of), best_of)
+        prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
+        r = score(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
+        assert a['reward'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
+        assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
+        assert not a['cut'] or a['note'].startswith('cut at 12 characters')
+
+
+def test_web_page_and_chat_answers_and_refuses_bad_requests():
+    """sample.py --mode=web's server, in-process on a free port: the page, answers through HTTP,
+    a 4xx and one clear line for each bad request (and the next good one answered), 20 requests
+    from 4 clients at once, a clean stop."""
+    import http.client
+    import threading
+    from sample import make_server, reply
+    model, rm = chat_models()
+    stop, gen = encode('\n\n', VOCAB), torch.Generator().manual_seed(0)
+    chat = lambda turns, n: reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, gen, n)
+    server = make_server('127.0.0.1', 0, chat, VOCAB, 'ROMEO', 'JULIET', model='x</script><b>', quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def ask(method, path, body=None, headers=None):
+        c = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        c.request(method, path, data, headers or {})
+        r = c.getresponse()
+        out = r.read().decode()
+        c.close()
+        return r.status, r.getheader('Content-Type'), out
+    try:
+        status, kind, page = ask('GET', '/')
+        assert status == 200 and kind.startswith('text/html') and '<form' in page and 'textContent' in page
+        assert 'x</script>' not in page and 'x\\u003c/script>' in page and 'src=' not in page   # nothing fetched
+        status, _, out = ask('POST', '/chat', {'history': [{'who': 'you', 'text': 'Hi.'},
+                                                          {'who': 'bard', 'text': 'Ay.'}], 'line': 'Go on.'})
+        a = json.loads(out)
+        assert status == 200 and 0 <= a['p'] <= 1 and a['line'] == 'Go on.' and isinstance(a['answer'], str)
+        assert set(a) == {'answer', 'p', 'reward', 'seconds', 'cut', 'note', 'line'}
+        status, _, out = ask('POST', '/chat', {'line': 'Hé <script>x</script>', 'best_of': 2})
+        assert status == 200 and "knows no '/<>é'" in json.loads(out)['note'] and json.loads(out)['line'] == 'H scriptxscript'
+        bad = [('POST', '/chat', b'not json', 400, 'not JSON'),
+               ('POST', '/chat', {'line': '   '}, 400, 'empty'),
+               ('POST', '/chat', {'line': 'a' * 501}, 400, 'at most 500'),
+               ('POST', '/chat', {'line': 'éé'}, 400, 'knows none'),
+               ('POST', '/chat', {'line': 'Hi', 'best_of': 0}, 400, 'best_of'),
+               ('POST', '/chat', {'line': 'Hi', 'best_of': True}, 400, 'best_of'),
+               ('POST', '/chat', {'line': 'Hi', 'history': [{'who': 'god', 'text': 'x'}]}, 400, 'history'),
+               ('POST', '/chat', [1, 2], 400, '"line"'),
+               ('POST', '/chat', b'{"line": "' + b'a' * 70000 + b'"}', 413, 'at most 65536'),
+               ('GET', '/../etc/passwd', None, 404, 'no page'),
+               ('GET', '/chat.html', None, 404, 'no page'),
+               ('POST', '/', {'line': 'Hi'}, 404, 'use /chat'),
+               ('PUT', '/chat', b'{}', 405, 'PUT is not answered'),
+               ('DELETE', '/', None, 405, 'DELETE is not answered')]
+        for method, path, body, code, words in bad:
+            status, kind, out = ask(method, path, body)
+            assert status == code and words in json.loads(out)['error'] and '\n' not in json.loads(out)['error'], \
+                (method, path, status, out)
+            assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200          # and the next good one is answered
+        with ThreadPoolExecutor(max_workers=4) as pool:                     # 4 clients, 20 requests
+            answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.', 'best_of': 1 + i % 3}),
+                                    range(20)))
+        assert [a[0] for a in answers] == [200] * 20 and all(0 <= json.loads(a[2])['p'] <= 1 for a in answers)
+    finally:
+        server.shutdown()
+        server.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_resume_continues_from_the_checkpoint(runs):

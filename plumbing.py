@@ -28,15 +28,26 @@ import torch.nn.functional as F
 
 
 # ------------------------------------------------------------------ options and errors
+class MinibardError(ValueError):
+    """A mistake a user can fix (a bad option, a missing or wrong checkpoint, a character the model
+    does not know): its message is one line that says what to do. Every function here raises it;
+    a script that called configure() turns it into that `error:` line and exit code 1."""
+
+
 def die(msg):
-    """A user mistake: one line saying what to do, non-zero exit, no traceback."""
+    """For a script's own checks, under `if __name__ == '__main__':` only: one line saying what to
+    do, non-zero exit, no traceback. (Imported code raises MinibardError instead.)"""
     print(f'error: {msg}', file=sys.stderr)
     sys.exit(1)
 
 
 def _exit_in_one_line(kind, value, tb, default=sys.excepthook):
-    """Ctrl-C or running out of memory anywhere: one line, no traceback. Checkpoints are only
-    ever replaced whole (see save_checkpoint), so whatever was saved before is intact."""
+    """A MinibardError, Ctrl-C or running out of memory anywhere in a script: one line, no
+    traceback (Python then exits with code 1). Checkpoints are only ever replaced whole (see
+    save_checkpoint), so whatever was saved before is intact."""
+    if issubclass(kind, MinibardError):
+        print(f'error: {value}', file=sys.stderr)
+        return
     if issubclass(kind, KeyboardInterrupt):
         print('interrupted: stopped; checkpoints saved before now are intact', file=sys.stderr)
         sys.stderr.flush()
@@ -100,20 +111,22 @@ def configure(scope, argv):
         sys.exit(0)
     for arg in argv:
         if not arg.startswith('--') or '=' not in arg:
-            die(f'cannot read argument {arg!r}: overrides look like --key=value (--help lists them)')
+            raise MinibardError(f'cannot read argument {arg!r}: overrides look like --key=value '
+                                '(--help lists them)')
         key, text = arg[2:].split('=', 1)
         if key in scope.get('_renamed', {}):
-            die(f'--{key} is now --{scope["_renamed"][key]} (the cleanrl / TRL name)')
+            raise MinibardError(f'--{key} is now --{scope["_renamed"][key]} (the cleanrl / TRL name)')
         if key not in keys:
             near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
                     or [k for k in keys if key in k]                                 # --lam: gae_lambda
                     or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))        # else the closest
-            die(f'unknown option --{key}; did you mean --{near[0]}? (--help lists the options)')
+            raise MinibardError(f'unknown option --{key}; did you mean --{near[0]}? '
+                                '(--help lists the options)')
         value, old = literal(text), scope[key]
         if isinstance(old, float) and type(value) is int:
             value = float(value)
         if old is not None and type(value) is not type(old):        # (None only where the default is None)
-            die(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
+            raise MinibardError(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
         scope[key] = value
     if block is not None:                                          # every option against its rule
         for names, comment in block:
@@ -141,16 +154,16 @@ def check_option(name, value, comment):
     rule = RULE.match(comment)
     if rule is None:
         if isinstance(value, str) and not value:
-            die(f'--{name} is empty')
+            raise MinibardError(f'--{name} is empty')
         return
     kind, allowed, none_ok = rule.groups()
     if value is None:
         if not none_ok:
-            die(f'--{name}=None is not allowed: {rule.group(0)}')
+            raise MinibardError(f'--{name}=None is not allowed: {rule.group(0)}')
         return
     number = isinstance(value, (int, float) if kind == 'float' else int) and not isinstance(value, bool)
     if kind and not number:
-        die(f'--{name} expects {kind} or None, got {value!r}')
+        raise MinibardError(f'--{name} expects {kind} or None, got {value!r}')
     if allowed.startswith('{'):
         ok = value in ast.literal_eval(allowed)
     else:                                                          # [lo, hi], (lo, hi), or half-open
@@ -158,7 +171,7 @@ def check_option(name, value, comment):
         above = lo <= value if allowed[0] == '[' else lo < value
         ok = above and (value <= hi if allowed[-1] == ']' else value < hi)
     if not ok:
-        die(f"--{name}={value!r} is out of range: it must be in {allowed}{none_ok or ''}")
+        raise MinibardError(f"--{name}={value!r} is out of range: it must be in {allowed}{none_ok or ''}")
 
 
 def check_device(device):
@@ -166,15 +179,15 @@ def check_device(device):
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
-        die(f"--device={device!r} is not a device: use 'cpu' or 'cuda'")
+        raise MinibardError(f"--device={device!r} is not a device: use 'cpu' or 'cuda'")
     if kind == 'cuda' and not torch.cuda.is_available():
-        die(f'--device={device!r}: this machine has no CUDA GPU; use --device=cpu')
+        raise MinibardError(f'--device={device!r}: this machine has no CUDA GPU; use --device=cpu')
     if kind == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        die(f'--device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+        raise MinibardError(f'--device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
     if kind == 'mps' and not torch.backends.mps.is_available():
-        die(f'--device={device!r}: this machine has no MPS; use --device=cpu')
+        raise MinibardError(f'--device={device!r}: this machine has no MPS; use --device=cpu')
     if kind not in ('cpu', 'cuda', 'mps'):
-        die(f"--device={device!r} is not supported: use 'cpu' or 'cuda'")
+        raise MinibardError(f"--device={device!r} is not supported: use 'cpu' or 'cuda'")
 
 
 def option_block(path):
@@ -290,17 +303,31 @@ def run_first(name):
 def load_checkpoint(path, run_first='python gpt.py'):
     """Load a checkpoint dict with weights_only=True (a pickle could run code; ours never needs to)."""
     if not os.path.exists(path):
-        die(f'no {path}: run {run_first} first')
+        raise MinibardError(f'no {path}: run {run_first} first')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, corrupt, or a pickle that wants to run code
-        die(f'cannot load {path} ({type(e).__name__}): delete it and run {run_first} again')
+        raise MinibardError(f'cannot load {path} ({type(e).__name__}): it is not a checkpoint minibard '
+                            f'wrote, or was cut short; {run_first} writes it anew') from None
 
 
-def load_model(path, build, run_first, device='cpu'):
+def checkpoint_kind(checkpoint):
+    """What a checkpoint dict holds, from the keys each step writes: 'reward model', 'preference
+    data' or 'GPT' (gpt.py, sft.py, ppo.py and dpo.py all write a GPT)."""
+    if 'model' not in checkpoint:
+        return 'preference data' if 'train' in checkpoint else 'something else'
+    return 'reward model' if 'rm_context' in checkpoint else 'GPT'
+
+
+def load_model(path, build, run_first, device='cpu', kind='GPT'):
     """(model, vocab, checkpoint dict): build(checkpoint) makes the module, the saved weights go in;
-    on `device`, in eval mode."""
+    on `device`, in eval mode. A checkpoint of another kind than `kind` is named as such."""
     checkpoint = load_checkpoint(path, run_first)
+    found = checkpoint_kind(checkpoint)
+    if found != kind:
+        writers = {'GPT': 'gpt.py, sft.py, ppo.py or dpo.py', 'reward model': 'reward.py'}[kind]
+        named = lambda k: k if k in ('preference data', 'something else') else f'a {k}'
+        raise MinibardError(f'{path} holds {named(found)}, not {named(kind)}: give a checkpoint of {writers}')
     model = build(checkpoint)
     load_weights(model, checkpoint['model'], path, run_first)
     return model.to(device).eval(), checkpoint['vocab'], checkpoint
@@ -311,8 +338,9 @@ def load_weights(module, state, path, run_first):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        die(f'{path} does not fit its own model shape ({" ".join(str(e).split())[:160]}): '
-            f'delete it and run {run_first} again')
+        raise MinibardError(f'{path} does not fit the model its own settings describe '
+                            f'({" ".join(str(e).split())[:160]}): it was edited, or written by another '
+                            f'version of minibard; {run_first} writes it anew') from None
 
 
 def prepare_out_dir(out_dir):
@@ -323,7 +351,8 @@ def prepare_out_dir(out_dir):
             pass
         os.remove(os.path.join(out_dir, f'.write_test{os.getpid()}'))
     except OSError as e:
-        die(f'cannot write to out_dir {out_dir!r} ({e.strerror}): choose another with --out_dir=...')
+        raise MinibardError(f'cannot write to out_dir {out_dir!r} ({e.strerror}): choose another with '
+                            '--out_dir=...')
 
 
 # ------------------------------------------------------------------ the corpus and its characters
@@ -333,17 +362,18 @@ END_OF_TURN = '\n\n'  # a speech ends with a blank line before the next speaker,
 def load_text(path):
     """The corpus as a string; a missing or empty file is a user error."""
     if not os.path.exists(path):
-        die(f'no {path}: copy Tiny Shakespeare there (see README.md)')
+        raise MinibardError(f'no {path}: copy Tiny Shakespeare there (see README.md)')
     if os.path.isdir(path):
-        die(f'{path} is a folder, not a text file')
+        raise MinibardError(f'{path} is a folder, not a text file')
     try:
         with open(path, encoding='utf-8') as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        die(f'{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): use a plain '
-            'text file')
+        raise MinibardError(f'{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): '
+                            'use a plain text file')
     if len(text) < 1000:
-        die(f'{path} has only {len(text)} characters: it should be Tiny Shakespeare (1,115,394)')
+        raise MinibardError(f'{path} has only {len(text)} characters: it should be Tiny Shakespeare '
+                            '(1,115,394)')
     return text
 
 
@@ -357,7 +387,7 @@ def encode(s, vocab):
     stoi = {ch: i for i, ch in enumerate(vocab)}
     bad = sorted(set(ch for ch in s if ch not in stoi))
     if bad:
-        die(f'characters not in the vocabulary: {"".join(bad)!r}; use only {vocab!r}')
+        raise MinibardError(f'characters not in the vocabulary: {"".join(bad)!r}; use only {vocab!r}')
     return [stoi[ch] for ch in s]
 
 
@@ -373,8 +403,8 @@ def load_splits(path, vocab=None):
     vocab = vocab or build_vocab(text)
     extra = set(text) - set(vocab)
     if extra:
-        die(f'{path} has characters the checkpoint never saw ({"".join(sorted(extra))!r}): '
-            f'train on this corpus from scratch with python gpt.py')
+        raise MinibardError(f'{path} has characters the checkpoint never saw ({"".join(sorted(extra))!r}): '
+                            'train on this corpus from scratch with python gpt.py')
     data = torch.tensor(encode(text, vocab), dtype=torch.long)
     n = int(0.9 * len(data))
     return data[:n], data[n:], vocab

@@ -151,7 +151,7 @@ score = torch.no_grad()(rewards)                               # the same, for e
 def load_reward_model(path, device='cpu'):
     """(RewardModel in eval mode, vocab, checkpoint dict) from out/reward.pt."""
     build = lambda checkpoint: RewardModel(GPTConfig(**checkpoint['model_args']), checkpoint['rm_context'])
-    return load_model(path, build, 'python reward.py', device)
+    return load_model(path, build, 'python reward.py', device, kind='reward model')
 
 
 # ------------------------------------------------------------------ preference data, training, metrics

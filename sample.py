@@ -31,8 +31,8 @@ import torch
 
 from frontier import best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples, summary
 from gpt import load_gpt
-from plumbing import (END_OF_TURN, answer_texts, configure, die, encode, load_splits, prepare_out_dir,
-                      run_first, sample_answers)
+from plumbing import (END_OF_TURN, MinibardError, answer_texts, configure, die, encode, load_splits,
+                      prepare_out_dir, run_first, sample_answers)
 from reward import load_reward_model, score
 from sft import held_out_prompts
 
@@ -266,7 +266,8 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
-        die(f'cannot listen on {host}:{port} ({e.strerror}): choose another with --port=... or --host=...')
+        raise MinibardError(f'cannot listen on {host}:{port} ({e.strerror}): choose another with --port=... '
+                            'or --host=...') from None
     server.daemon_threads = True
     return server
 

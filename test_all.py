@@ -8,6 +8,7 @@ while the in-process tests run; each test that reads one waits for it.
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, KVCache, load_gpt, token_logprobs
-from plumbing import ByDevice, answer_mask, configure, decode, encode, resolve_defaults, save_checkpoint
+from plumbing import (ByDevice, MinibardError, answer_mask, configure, decode, encode, resolve_defaults,
+                      save_checkpoint)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
@@ -192,9 +194,8 @@ def test_overrides_parse_and_type_check(capsys):
     for bad, words in [('--batch_size=abc', 'expects int'), ('--compile=1', 'expects bool'),
                        ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2', 'unknown option'),
                        ('batch_size=3', '--key=value')]:
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(MinibardError, match=re.escape(words)):
             configure(dict(scope), [bad])
-        assert e.value.code != 0 and words in capsys.readouterr().err
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -1216,8 +1217,9 @@ def test_ctrl_c_keeps_the_previous_checkpoint(runs):
 def run_here(monkeypatch, capsys):
     """Run a stage's __main__ in this process, as `python script args` would: (exit code, what it
     printed). For the mistakes that end before any work, so the suite does not pay a process
-    start and a torch import for each. An exception other than die()'s SystemExit propagates
-    and fails the test with its traceback, just as a user would see one."""
+    start and a torch import for each. die()'s SystemExit gives its code; a MinibardError goes
+    through the hook configure() installed, as in a real process (one `error:` line, code 1);
+    any other exception propagates and fails the test with its traceback, as a user would see one."""
     def go(script, *args):
         monkeypatch.chdir(HERE)
         monkeypatch.setattr(sys, 'argv', [script, *args])
@@ -1228,6 +1230,9 @@ def run_here(monkeypatch, capsys):
                 runpy.run_path(os.path.join(HERE, script), run_name='__main__')
             except SystemExit as e:
                 code = e.code
+            except MinibardError as e:
+                sys.excepthook(type(e), e, e.__traceback__)
+                code = 1
         out = capsys.readouterr()
         return code, out.out + out.err
     return go
@@ -1283,7 +1288,7 @@ def test_option_rules_by_hand():
     for value, comment in ok:
         check_option('opt', value, comment)                          # returns quietly
     for value, comment in bad:
-        with pytest.raises(SystemExit):
+        with pytest.raises(MinibardError):
             check_option('opt', value, comment)
 
 
@@ -1323,12 +1328,12 @@ def test_out_of_vocabulary_prompt_is_one_clear_line(runs, run_here):
                           "characters not in the vocabulary: '7ö'")
 
 def in_process_error(capsys, fn, *args):
-    """The one line a die() path prints (the probes through run_here show the whole exit)."""
-    with pytest.raises(SystemExit) as e:
+    """What an imported function does with a user's mistake: raise MinibardError (a ValueError)
+    with a one-line message, print nothing and never exit (a notebook's kernel lives on)."""
+    with pytest.raises(MinibardError) as e:
         fn(*args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code != 0 and len(err) == 1 and err[0].startswith('error: ')
-    return err[0]
+    assert isinstance(e.value, ValueError) and '\n' not in str(e.value) and capsys.readouterr().err == ''
+    return str(e.value)
 
 
 def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
@@ -1344,6 +1349,14 @@ def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
     assert 'is a folder' in in_process_error(capsys, load_text, str(tmp_path))
     (tmp_path / 'g.pt').write_bytes(b'not a checkpoint at all')
     assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
+    assert 'no ' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'none.pt'))
+    assert "not in the vocabulary: 'é'" in in_process_error(capsys, encode, 'héllo', VOCAB)
+    from gpt import load_gpt
+    from reward import load_reward_model
+    save_tiny(tiny_model(), tmp_path / 'gpt.pt')
+    assert 'holds a GPT, not a reward model' in in_process_error(capsys, load_reward_model, str(tmp_path / 'gpt.pt'))
+    torch.save({'train': {}, 'policy': 'sft.pt'}, tmp_path / 'prefs.pt')
+    assert 'holds preference data, not a GPT' in in_process_error(capsys, load_gpt, str(tmp_path / 'prefs.pt'))
 
 
 def script_globals(script, device=None):

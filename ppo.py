@@ -62,7 +62,6 @@ out/frontier.csv (+ frontier.png with matplotlib) from every run in out_dir (fro
 """
 import copy
 import csv
-import inspect
 import json
 import os
 import sys
@@ -428,12 +427,18 @@ if __name__ == '__main__':
           f"chars{groups}, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so score = RM x "
           f'{gain:.2f}')
     evaluate_policy(0)
-    keywords = [k for k, p in inspect.signature(train).parameters.items() if p.kind == p.KEYWORD_ONLY]
-    options = {k: config[k] for k in keywords if k in config}        # the options named as in train
     try:
         train(policy, ref, critic, lambda s, n: gain * score(rm, s, prompt_len, n, forward_batch_size),
-              get_prompts, **options, gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab),
-              lm_batch_fn=lm_batch, on_iter=on_iter)
+              get_prompts, prompt_len=prompt_len, max_answer_len=max_answer_len, stop=stop,
+              temperature=temperature, seed=seed, max_iters=max_iters, batch_size=batch_size,
+              update_epochs=update_epochs, num_minibatches=num_minibatches, learning_rate=learning_rate,
+              critic_lr=critic_lr, clip_coef=clip_coef, cliprange_value=cliprange_value, vf_coef=vf_coef,
+              ent_coef=ent_coef, ptx_coef=ptx_coef, gamma=gamma, gae_lambda=gae_lambda,
+              init_kl_coef=init_kl_coef, kl_target=kl_target, kl_horizon=kl_horizon,
+              max_grad_norm=max_grad_norm, truncation_penalty=truncation_penalty,
+              forward_batch_size=forward_batch_size, advantage=advantage, group_size=group_size,
+              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch,
+              on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()

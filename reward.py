@@ -145,7 +145,10 @@ def rewards(rm, seqs, prompt_len, lengths=None, chunk=32):
     return by_length(forward, seqs, lengths, prompt_len, chunk)
 
 
-score = torch.no_grad()(rewards)                               # the same, for evaluation
+@torch.no_grad()
+def score(rm, seqs, prompt_len, lengths=None, chunk=32):
+    """rewards() without gradients: for evaluation, best-of-n and PPO's rollouts."""
+    return rewards(rm, seqs, prompt_len, lengths, chunk)
 
 
 def load_reward_model(path, device='cpu'):

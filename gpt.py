@@ -42,7 +42,7 @@ block_size = 256                # in [2, inf): context in characters (RLHF: prom
 dropout = ByDevice(cpu=0.0, cuda=0.2)  # in [0, 1): the small CPU model underfits: dropout only costs it
 # optimisation: AdamW, linear warmup, then decay to min_lr (cosine: nanoGPT's schedule)
 batch_size = ByDevice(cpu=3, cuda=64)  # in [1, inf): sequences per micro-batch: on 2 cores, steps count
-gradient_accumulation_steps = None  # int in [1, inf) or None: micro-batches a step, all ranks (None: 1 a rank)
+gradient_accumulation_steps = None  # int in [1, inf) or None: micro-batches a step, all ranks (None: 1 each)
 max_iters = ByDevice(cpu=6000, cuda=5000)  # in [0, inf): CPU: ~140 s of steps on 2 cores
 learning_rate = ByDevice(cpu=3e-3, cuda=1e-3)  # in (0, inf): a tiny model takes a high lr
 min_lr_ratio = ByDevice(cpu=0.0, cuda=0.1)  # in [0, 1]: decay ends at lr * this (CPU: 0 wins, README)

@@ -115,8 +115,9 @@ def configure(scope, argv):
                                 '(--help lists them)')
         key, text = arg[2:].split('=', 1)
         if key in scope.get('_renamed', {}):
-            raise MinibardError(f'--{key} is now --{scope["_renamed"][key]} (PPO\'s options follow cleanrl\'s '
-                                'names, and TRL\'s where cleanrl has none)')
+            new = scope['_renamed'][key]
+            raise MinibardError(f"--{key} is now --{new} (PPO's options follow cleanrl's names, and TRL's "
+                                'where cleanrl has none)')
         if key not in keys:
             near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
                     or [k for k in keys if key in k]                                 # --lam: gae_lambda

@@ -1,70 +1,42 @@
 """minibard tests: the math against naive references, then tiny end-to-end runs (subprocess).
 
-Run: python -m pytest -q test_all.py     (under a minute on 2 cores; tiny configs, not the defaults)
+Run: python -m pytest -q test_all.py     (tiny configs, not the defaults; shared setup: conftest.py)
 
-The end-to-end runs (fixture `runs`) start in the background with the first test and go on
-while the in-process tests run; each test that reads one waits for it.
+The end-to-end runs (fixture `runs`, conftest.py) start in the background with the first test
+and go on while the in-process tests run; each test that reads one waits for it. Sections follow
+the modules: gpt.py, sft.py, dpo.py, reward.py (with labeler.py), ppo.py (with frontier.py),
+sample.py, the pipeline end to end, then user mistakes and plumbing.py.
 """
+import ast
+import csv
+import http.client
 import json
 import math
 import os
 import re
 import runpy
-import shutil
-import signal
-import subprocess
-import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, KVCache, load_gpt, token_logprobs
-from plumbing import (ByDevice, MinibardError, answer_mask, configure, decode, encode, resolve_defaults,
-                      save_checkpoint)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
-TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
-torch.set_num_threads(1)  # the stage runs in the background take one thread each: share the 2 cores, not fight
-
-
-STARTED = []  # every stage process, so that the end of the session can stop what is left
-
-
-def tiny_model(seed=0, config=TINY):
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    torch.nn.init.normal_(model.tok_mix, std=0.5)  # a token mix that mixes, as after training (it starts as identity)
-    return model
-
-
-def save_tiny(model, path):
-    """Save a TINY model as a checkpoint with the keys every stage reads."""
-    save_checkpoint({'model': model.state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, str(path))
-
-
-def start(script, *args, stdin=None):
-    """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
-                         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    STARTED.append(p)
-    return p, stdin
-
-
-def finish(job):
-    """(exit code, stdout + stderr) of a started stage."""
-    p, stdin = job
-    out = p.communicate(stdin, timeout=300)[0]
-    return p.returncode, out
-
-
-def run(script, *args, stdin=None):
-    """Run a stage as a user would; returns (exit code, stdout + stderr)."""
-    return finish(start(script, *args, stdin=stdin))
+import ppo
+from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, copy_ckpts, run, save_tiny, start, tiny_model
+from dpo import answer_logprobs, dpo_loss
+from frontier import best_of_n, best_of_n_curve, gold_at_kl
+from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
+from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
+from plumbing import (ByDevice, MinibardError, answer_mask, check_option, configure, decode, encode,
+                      load_checkpoint, load_splits, load_text, lr_at, resolve_defaults, save_checkpoint)
+from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
+                 per_token_rewards, ppo_losses, train as ppo_train, whiten)
+from reward import (Preferences, RewardModel, bow_features, bow_rewards, evaluate_rm, fit_bow,
+                    load_reward_model, pairwise_loss, score, train_reward_model)
+from sample import TAG, end_of_turn, format_chat, make_server, reply, whole
+from sft import copy_rate, demonstrations, exact_kl, measure_policy, sft_loss
 
 
 # ======================================================================== gpt.py
@@ -144,7 +116,8 @@ def test_top_k_and_logprobs_at_temperature():
     assert all(out[b, -1] in top3[b] for b in range(64))   # never outside the top 3
     masked = logits.masked_fill(logits < logits.topk(3).values[:, [-1]], float('-inf'))
     assert torch.allclose(lp[:, 0], token_logprobs(masked, out[:, -1], 0.7), atol=1e-5)
-    assert torch.allclose(lp[:, 0], F.log_softmax(masked / 0.7, -1).gather(-1, out[:, -1:]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(lp[:, 0], F.log_softmax(masked / 0.7, -1).gather(-1, out[:, -1:]).squeeze(-1),
+                          atol=1e-5)
 
 
 def test_generate_stops_each_row_at_its_end_token():
@@ -159,7 +132,8 @@ def test_generate_stops_each_row_at_its_end_token():
     ends, bs = set(), TINY.block_size
     for b in range(24):
         ref, s = prompt[b:b + 1], 20 - bs
-        for n in range(20, 50):                    # the naive loop, over generate's window (see the test above)
+        # the naive loop, over generate's window (see the test above)
+        for n in range(20, 50):
             if n - s > bs:
                 s = n - bs // 2
             ref = torch.cat([ref, m(ref[:, s:n])[0][:, -1].argmax(-1, keepdim=True)], 1)
@@ -177,7 +151,8 @@ def test_generate_ends_after_a_two_token_stop():
     free = m.generate(prompt, 20, temperature=0)[0][:, 4:]
     a, b = free[0, 5].item(), free[0, 6].item()                         # row 0 says (a, b) at steps 5, 6
     out, _, lengths = m.generate(prompt, 20, temperature=0, stop=[a, b])
-    pairs = [next((i + 2 for i in range(19) if free[r, i] == a and free[r, i + 1] == b), 20) for r in range(16)]
+    pairs = [next((i + 2 for i in range(19) if free[r, i] == a and free[r, i + 1] == b),
+                  20) for r in range(16)]
     assert lengths.tolist() == pairs and lengths[0] <= 7
 
 
@@ -187,12 +162,15 @@ def test_codec_round_trip():
 
 
 def test_overrides_parse_and_type_check(capsys):
-    scope = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None, '_hidden': 1}
-    cfg = configure(scope, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True', '--top_k=5'])
+    scope = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None,
+             '_hidden': 1}
+    cfg = configure(scope, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True',
+                            '--top_k=5'])
     assert cfg == {'batch_size': 8, 'learning_rate': 1.0, 'out_dir': '/tmp/x', 'compile': True, 'top_k': 5}
     assert type(scope['learning_rate']) is float
     for bad, words in [('--batch_size=abc', 'expects int'), ('--compile=1', 'expects bool'),
-                       ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2', 'unknown option'),
+                       ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2',
+                                                                              'unknown option'),
                        ('batch_size=3', '--key=value')]:
         with pytest.raises(MinibardError, match=re.escape(words)):
             configure(dict(scope), [bad])
@@ -209,16 +187,17 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 # ======================================================================== sft.py
-from sft import copy_rate, demonstrations, measure_policy, sft_loss
 
 
 def test_sft_loss_counts_the_answer_characters_only():
     """The masked cross-entropy against a loop over the answer positions by hand: the prompt's
     characters and the padding after each answer's end count for nothing."""
     model, Tp = tiny_model(1), 4
-    seqs, lengths = torch.randint(0, 65, (3, Tp + 6), generator=torch.Generator().manual_seed(0)), torch.tensor([6, 2, 4])
+    seqs, lengths = torch.randint(0, 65, (3, Tp + 6),
+                                  generator=torch.Generator().manual_seed(0)), torch.tensor([6, 2, 4])
     logits = model(seqs)[0]
-    terms = [-F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for b in range(3) for t in range(lengths[b])]
+    terms = [-F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]]
+             for b in range(3) for t in range(lengths[b])]
     loss = sft_loss(model, seqs, lengths, Tp)
     assert len(terms) == 12 and abs(loss.item() - sum(terms).item() / 12) < 1e-6
     padded = seqs.clone()
@@ -231,7 +210,6 @@ def test_sft_loss_counts_the_answer_characters_only():
 def test_demonstrations_are_real_turns_the_labeler_likes():
     """Each demonstration is a prompt and the turn after it in the text, cut at its blank line or
     max_len, kept where gold >= min_gold: against a regex walk over the raw string."""
-    import re
     text = open(os.path.join(HERE, 'input.txt')).read()[:60000]
     data = torch.tensor(encode(text, VOCAB))
     seqs, lengths = demonstrations(data, VOCAB, 16, 96, 1)
@@ -269,26 +247,26 @@ def test_copy_rate_by_hand():
 
 # ======================================================================== dpo.py
 def test_dpo_loss_by_hand_and_log_2_at_the_reference():
-    from dpo import answer_logprobs, dpo_loss
     logp, ref = torch.tensor([[-10.0, -12.0, -11.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
-    prefs = torch.tensor([[1.0, 0.0, 0.0]])                           # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
+    # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
+    prefs = torch.tensor([[1.0, 0.0, 0.0]])
     h = [1.0, -1.0, 0.0]                                             # log pi - log pi_ref
     margins = [h[0] - h[1], h[2] - h[0], h[2] - h[1]]                 # h_w - h_l of each pair
     by_hand = sum(-math.log(1 / (1 + math.exp(-0.5 * m))) for m in margins) / 3
     loss, acc = dpo_loss(logp, ref, prefs, 0.5)
     assert abs(loss.item() - by_hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
     assert abs(dpo_loss(ref, ref, prefs, 0.5)[0].item() - math.log(2)) < 1e-7   # pi = pi_ref: log 2
-    model, Tp = tiny_model(1), 4                                     # summed answer log-probs skip the padding
-    seqs, lengths = torch.randint(0, 65, (2, Tp + 5), generator=torch.Generator().manual_seed(0)), torch.tensor([5, 2])
+    # summed answer log-probs skip the padding
+    model, Tp = tiny_model(1), 4
+    seqs, lengths = torch.randint(0, 65, (2, Tp + 5),
+                                  generator=torch.Generator().manual_seed(0)), torch.tensor([5, 2])
     logits = model(seqs)[0]
-    hand = [sum(F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for t in range(lengths[b])) for b in range(2)]
+    hand = [sum(F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for t in range(lengths[b]))
+            for b in range(2)]
     assert torch.allclose(answer_logprobs(model, seqs, lengths, Tp), torch.stack(hand), atol=1e-5)
 
 
 # ======================================================================== reward.py
-from frontier import best_of_n
-from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
-from reward import Preferences, RewardModel, evaluate_rm, pairwise_loss, score
 
 
 def test_gold_score_on_hand_written_lines():
@@ -303,7 +281,8 @@ def test_labeler_choice_frequency_matches_bradley_terry():
     gen = torch.Generator().manual_seed(0)
     n = 40000
     for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
-        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau, generator=gen).mean().item()
+        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau,
+                     generator=gen).mean().item()
         p = 1 / (1 + math.exp(-(gi - gj) / tau))
         assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
     assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3                # a one-word lead wins ~73%
@@ -349,7 +328,8 @@ def test_evaluate_bayes_limit_on_hand_case():
     bayes = (s(1) + s(1) + s(3) + 0.5 + s(2) + s(2)) / 6
     assert abs(m['bayes_acc'] - bayes) < 1e-6
     assert m['gold_acc'] == 1.0                               # r orders all 5 differing pairs like g
-    assert abs(m['val_acc'] - 5 / 6) < 1e-6                   # the (1,2) tie: r1 == r2 -> says j; label said i
+    # the (1,2) tie: r1 == r2 -> says j; label said i
+    assert abs(m['val_acc'] - 5 / 6) < 1e-6
 
 
 def test_best_of_n_returns_the_reward_models_argmax():
@@ -362,8 +342,10 @@ def test_best_of_n_returns_the_reward_models_argmax():
     assert (all_len < 6).any() and (all_len == 6).any()      # some answers ended early, some ran out
     for p in range(5):
         k = all_r[p].argmax()
-        assert torch.equal(best[p], all_y[p, k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
-        for k in range(8):                                    # each scored on its prompt + answer to its own end
+        assert torch.equal(best[p], all_y[p,
+                                          k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
+        # each scored on its prompt + answer to its own end
+        for k in range(8):
             last = all_y[p, k, all_len[p, k] - 1]
             assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last + 1e-3 * all_len[p, k])) < 2e-5
 
@@ -402,16 +384,18 @@ def test_bf16_training_keeps_attention_and_head_in_fp32():
     assert (r - ref).abs().max() < 0.02 * ref.abs().max(), (r, ref)
     r.sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in rm.parameters() if p is not rm.bias)
-    # train_reward_model's dtype switches it: bf16 linear layers in its training steps only, fp32 everywhere else
-    from reward import train_reward_model
+    # train_reward_model's dtype switches it: bf16 linear layers in its training steps only,
+    # fp32 everywhere else
     gen = torch.Generator().manual_seed(0)
     g, (i, j) = torch.randn(2, 4), all_pairs(4)
-    data = Preferences(torch.randint(0, 65, (2, 4, 9)), torch.full((2, 4), 8), g, label(g[:, i], g[:, j], 1.0, generator=gen))
+    data = Preferences(torch.randint(0, 65, (2, 4, 9)), torch.full((2, 4), 8), g, label(g[:, i], g[:, j],
+                                                                                        1.0, generator=gen))
     calls = []
     rm.trunk.blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: calls.append((m.training, o.dtype)))
     for dtype in ('bfloat16', 'float32'):
         calls.clear()
-        train_reward_model(rm.train(), data, data, 1, 1.0, 1e-3, 1, 1, 1, 1.0, gen, log=lambda s: None, dtype=dtype)
+        train_reward_model(rm.train(), data, data, 1, 1.0, 1e-3, 1, 1, 1, 1.0, gen, log=lambda s: None,
+                           dtype=dtype)
         bf16 = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
         assert {(True, bf16), (False, torch.float32)} == set(calls), (dtype, calls)
 
@@ -442,13 +426,13 @@ def test_tiny_reward_model_learns_a_toy_preference():
 def test_bag_of_words_recovers_a_planted_lexicon():
     """Synthetic answers of random words; the labeler likes w0..w9 and dislikes w10..w19. The
     reference learner, told nothing of that, finds them from the sampled labels alone."""
-    from reward import bow_features, bow_rewards, fit_bow
     gen = torch.Generator().manual_seed(0)
     vocab_w = [f'w{chr(97 + i // 26)}{chr(97 + i % 26)}' for i in range(200)]   # 'waa', 'wab', ...
     liked, disliked = set(vocab_w[:10]), set(vocab_w[10:20])
 
     def answers(P, K=4):
-        texts = [' '.join(vocab_w[t] for t in torch.randint(0, 200, (8,), generator=gen)) for _ in range(P * K)]
+        texts = [' '.join(vocab_w[t] for t in torch.randint(0, 200, (8,),
+                                                            generator=gen)) for _ in range(P * K)]
         gold = torch.tensor([float(len(set(t.split()) & liked) - len(set(t.split()) & disliked))
                              for t in texts]).view(P, K)
         i, j = all_pairs(K)
@@ -461,7 +445,8 @@ def test_bag_of_words_recovers_a_planted_lexicon():
     texts, gold, prefs = answers(200)
     r = bow_rewards(theta, bow_features(texts, index)).view_as(gold)
     assert pair_metrics(r, gold, prefs, 1.0)['gold_acc'] > 0.95
-    # by hand: each known word counts once (as the labeler counts), the weights are summed, unknown words add 0
+    # by hand: each known word counts once (as the labeler counts), the weights are summed,
+    # unknown words add 0
     w = torch.arange(1.0, 201.0)                                        # theta_waa = 1, theta_wab = 2, ...
     hand = bow_rewards(w, bow_features(['waa waa wab', 'Wab! zzz', '', 'wac'], index))
     assert hand.tolist() == [1.0 + 2.0, 2.0, 0.0, 3.0]
@@ -470,7 +455,6 @@ def test_bag_of_words_recovers_a_planted_lexicon():
 def test_early_stopping_keeps_the_best_dev_checkpoint():
     """Train on 'more e is better' but score dev against the opposite: dev loss rises as the RM
     learns, so the state kept must be the first evaluated one, not the last."""
-    from reward import train_reward_model
     gen = torch.Generator().manual_seed(0)
     e = VOCAB.index('e')
 
@@ -479,20 +463,19 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
         seqs[torch.rand(seqs.shape, generator=gen) < 0.3] = e
         gold = (seqs == e).sum(-1).float() * (-1 if flip else 1)
         i, j = all_pairs(4)
-        return Preferences(seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5, generator=gen))
+        return Preferences(seqs, torch.full((P, 4), 11), gold, label(gold[:, i], gold[:, j], 0.5,
+                                                                     generator=gen))
     torch.manual_seed(0)
     rm = RewardModel(TINY, context=1)
     dev = pairs(40, True)
-    history = train_reward_model(rm, pairs(320, False), dev, 1, 0.5, 3e-3, 1, 16, 4, 1.0, gen, log=lambda s: None)
+    history = train_reward_model(rm, pairs(320, False), dev, 1, 0.5, 3e-3, 1, 16, 4, 1.0, gen,
+                                 log=lambda s: None)
     losses = [m['loss'] for _, m in history]
     assert [s for s, _ in history] == [5, 10, 15, 20] and losses[0] == min(losses) < losses[-1] - 0.05
     assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6    # the kept state is that one
 
 
 # ======================================================================== ppo.py
-from sft import exact_kl
-from ppo import (AdaptiveKLController, Critic, gae, kl_estimates, per_token_rewards, ppo_losses, train as ppo_train,
-                 whiten)
 
 
 def test_gae_matches_naive_double_loop():
@@ -559,7 +542,8 @@ def test_padded_batch_equals_the_episodes_one_by_one():
     rand = lambda: torch.randn(3, 7, generator=gen)
     rewards, values, logp, old_logp, new_values = rand() * mask, rand() * mask, rand(), rand(), rand()
     adv, ret = gae(rewards, values, 1.0, 0.95)
-    episodes = [gae(rewards[b:b + 1, :n], values[b:b + 1, :n], 1.0, 0.95) for b, n in enumerate(lengths.tolist())]
+    episodes = [gae(rewards[b:b + 1, :n], values[b:b + 1, :n], 1.0, 0.95) for b,
+                n in enumerate(lengths.tolist())]
     for b, n in enumerate(lengths.tolist()):
         assert torch.allclose(adv[b, :n], episodes[b][0][0]) and torch.allclose(ret[b, :n], episodes[b][1][0])
     flat = lambda x: torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])[None]  # the tokens, pooled
@@ -567,7 +551,8 @@ def test_padded_batch_equals_the_episodes_one_by_one():
     assert torch.allclose(flat(w), (flat(adv) - flat(adv).mean()) / flat(adv).std(unbiased=False), atol=1e-5)
     assert (w[mask == 0] == 0).all()
     padded = ppo_losses(logp, old_logp, w, new_values, values, ret, mask, 0.2, 0.2)
-    pooled = ppo_losses(*(flat(x) for x in (logp, old_logp, w, new_values, values, ret)), torch.ones(1, 15), 0.2, 0.2)
+    pooled = ppo_losses(*(flat(x) for x in (logp, old_logp, w, new_values, values, ret)), torch.ones(1, 15),
+                        0.2, 0.2)
     for a, b in zip(padded, pooled):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -575,7 +560,6 @@ def test_padded_batch_equals_the_episodes_one_by_one():
 def test_group_advantages_against_a_naive_loop():
     """RLOO: each answer's return less the mean of the other G - 1 of its prompt (a loop over the
     answers), summing to 0 in each group; GRPO: the group's mean off and its std as the scale."""
-    from ppo import group_advantages
     R = torch.randn(3 * 4, generator=torch.Generator().manual_seed(0))
     rloo = group_advantages(R, 4)
     for p in range(3):
@@ -594,14 +578,14 @@ def test_group_advantages_against_a_naive_loop():
 def test_group_baseline_on_padded_answers():
     """With a group baseline every character of an answer gets its answer's advantage and the
     padding none: the clipped loss of a padded batch is that of its real tokens, pooled."""
-    from ppo import group_advantages
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([7, 3, 5, 2])
     mask = (torch.arange(7) < lengths[:, None]).float()
     rewards = torch.randn(4, 7, generator=gen) * mask
     adv = group_advantages(rewards.sum(1), 2)[:, None] * mask
     assert (adv[mask == 0] == 0).all() and torch.allclose(adv[0, :7], adv[0, 0].expand(7))
-    assert abs(adv[0, 0].item() - (rewards[0].sum() - rewards[1].sum()).item()) < 1e-5   # G = 2: the other one
+    # G = 2: the other one
+    assert abs(adv[0, 0].item() - (rewards[0].sum() - rewards[1].sum()).item()) < 1e-5
     logp, old = torch.randn(4, 7, generator=gen), torch.randn(4, 7, generator=gen)
     zeros = torch.zeros(4, 7)
     flat = lambda x: torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])[None]
@@ -624,7 +608,6 @@ def test_adaptive_kl_controller_hand_numbers():
 def test_kl_controller_moves_beta_within_a_default_run():
     """With ppo.py's defaults, a KL held at twice the target raises beta by a third over the run,
     and a KL far below it lowers beta by a quarter (the old horizon of 10,000 x 64 moved it 4%)."""
-    import ppo
     for kl, lo, hi in [(2 * ppo.kl_target, 1.3, 1.5), (0.0, 0.6, 0.75)]:
         c = AdaptiveKLController(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
         for _ in range(ppo.max_iters):
@@ -635,8 +618,6 @@ def test_kl_controller_moves_beta_within_a_default_run():
 def test_best_of_n_estimator_against_enumeration():
     """The order-statistics estimator equals the average, over every n-subset of the N samples,
     of the gold of the subset's RM favourite."""
-    from itertools import combinations
-    from frontier import best_of_n_curve
     gen = torch.Generator().manual_seed(0)
     r, gold = torch.randn(3, 7, generator=gen), torch.randint(-2, 3, (3, 7), generator=gen).float()
     curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
@@ -652,7 +633,6 @@ def test_best_of_n_estimator_against_enumeration():
 
 
 def test_gold_at_kl_interpolates_and_flags_extrapolation():
-    from frontier import gold_at_kl
     curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
     assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
     assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
@@ -666,7 +646,8 @@ def test_exact_kl_and_sampled_estimators():
     brute = sum(p[v] * math.log(p[v] / q[v]) for v in range(65))
     assert abs(exact_kl(lp, lq).item() - brute) < 1e-5
     assert abs(exact_kl(lp, lq, temperature=0.7).item()
-               - (F.softmax(lp / 0.7, -1) * (F.log_softmax(lp / 0.7, -1) - F.log_softmax(lq / 0.7, -1))).sum()) < 1e-5
+               - (F.softmax(lp / 0.7, -1) * (F.log_softmax(lp / 0.7, -1) - F.log_softmax(lq / 0.7,
+                                                                                         -1))).sum()) < 1e-5
     x = torch.multinomial(p, 400000, replacement=True, generator=torch.Generator().manual_seed(0))
     k1, k3 = kl_estimates(torch.log(p[x]), torch.log(q[x]))
     assert abs(k1.mean().item() - brute) < 0.03 * brute + 0.01
@@ -675,7 +656,8 @@ def test_exact_kl_and_sampled_estimators():
 
 TINY_PPO_OPTIONS = dict(  # ppo.train's keyword arguments for a tiny in-process run
     prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0,
-    learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0, kl_horizon=10000, seed=0, max_iters=25,
+    learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0, kl_horizon=10000, seed=0,
+    max_iters=25,
     batch_size=64, forward_batch_size=64, gamma=1.0, gae_lambda=0.95, update_epochs=2, num_minibatches=2,
     clip_coef=0.2, cliprange_value=0.2, vf_coef=0.1, ent_coef=0.0, ptx_coef=0.0, max_grad_norm=1.0)
 
@@ -687,7 +669,8 @@ def test_tiny_ppo_raises_a_toy_reward():
     e = VOCAB.index('e')
     policy, ref = tiny_model(1), tiny_model(1)
     critic = Critic(RewardModel(TINY, context=4))
-    reward_fn = lambda seqs, n: ((seqs[:, 4:] == e).float() * answer_mask(n, seqs.size(1) - 4)).sum(1) / n * 10
+    reward_fn = lambda seqs, n: ((seqs[:, 4:] == e).float() * answer_mask(n,
+                                                                          seqs.size(1) - 4)).sum(1) / n * 10
     gen = torch.Generator().manual_seed(0)
     hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=gen),
                      **TINY_PPO_OPTIONS, log=lambda s: None)
@@ -708,8 +691,10 @@ def test_ppo_ptx_adds_the_language_model_loss():
     p_e = lambda: F.softmax(policy(torch.full((1, 4), e))[0][0, -1], -1)[e].item()
     before = p_e()
     gen = torch.Generator().manual_seed(0)
-    options = dict(TINY_PPO_OPTIONS, max_answer_len=8, critic_lr=0.0, init_kl_coef=0.0, max_iters=3, batch_size=8,
-                   forward_batch_size=8, vf_coef=0.0, ptx_coef=1.0)             # only the LM loss moves the policy
+    options = dict(TINY_PPO_OPTIONS, max_answer_len=8, critic_lr=0.0, init_kl_coef=0.0, max_iters=3,
+                   batch_size=8,
+                   # only the LM loss moves the policy
+                   forward_batch_size=8, vf_coef=0.0, ptx_coef=1.0)
     ppo_train(policy, ref, Critic(RewardModel(TINY, context=4)), lambda s, n: torch.zeros(len(s)),
               lambda b: torch.randint(0, 65, (b, 4), generator=gen), **options, lm_batch_fn=lm_batch,
               log=lambda s: None)
@@ -729,147 +714,23 @@ def test_rm_initialised_critic_gives_each_character_its_share():
     with torch.no_grad():
         values = Critic(rm)(seqs, 4) * mask                                 # (3, 12)
         score = rm(seqs, 4, lengths)
-        prefix = torch.stack([rm(seqs[:, :4 + t], 4) if t else rm.bias.expand(3) for t in range(13)], 1)  # (3, 13)
+        # (3, 13)
+        prefix = torch.stack([rm(seqs[:, :4 + t], 4) if t else rm.bias.expand(3) for t in range(13)], 1)
     zeros = torch.zeros(3, 12)
-    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1, mask), values, 1.0, 0.0)  # lambda 0: A_t = delta_t
+    # lambda 0: A_t = delta_t
+    adv, _ = gae(per_token_rewards(score, zeros, zeros, 0.1, mask), values, 1.0, 0.0)
     assert torch.allclose(values, prefix[:, :12] * mask, atol=1e-5)
     assert torch.allclose(adv, (prefix[:, 1:] - prefix[:, :12]) * mask, atol=1e-5)
 
 
 # ======================================================================== the tiny pipeline, end to end
-CHAT_LINES = [  # what a user might say to the bard (README: the real model's answers to them)
-    'What light through yonder window breaks?', 'Good morrow, fair lady.', 'Wilt thou be gone?',
-    'I love thee, sweet lady.', 'Who art thou?', 'Tell me, what news from Verona?', 'Ay.',
-    'Speak!', 'The king is dead; long live the king.', 'What news, 7 émissaries?',
-    'O, that I were a glove upon that hand, that I might touch that cheek!',
-    'ROMEO: I am not here.', 'Away, thou villain! Thou art a traitor and a coward.', 'Hast thou no friends?',
-    "Thy tears are salt; wipe them, and be merry.", 'Farewell, farewell; one kiss, and I will descend.',
-    'Is the day so young?', 'Come, come, you talk greedily.', 'Peace, peace!' * 12, 'Good night.', '']
-
-TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
-            '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
-            '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
-TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
-           '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
-TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=15', '--eval_interval=5', '--eval_prompts=8',
-            '--eval_samples=1', '--log_interval=5']
-TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--prompts_per_batch=4', '--eval_interval=10', '--log_interval=5']
-TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
-            '--eval_interval=2']
-SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']    # the road without SFT
-SMALL_PPO = [*TINY_PPO, '--max_iters=1', '--eval_interval=1']
-DDP_GPT = [*TINY_GPT, '--n_embd=32', '--block_size=32', '--batch_size=4', '--max_iters=12', '--eval_interval=6',
-           '--eval_iters=2', '--log_interval=3', '--sample_chars=10']
-
-
-class Runs:
-    """Stage runs as a user would start them, each begun in the background as soon as the
-    checkpoints it needs exist, so they go side by side with each other and with the in-process
-    tests. runs[name] waits for one and gives (exit code, stdout + stderr); runs.dirs[name] is
-    the out_dir it worked in."""
-    def __init__(self, root):
-        self.root, self.pool, self.jobs = root, ThreadPoolExecutor(max_workers=16), {}
-        self.dirs = {'out': str(root / 'out')}                      # the main chain gpt -> reward -> ppo
-
-    def add(self, name, script, *args, after=None, own=None, stdin=None, job=run, beside=False):
-        """Run `script` once the run `after` (added before this one) has succeeded: in out/, or,
-        given `own` (a list of checkpoint names), in a fresh folder holding copies of those, or,
-        `beside` True, in the folder of the run `after`."""
-        def work():
-            if after is not None and self[after][0] != 0:
-                return 1, f'not run: {after} failed\n{self[after][1]}'
-            if own is not None:
-                self.dirs[name] = copy_ckpts(self.dirs['out'], self.root / name, *own)
-            if beside:
-                self.dirs[name] = self.dirs[after]
-            return job(script, f'--out_dir={self.dirs.get(name, self.dirs["out"])}', *args, stdin=stdin)
-        self.jobs[name] = self.pool.submit(work)
-
-    def __getitem__(self, name):
-        return self.jobs[name].result()
-
-
-def copy_ckpts(src, dst, *names):
-    os.makedirs(dst, exist_ok=True)
-    for n in names:
-        shutil.copy(os.path.join(src, n), dst)
-    return str(dst)
-
-
-def with_sft_as_gpt(script, out_dir_arg, *args, stdin=None):
-    """Run a stage in a folder whose sft.pt is a copy of the main chain's gpt.pt (SFT that moved nothing)."""
-    out = out_dir_arg.split('=', 1)[1]
-    os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(os.path.dirname(out), 'out', 'gpt.pt'), os.path.join(out, 'sft.pt'))
-    return run(script, out_dir_arg, *args, stdin=stdin)
-
-
-def torchrun(script, *args, stdin=None):
-    """Run a stage as N = 2 CPU processes under torchrun (gloo), as a user with two GPUs would run it."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    STARTED.append(p)
-    return finish((p, None))
-
-
-def interrupted(script, *args, stdin=None):
-    """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after)."""
-    p, _ = start(script, *args, '--max_iters=100000', '--eval_interval=20')
-    for line in p.stdout:                                           # wait until it has begun training
-        if line.startswith('iter 5/'):
-            break
-    p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=60)[0]
-    return p.returncode, out
-
-
-@pytest.fixture(scope='session', autouse=True)
-def start_runs_early(request):
-    """Begin the end-to-end runs with the first test, when any selected test reads them."""
-    if any('runs' in item.fixturenames for item in request.session.items):
-        request.getfixturevalue('runs')
-
-
-@pytest.fixture(scope='session')
-def runs(tmp_path_factory):
-    """Every end-to-end run of the suite, each started as soon as it can be."""
-    r = Runs(tmp_path_factory.mktemp('runs'))
-    r.add('gpt', 'gpt.py', *TINY_GPT)
-    r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[])                 # same seed, same settings, alongside
-    r.add('sft', 'sft.py', *TINY_SFT, after='gpt')
-    r.add('reward', 'reward.py', *TINY_RM, after='sft')
-    r.add('reward_again', 'reward.py', *TINY_RM, after='sft', own=['sft.pt'])
-    r.add('reward_no_sft', 'reward.py', *SMALL_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
-    r.add('ppo_no_sft', 'ppo.py', *SMALL_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
-    r.add('reward_sft_copy', 'reward.py', *SMALL_RM, after='gpt', own=[], job=with_sft_as_gpt)
-    r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
-    r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
-    r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
-    r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)       # 2 processes, 1 micro-batch each
-    r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
-    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
-    r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt', 'ppo.pt'])
-    r.add('eval', 'sample.py', '--mode=eval', after='ppo')
-    r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True)
-    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)      # beside RLOO, at once
-    r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
-    r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
-    r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
-    yield r
-    r.pool.shutdown(wait=False, cancel_futures=True)                # a stopped or failed session: stop the rest
-    for p in STARTED:
-        if p.poll() is None:
-            p.kill()
-
-
 def test_tiny_training_lowers_loss(runs):
     code, log = runs['gpt']
     assert code == 0, log
     first = float(log.split('step 0: ')[1].split('val loss ')[1].split('\n')[0])
     metrics = json.load(open(os.path.join(runs.dirs['out'], 'gpt.json')))
-    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec', 'device',
+    assert set(metrics) == {'val_loss', 'train_loss', 'iters', 'seconds', 'params', 'tokens_per_sec',
+                            'device',
                             'processes'} and metrics['processes'] == 1
     assert first > 4.0 and metrics['val_loss'] < first - 1.0, (first, metrics)
 
@@ -878,11 +739,13 @@ def test_sft_stage_keeps_its_lowest_held_out_loss(runs):
     code, log = runs['sft']
     assert code == 0, log
     m = json.load(open(os.path.join(runs.dirs['out'], 'sft.json')))
-    for key in ['demos', 'val_loss', 'gold', 'gold_se', 'gold_pretrained', 'kl_to_pretrained', 'copy_rate', 'seconds']:
+    for key in ['demos', 'val_loss', 'gold', 'gold_se', 'gold_pretrained', 'kl_to_pretrained', 'copy_rate',
+                'seconds']:
         assert key in m, key
     losses = {int(l.split()[1][:-1]): float(l.split('loss ')[1].split()[0])
               for l in log.splitlines() if l.startswith('step ')}
-    assert 0 in losses and m['best_step'] == min(losses, key=losses.get) and m['val_loss'] == round(min(losses.values()), 4)
+    assert 0 in losses and m['best_step'] == min(losses, key=losses.get)
+    assert m['val_loss'] == round(min(losses.values()), 4)
     assert m['kl_to_pretrained'] >= 0 and 0 <= m['copy_rate'] <= 1 and 'iter 5/15' in log
     model, vocab, ck = load_gpt(os.path.join(runs.dirs['out'], 'sft.pt'))   # loads wherever gpt.pt does
     assert vocab == VOCAB and ck['iter_num'] == m['best_step'] and ck['metrics']['demos'] == m['demos']
@@ -909,18 +772,23 @@ def test_reward_stage_writes_its_metrics(runs):
     assert code == 0, log
     m = json.load(open(os.path.join(runs.dirs['out'], 'reward.json')))
     assert m['policy'] == 'sft.pt'
-    for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae', 'bow_val_acc',
+    for key in ['pairs_train', 'pairs_val', 'val_acc', 'bayes_acc', 'gold_acc', 'ece', 'prob_mae',
+                'bow_val_acc',
                 'bow_gold_acc', 'repeat_gain', 'best_step', 'seconds']:
         assert key in m, key
-    assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6      # pairs_val: the pairs the metrics are over
+    # pairs_val: the pairs the metrics are over
+    assert m['pairs_train'] == 64 * 6 and m['pairs_val'] == 32 * 6
     evals = {int(l.split()[1][:-1]): float(l.split('dev loss ')[1].split(',')[0])
              for l in log.splitlines() if l.startswith('eval ')}
     assert len(evals) == 2 and m['best_step'] == min(evals, key=evals.get)  # early stopping kept the lowest
     assert 'iter 0/' in log
-    for row, acc in [('Bayes limit', m['bayes_acc']), ('bag of words', m['bow_val_acc']), ('reward model', m['val_acc'])]:
-        assert f'{row:22}{acc:8.4f}' in log                         # the three side by side, as reward.json says
+    for row, acc in [('Bayes limit', m['bayes_acc']), ('bag of words', m['bow_val_acc']), ('reward model',
+                                                                                           m['val_acc'])]:
+        # the three side by side, as reward.json says
+        assert f'{row:22}{acc:8.4f}' in log
     ck = torch.load(os.path.join(runs.dirs['out'], 'reward.pt'), weights_only=True)
-    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias', 'rm_context', 'prompt_len', 'policy'} <= set(ck)
+    assert {'model', 'model_args', 'config', 'vocab', 'norm_bias', 'rm_context', 'prompt_len',
+            'policy'} <= set(ck)
 
 
 def test_ppo_stage_writes_log_and_eval(runs):
@@ -930,12 +798,14 @@ def test_ppo_stage_writes_log_and_eval(runs):
     m = json.load(open(os.path.join(out, 'ppo.json')))
     assert m['iters'] == 3 and m['seconds'] > 0 and m['policy'] == m['reference'] == 'sft.pt'
     for name in ['reference', 'best_of_16', 'ppo']:
-        assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended', 'samples'}
+        assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended',
+                                        'samples'}
         assert len(m['eval'][name]['samples']) == 3
     assert m['eval']['reference']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
     assert [r['n_or_iter'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
-    assert [r['n_or_iter'] for r in m['path']] == [0, 2, 3] and m['path'][-1]['gold'] == m['eval']['ppo']['gold']
+    assert [r['n_or_iter'] for r in m['path']] == [0, 2,
+                                                   3] and m['path'][-1]['gold'] == m['eval']['ppo']['gold']
     frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
     assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
     assert len(frontier) == 1 + 5 + 1 + 3                            # best-of-n, the SFT point, PPO's path
@@ -962,10 +832,10 @@ def test_every_road_on_one_frontier(runs, run_here):
     assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.3 for r in dpo['path']) and dpo == json.load(
         open(os.path.join(d, 'dpo_beta0.3.json')))
     assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
-    import csv
     rows = list(csv.DictReader(open(os.path.join(d, 'frontier.csv'))))
     methods = [r['method'] for r in rows]
-    assert set(methods) == {'best_of_n', 'sft', 'ppo', 'rloo', 'dpo'} and methods.count('dpo') == len(dpo['path'])
+    assert set(methods) == {'best_of_n', 'sft', 'ppo', 'rloo',
+                            'dpo'} and methods.count('dpo') == len(dpo['path'])
     assert methods.count('rloo') == len(rloo['path']) == 2 and len(rows) == 5 + 1 + 3 + 2 + len(dpo['path'])
 
 
@@ -976,7 +846,8 @@ def test_sample_eval_mode_reproduces_ppo_json(runs):
     ppo_eval = json.load(open(os.path.join(runs.dirs['out'], 'ppo.json')))['eval']
     assert set(m) == {'reference', 'best_of_16', 'ppo', 'best_of_n', 'best_of_n_at_ppo_kl', 'prompts'}
     for name in ['reference', 'best_of_16', 'ppo']:                        # the same seeds: the same numbers
-        assert {k: m[name][k] for k in ('gold', 'rm', 'kl')} == {k: ppo_eval[name][k] for k in ('gold', 'rm', 'kl')}
+        assert {k: m[name][k] for k in ('gold', 'rm', 'kl')} == {k: ppo_eval[name][k] for k in ('gold',
+                                                                                                'rm', 'kl')}
     assert m['best_of_n'] == ppo_eval['best_of_n']
 
 
@@ -1007,7 +878,6 @@ def chat_answers(log):
 def test_chat_mode_answers_whole_turns(runs):
     """20 varied lines piped in: one answer each, every one a turn that ended (at a blank line or
     another speaker's name) or is marked as cut at max_answer_len, none holding a speaker's line."""
-    from sample import TAG
     code, log = runs['chat']
     assert code == 0 and 'Traceback' not in log, log
     answers = chat_answers(log)
@@ -1018,20 +888,20 @@ def test_chat_mode_answers_whole_turns(runs):
 
 
 def test_chat_format_and_trimming():
-    from sample import end_of_turn, format_chat
     turns = [('ROMEO', 'Hi'), ('JULIET', 'Hello'), ('ROMEO', 'Bye')]
     assert format_chat(turns, 'JULIET', 100) == 'ROMEO:\nHi\n\nJULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
-    assert format_chat(turns, 'JULIET', 35) == 'JULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'  # oldest turn dropped
+    # oldest turn dropped
+    assert format_chat(turns, 'JULIET', 35) == 'JULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
     assert format_chat(turns, 'JULIET', 20) == 'ROMEO:\nBye\n\nJULIET:\n'
     assert format_chat([('ROMEO', 'x' * 50)], 'JULIET', 20) == ('ROMEO:\n' + 'x' * 50 + '\n\nJULIET:\n')[-20:]
     assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == ('Ay, my lord.\nGo.', True)
-    assert end_of_turn('Ay, my lord.\nKING EDWARD IV:\nStay') == ('Ay, my lord.', True)   # a name, no blank line
+    # a name, no blank line
+    assert end_of_turn('Ay, my lord.\nKING EDWARD IV:\nStay') == ('Ay, my lord.', True)
     assert end_of_turn('Ay, my lord.\nCome, sir: go') == ('Ay, my lord.\nCome, sir: go', False)
     assert end_of_turn('Ay, my lo') == ('Ay, my lo', False)
 
 
 def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
-    from sample import whole
     assert whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
     assert whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
     assert whole('I am. Thou art not', False) == ('I am.', 'sentence')
@@ -1043,7 +913,8 @@ def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
         cut = text[start:start + 96]
         shown, how = whole(cut, False)
         assert cut.startswith(shown) and shown.strip() and how != 'none'
-        assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)  # whole words
+        # whole words
+        assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)
 
 
 def chat_models():
@@ -1056,12 +927,12 @@ def chat_models():
 
 
 def test_reply_scores_exactly_what_it_shows():
-    from sample import format_chat, reply
     model, rm = chat_models()
     stop = encode('\n\n', VOCAB)
     turns = [('ROMEO', 'Good morrow.')]
     for best_of in (1, 3):
-        a = reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, torch.Generator().manual_seed(best_of), best_of)
+        a = reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, torch.Generator().manual_seed(best_of),
+                  best_of)
         prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
         r = score(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
         assert a['reward'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
@@ -1073,9 +944,6 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
     """sample.py --mode=web's server, in-process on a free port: the page, answers through HTTP,
     a 4xx and one clear line for each bad request (and the next good one answered), 20 requests
     from 4 clients at once, a clean stop."""
-    import http.client
-    import threading
-    from sample import make_server, reply
     model, rm = chat_models()
     stop, gen = encode('\n\n', VOCAB), torch.Generator().manual_seed(0)
     chat = lambda turns, n: reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, gen, n)
@@ -1094,14 +962,16 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
     try:
         status, kind, page = ask('GET', '/')
         assert status == 200 and kind.startswith('text/html') and '<form' in page and 'textContent' in page
-        assert 'x</script>' not in page and 'x\\u003c/script>' in page and 'src=' not in page   # nothing fetched
+        # nothing fetched
+        assert 'x</script>' not in page and 'x\\u003c/script>' in page and 'src=' not in page
         status, _, out = ask('POST', '/chat', {'history': [{'who': 'you', 'text': 'Hi.'},
                                                           {'who': 'bard', 'text': 'Ay.'}], 'line': 'Go on.'})
         a = json.loads(out)
         assert status == 200 and 0 <= a['p'] <= 1 and a['line'] == 'Go on.' and isinstance(a['answer'], str)
         assert set(a) == {'answer', 'p', 'reward', 'seconds', 'cut', 'note', 'line'}
         status, _, out = ask('POST', '/chat', {'line': 'Hé <script>x</script>', 'best_of': 2})
-        assert status == 200 and "knows no '/<>é'" in json.loads(out)['note'] and json.loads(out)['line'] == 'H scriptxscript'
+        assert status == 200 and "knows no '/<>é'" in json.loads(out)['note']
+        assert json.loads(out)['line'] == 'H scriptxscript'
         bad = [('POST', '/chat', b'not json', 400, 'not JSON'),
                ('POST', '/chat', {'line': '   '}, 400, 'empty'),
                ('POST', '/chat', {'line': 'a' * 501}, 400, 'at most 500'),
@@ -1118,11 +988,14 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
                ('DELETE', '/', None, 405, 'DELETE is not answered')]
         for method, path, body, code, words in bad:
             status, kind, out = ask(method, path, body)
-            assert status == code and words in json.loads(out)['error'] and '\n' not in json.loads(out)['error'], \
+            error = json.loads(out)['error']
+            assert status == code and words in error and '\n' not in error, \
                 (method, path, status, out)
-            assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200          # and the next good one is answered
+            # and the next good one is answered
+            assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200
         with ThreadPoolExecutor(max_workers=4) as pool:                     # 4 clients, 20 requests
-            answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.', 'best_of': 1 + i % 3}),
+            answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.',
+                                                                    'best_of': 1 + i % 3}),
                                     range(20)))
         assert [a[0] for a in answers] == [200] * 20 and all(0 <= json.loads(a[2])['p'] <= 1 for a in answers)
     finally:
@@ -1149,7 +1022,8 @@ def test_resume_continues_from_the_checkpoint(runs):
         gen = torch.Generator().manual_seed(1337)
         for _ in range(ck['iter_num']):
             torch.randint(n_train - int(opt['block_size']) - 1, (int(opt['batch_size']),), generator=gen)
-        assert len(ck['rng_states']) == 1 and torch.equal(ck['rng_states'][0], gen.get_state()), (out, ck['iter_num'])
+        assert len(ck['rng_states']) == 1, out
+        assert torch.equal(ck['rng_states'][0], gen.get_state()), (out, ck['iter_num'])
     assert torch.load(os.path.join(runs.dirs['resume'], 'gpt.pt'), weights_only=True)['iter_num'] > 80
 
 
@@ -1164,7 +1038,8 @@ def test_torchrun_two_processes_train_what_one_does(runs):
                            for w in l.split(', time')[0].split(', eta')[0].split()[3:] if w[0].isdigit()]
     assert len(numbers(one)) == len(numbers(two)) >= 10
     assert numbers(one) == pytest.approx(numbers(two), abs=2e-4)
-    a, b = (torch.load(os.path.join(runs.dirs[k], 'gpt.pt'), weights_only=True) for k in ('gpt_accum2', 'gpt_ddp'))
+    a, b = (torch.load(os.path.join(runs.dirs[k], 'gpt.pt'), weights_only=True) for k in ('gpt_accum2',
+                                                                                          'gpt_ddp'))
     assert a['iter_num'] == b['iter_num'] and len(a['rng_states']) == len(b['rng_states']) == 2
     assert all(torch.equal(x, y) for x, y in zip(a['rng_states'], b['rng_states']))
     for k in a['model']:
@@ -1213,31 +1088,6 @@ def test_ctrl_c_keeps_the_previous_checkpoint(runs):
     assert [f for f in os.listdir(d) if 'tmp' in f] == []
 
 
-@pytest.fixture
-def run_here(monkeypatch, capsys):
-    """Run a stage's __main__ in this process, as `python script args` would: (exit code, what it
-    printed). For the mistakes that end before any work, so the suite does not pay a process
-    start and a torch import for each. die()'s SystemExit gives its code; a MinibardError goes
-    through the hook configure() installed, as in a real process (one `error:` line, code 1);
-    any other exception propagates and fails the test with its traceback, as a user would see one."""
-    def go(script, *args):
-        monkeypatch.chdir(HERE)
-        monkeypatch.setattr(sys, 'argv', [script, *args])
-        monkeypatch.setattr(sys, 'excepthook', sys.excepthook)      # configure() installs a Ctrl-C hook: undo it after
-        code = 0
-        with torch.random.fork_rng():                               # the scripts seed torch: keep ours
-            try:
-                runpy.run_path(os.path.join(HERE, script), run_name='__main__')
-            except SystemExit as e:
-                code = e.code
-            except MinibardError as e:
-                sys.excepthook(type(e), e, e.__traceback__)
-                code = 1
-        out = capsys.readouterr()
-        return code, out.out + out.err
-    return go
-
-
 class Evil:
     """Unpickling this calls os.system(cmd): what a malicious checkpoint would do."""
     def __init__(self, cmd):
@@ -1251,39 +1101,51 @@ def test_stages_run_out_of_order(run_here, tmp_path):
     os.mkdir(tmp_path / 'gpt_only')
     save_tiny(tiny_model(), tmp_path / 'gpt_only' / 'gpt.pt')
     assert_one_clear_line(*run_here('sft.py', f'--out_dir={tmp_path}'), 'gpt.pt', 'run python gpt.py first')
-    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/gpt_only'), 'sft.pt', 'run python sft.py first')
+    assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/gpt_only'), 'sft.pt',
+                          'run python sft.py first')
     assert_one_clear_line(*run_here('sample.py', f'--out_dir={tmp_path}'), 'run python gpt.py first')
     assert_one_clear_line(*run_here('ppo.py', f'--out_dir={tmp_path}/gpt_only'), 'reward.pt',
                           'run python reward.py first')
 
 
 def test_bad_overrides(run_here, tmp_path):
-    safe = f'--out_dir={tmp_path}/none'                              # a probe that got past its check finds no checkpoint
-    assert_one_clear_line(*run_here('gpt.py', safe, '--unknown_key=1'), 'unknown option --unknown_key', 'did you mean --')
+    # a probe that got past its check finds no checkpoint
+    safe = f'--out_dir={tmp_path}/none'
+    assert_one_clear_line(*run_here('gpt.py', safe, '--unknown_key=1'), 'unknown option --unknown_key',
+                          'did you mean --')
     assert_one_clear_line(*run_here('gpt.py', safe, '--batch_size=abc'), '--batch_size expects int', "'abc'")
     assert_one_clear_line(*run_here('ppo.py', safe, 'max_iters=3'), 'overrides look like --key=value')
     assert_one_clear_line(*run_here('gpt.py', safe, '--lr_decay=step'), "--lr_decay='step' is out of range",
                           "{'cosine', 'linear'}")
-    assert_one_clear_line(*run_here('gpt.py', safe, '--token_mix=0'), '--token_mix=0 is out of range', '[1, inf)')
-    assert_one_clear_line(*run_here('sample.py', safe, '--top_k=None', '--dropout=0.5'), 'unknown option --dropout')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--token_mix=0'), '--token_mix=0 is out of range',
+                          '[1, inf)')
+    assert_one_clear_line(*run_here('sample.py', safe, '--top_k=None', '--dropout=0.5'),
+                          'unknown option --dropout')
     # relations between options, checked after each option's own range
-    assert_one_clear_line(*run_here('gpt.py', safe, '--n_embd=100', '--n_head=3'), '--n_embd=100', '--n_head=3')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--n_embd=100', '--n_head=3'), '--n_embd=100',
+                          '--n_head=3')
     assert_one_clear_line(*run_here('gpt.py', safe, '--n_embd=12', '--n_head=4'), 'even size')
-    assert_one_clear_line(*run_here('ppo.py', safe, '--batch_size=1'), '--batch_size=1 must be at least --num_minibatches=2')
+    assert_one_clear_line(*run_here('ppo.py', safe, '--batch_size=1'),
+                          '--batch_size=1 must be at least --num_minibatches=2')
     assert_one_clear_line(*run_here('reward.py', safe, '--train_prompts=1', '--prompts_per_batch=2'),
                           '--prompts_per_batch=2 is more than')
-    assert_one_clear_line(*run_here('gpt.py', safe, '--max_iters=0'), '--max_iters=0 from scratch trains nothing')
-    assert_one_clear_line(*run_here('ppo.py', safe, '--best_of_max=8'), '--best_of_max=8 is out of range', '[16, inf)')
+    assert_one_clear_line(*run_here('gpt.py', safe, '--max_iters=0'),
+                          '--max_iters=0 from scratch trains nothing')
+    assert_one_clear_line(*run_here('ppo.py', safe, '--best_of_max=8'), '--best_of_max=8 is out of range',
+                          '[16, inf)')
     assert_one_clear_line(*run_here('ppo.py', safe, '--lam=0.9'), '--lam is now --gae_lambda')
-    assert_one_clear_line(*run_here('sample.py', safe, '--mode=eval', '--best_of=4'), '--best_of=4 is for sample and chat')
+    assert_one_clear_line(*run_here('sample.py', safe, '--mode=eval', '--best_of=4'),
+                          '--best_of=4 is for sample and chat')
 
 
 def test_option_rules_by_hand():
     """The rule parser on hand cases: open and closed ends, sets, None, and the type of a None default."""
-    from plumbing import check_option
-    ok = [(0.5, 'in [0, 1): x'), (0, 'in [0, 1)'), (1, 'in (0, 1]'), ('a', "in {'a', 'b'}: c"), (None, 'int in [1, inf) or None'),
-          (7, 'int in [1, inf) or None'), (10 ** 9, 'in [1, inf)'), ('x', 'any comment'), (-3.0, 'no rule here')]
-    bad = [(1, 'in [0, 1)'), (0, 'in (0, 1]'), ('c', "in {'a', 'b'}"), (None, 'in [1, inf)'), (0, 'int in [1, inf) or None'),
+    ok = [(0.5, 'in [0, 1): x'), (0, 'in [0, 1)'), (1, 'in (0, 1]'), ('a', "in {'a', 'b'}: c"),
+          (None, 'int in [1, inf) or None'),
+          (7, 'int in [1, inf) or None'), (10 ** 9, 'in [1, inf)'), ('x', 'any comment'), (-3.0,
+                                                                                           'no rule here')]
+    bad = [(1, 'in [0, 1)'), (0, 'in (0, 1]'), ('c', "in {'a', 'b'}"), (None, 'in [1, inf)'),
+           (0, 'int in [1, inf) or None'),
            ('abc', 'int in [1, inf) or None'), (2.5, 'int in [1, inf) or None'), ('', 'a string, no rule')]
     for value, comment in ok:
         check_option('opt', value, comment)                          # returns quietly
@@ -1307,19 +1169,22 @@ def test_truncated_checkpoint_and_malicious_pickle(run_here, tmp_path):
                           f'cannot load {tmp_path}/truncated/gpt.pt', 'python gpt.py')
     assert (tmp_path / 'truncated' / 'gpt.pt').read_bytes() == blob  # the file is left as it was
     os.mkdir(tmp_path / 'evil')
-    torch.save({'model': Evil(f"touch {tmp_path / 'pwned'}")}, str(tmp_path / 'evil' / 'gpt.pt'))  # runs a command
+    # runs a command
+    torch.save({'model': Evil(f"touch {tmp_path / 'pwned'}")}, str(tmp_path / 'evil' / 'gpt.pt'))
     assert_one_clear_line(*run_here('sft.py', f'--out_dir={tmp_path}/evil'), 'cannot load')
     assert not (tmp_path / 'pwned').exists(), 'a checkpoint ran code'
 
 
 def test_checkpoints_of_another_shape(runs, run_here, tmp_path):
     assert runs['reward'][0] == 0
-    other = copy_ckpts(runs.dirs['out'], tmp_path, 'reward.pt')     # this reward.pt + an sft.pt of another shape
+    # this reward.pt + an sft.pt of another shape
+    other = copy_ckpts(runs.dirs['out'], tmp_path, 'reward.pt')
     ck = torch.load(os.path.join(runs.dirs['out'], 'gpt.pt'), weights_only=True)
     args = dict(ck['model_args'], n_embd=32)
     save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'vocab': ck['vocab']},
                     os.path.join(other, 'sft.pt'))
-    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}'), 'not trained from this', 'python reward.py')
+    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}'), 'not trained from this',
+                          'python reward.py')
 
 
 def test_out_of_vocabulary_prompt_is_one_clear_line(runs, run_here):
@@ -1337,26 +1202,27 @@ def in_process_error(capsys, fn, *args):
 
 
 def test_empty_or_missing_input_and_garbage_checkpoint(tmp_path, capsys):
-    from plumbing import load_checkpoint, load_splits, load_text
     (tmp_path / 'empty.txt').write_text('')
-    assert 'empty.txt has only 0 characters' in in_process_error(capsys, load_text, str(tmp_path / 'empty.txt'))
+    assert 'empty.txt has only 0 characters' in in_process_error(capsys, load_text,
+                                                                 str(tmp_path / 'empty.txt'))
     assert 'no ' in in_process_error(capsys, load_text, str(tmp_path / 'nope.txt'))
     (tmp_path / 'odd.txt').write_text(open(os.path.join(HERE, 'input.txt')).read() + ' ~ ')
     assert "characters the checkpoint never saw ('~')" in in_process_error(
         capsys, load_splits, str(tmp_path / 'odd.txt'), VOCAB)
-    (tmp_path / 'latin1.txt').write_bytes('Tybalt, thou art a villain — très bien'.encode('latin-1', 'replace') * 50)
+    (tmp_path / 'latin1.txt').write_bytes('Tybalt, thou art a villain — très bien'.encode('latin-1',
+                                                                                          'replace') * 50)
     assert 'latin1.txt is not UTF-8 text' in in_process_error(capsys, load_text, str(tmp_path / 'latin1.txt'))
     assert 'is a folder' in in_process_error(capsys, load_text, str(tmp_path))
     (tmp_path / 'g.pt').write_bytes(b'not a checkpoint at all')
     assert 'cannot load' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'g.pt'))
     assert 'no ' in in_process_error(capsys, load_checkpoint, str(tmp_path / 'none.pt'))
     assert "not in the vocabulary: 'é'" in in_process_error(capsys, encode, 'héllo', VOCAB)
-    from gpt import load_gpt
-    from reward import load_reward_model
     save_tiny(tiny_model(), tmp_path / 'gpt.pt')
-    assert 'holds a GPT, not a reward model' in in_process_error(capsys, load_reward_model, str(tmp_path / 'gpt.pt'))
+    assert 'holds a GPT, not a reward model' in in_process_error(capsys, load_reward_model,
+                                                                 str(tmp_path / 'gpt.pt'))
     torch.save({'train': {}, 'policy': 'sft.pt'}, tmp_path / 'prefs.pt')
-    assert 'holds preference data, not a GPT' in in_process_error(capsys, load_gpt, str(tmp_path / 'prefs.pt'))
+    assert 'holds preference data, not a GPT' in in_process_error(capsys, load_gpt,
+                                                                  str(tmp_path / 'prefs.pt'))
 
 
 def script_globals(script, device=None):
@@ -1390,13 +1256,14 @@ def test_size_defaults_follow_the_device(capsys):
 def test_help_lists_every_option_with_its_default(script, run_here, tmp_path):
     """--help: exit 0, every global of the hyperparameter block as --name=value with its comment,
     and nothing loaded or written."""
-    import ast
     g = script_globals(script)
     src = open(os.path.join(HERE, script)).read()
     first = src[:src.index('\n# hyperparameters')].count('\n') + 2        # the block's lines, 1-based
     last = first + src[src.index('\n# hyperparameters') + 1:].split('\n# ----')[0].count('\n')
-    keys = [t.id for node in ast.parse(src).body if isinstance(node, ast.Assign) and first <= node.lineno <= last
-            for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name) and t.id[0] != '_']
+    keys = [t.id for node in ast.parse(src).body if isinstance(node, ast.Assign)
+            and first <= node.lineno <= last
+            for target in node.targets for t in ast.walk(target) if isinstance(t,
+                                                                               ast.Name) and t.id[0] != '_']
     assert len(keys) >= 5
     code, out = run_here(script, f'--out_dir={tmp_path}/new', '--help')
     assert code == 0 and 'Traceback' not in out and not (tmp_path / 'new').exists()
@@ -1410,7 +1277,6 @@ def block_options(script):
     """(name, default, comment) of each option in a script's hyperparameter block, found by
     parsing the source (not by the code under test): the block is the lines from
     '# hyperparameters' to the next '# ----'."""
-    import ast
     src = open(os.path.join(HERE, script)).read()
     g = script_globals(script)
     lines = src.splitlines()
@@ -1428,13 +1294,13 @@ def block_options(script):
 def wrong_values(default, comment):
     """A wrong-typed value and an out-of-range one (None where the type has no range) for an
     option: the rule at the start of its comment says what is allowed."""
-    import re
     wrong_type = '5' if isinstance(default, str) else "'abc'"
     m = re.match(r"^(?:int |float )?in ([\[(])\s*([^,]+),\s*([^\])]+)([\])])", comment)
     if m:
         lo, hi = float(m.group(2)), float(m.group(3))
         bad = lo if m.group(1) == '(' else lo - 1 if lo > -math.inf else hi + 1
-        return wrong_type, repr(int(bad) if float(bad).is_integer() and not isinstance(default, float) else bad)
+        return wrong_type, repr(int(bad) if float(bad).is_integer() and not isinstance(default,
+                                                                                       float) else bad)
     if comment.startswith('in {'):
         return wrong_type, "'nonsense'"
     if isinstance(default, str):
@@ -1458,7 +1324,8 @@ def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
             out_dir = [f'--out_dir={tmp_path}/new'] if 'out_dir' in g and name != 'out_dir' else []
             code, out = run_here(script, *out_dir, f'--{name}={value}')
             lines = out.strip().splitlines()
-            assert code != 0 and len(lines) == 1 and lines[0].startswith('error: ') and f'--{name}' in lines[0], \
+            assert code != 0 and len(lines) == 1, (name, value, out)
+            assert lines[0].startswith('error: ') and f'--{name}' in lines[0], \
                 (name, value, out)
             assert not (tmp_path / 'new').exists()
 
@@ -1466,11 +1333,9 @@ def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
 def test_formulas_on_hand_numbers():
     """ECE, prob_mae, val/bayes/gold accuracy, explained variance, the learning-rate schedule and
     the whole-split loss, each against numbers worked out by hand."""
-    from gpt import split_loss
-    from plumbing import lr_at
-    from ppo import explained_variance
     # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
-    r, g, y = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])
+    r, g = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    y = torch.tensor([[0.0, 1.0, 1.0]])
     m = pair_metrics(r, g, y, 1.0)
     s1 = 1 / (1 + math.exp(-1))                                      # labeler's P for a one-word lead
     assert abs(m['ece'] - (0.25 + 0.5 + 0.25) / 3) < 1e-6            # one pair per bin: |q - y| each
@@ -1484,8 +1349,10 @@ def test_formulas_on_hand_numbers():
     # warmup 10 then decay over 100 iterations to lr * min_ratio
     assert lr_at(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and lr_at(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
     assert abs(lr_at(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
-    assert abs(lr_at(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12 and lr_at(110, 1.0, 10, 110, 0.0, 'linear') == 0
-    assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12 and abs(lr_at(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
+    assert abs(lr_at(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12 and lr_at(110, 1.0, 10, 110, 0.0,
+                                                                                'linear') == 0
+    assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12 and abs(lr_at(200, 1.0, 10, 110, 0.1,
+                                                                                    'cosine') - 0.1) < 1e-12
 
     class MeanModel:                                                 # "loss" = mean token id of the batch
         config = GPTConfig(block_size=4)
@@ -1494,4 +1361,5 @@ def test_formulas_on_hand_numbers():
         def __call__(self, x, y):
             return None, x.float().mean()
     data = torch.arange(43)                                          # 10 windows of 4 (+1 for the targets)
-    assert abs(split_loss(MeanModel(), data, batch=3) - data[:40].float().mean().item()) < 1e-9  # uneven batches weighted
+    # uneven batches weighted
+    assert abs(split_loss(MeanModel(), data, batch=3) - data[:40].float().mean().item()) < 1e-9

@@ -1,0 +1,220 @@
+"""pytest's shared setup for test_all.py: the paths, a tiny model, the stage runners, and the run
+graph of tiny stages that start in the background with the first test (fixture `runs`), each as
+soon as the checkpoints it needs exist, so they go side by side with the in-process tests."""
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig
+from plumbing import MinibardError, save_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
+TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+# the stage runs in the background take one thread each: share the 2 cores, not fight
+torch.set_num_threads(1)
+
+
+STARTED = []  # every stage process, so that the end of the session can stop what is left
+
+
+def tiny_model(seed=0, config=TINY):
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    # a token mix that mixes, as after training (it starts as identity)
+    torch.nn.init.normal_(model.tok_mix, std=0.5)
+    return model
+
+
+def save_tiny(model, path):
+    """Save a TINY model as a checkpoint with the keys every stage reads."""
+    save_checkpoint({'model': model.state_dict(), 'model_args': vars(TINY), 'vocab': VOCAB}, str(path))
+
+
+def start(script, *args, stdin=None):
+    """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+                         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    STARTED.append(p)
+    return p, stdin
+
+
+def finish(job):
+    """(exit code, stdout + stderr) of a started stage."""
+    p, stdin = job
+    out = p.communicate(stdin, timeout=300)[0]
+    return p.returncode, out
+
+
+def run(script, *args, stdin=None):
+    """Run a stage as a user would; returns (exit code, stdout + stderr)."""
+    return finish(start(script, *args, stdin=stdin))
+
+
+
+# ------------------------------------------------------------------ the tiny pipeline, end to end
+CHAT_LINES = [  # what a user might say to the bard (README: the real model's answers to them)
+    'What light through yonder window breaks?', 'Good morrow, fair lady.', 'Wilt thou be gone?',
+    'I love thee, sweet lady.', 'Who art thou?', 'Tell me, what news from Verona?', 'Ay.',
+    'Speak!', 'The king is dead; long live the king.', 'What news, 7 émissaries?',
+    'O, that I were a glove upon that hand, that I might touch that cheek!',
+    'ROMEO: I am not here.', 'Away, thou villain! Thou art a traitor and a coward.', 'Hast thou no friends?',
+    "Thy tears are salt; wipe them, and be merry.", 'Farewell, farewell; one kiss, and I will descend.',
+    'Is the day so young?', 'Come, come, you talk greedily.', 'Peace, peace!' * 12, 'Good night.', '']
+
+TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
+            '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
+            '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
+TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
+           '--val_prompts=32', '--prompts_per_batch=8', '--evals=2', '--log_interval=1']
+TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=15', '--eval_interval=5',
+            '--eval_prompts=8',
+            '--eval_samples=1', '--log_interval=5']
+TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--prompts_per_batch=4', '--eval_interval=10',
+            '--log_interval=5']
+TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
+            '--eval_interval=2']
+SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']    # the road without SFT
+SMALL_PPO = [*TINY_PPO, '--max_iters=1', '--eval_interval=1']
+DDP_GPT = [*TINY_GPT, '--n_embd=32', '--block_size=32', '--batch_size=4', '--max_iters=12',
+           '--eval_interval=6',
+           '--eval_iters=2', '--log_interval=3', '--sample_chars=10']
+
+
+class Runs:
+    """Stage runs as a user would start them, each begun in the background as soon as the
+    checkpoints it needs exist, so they go side by side with each other and with the in-process
+    tests. runs[name] waits for one and gives (exit code, stdout + stderr); runs.dirs[name] is
+    the out_dir it worked in."""
+    def __init__(self, root):
+        self.root, self.pool, self.jobs = root, ThreadPoolExecutor(max_workers=16), {}
+        self.dirs = {'out': str(root / 'out')}                      # the main chain gpt -> reward -> ppo
+
+    def add(self, name, script, *args, after=None, own=None, stdin=None, job=run, beside=False):
+        """Run `script` once the run `after` (added before this one) has succeeded: in out/, or,
+        given `own` (a list of checkpoint names), in a fresh folder holding copies of those, or,
+        `beside` True, in the folder of the run `after`."""
+        def work():
+            if after is not None and self[after][0] != 0:
+                return 1, f'not run: {after} failed\n{self[after][1]}'
+            if own is not None:
+                self.dirs[name] = copy_ckpts(self.dirs['out'], self.root / name, *own)
+            if beside:
+                self.dirs[name] = self.dirs[after]
+            return job(script, f'--out_dir={self.dirs.get(name, self.dirs["out"])}', *args, stdin=stdin)
+        self.jobs[name] = self.pool.submit(work)
+
+    def __getitem__(self, name):
+        return self.jobs[name].result()
+
+
+def copy_ckpts(src, dst, *names):
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copy(os.path.join(src, n), dst)
+    return str(dst)
+
+
+def with_sft_as_gpt(script, out_dir_arg, *args, stdin=None):
+    """Run a stage in a folder whose sft.pt is a copy of the main chain's gpt.pt (SFT that moved nothing)."""
+    out = out_dir_arg.split('=', 1)[1]
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(os.path.dirname(out), 'out', 'gpt.pt'), os.path.join(out, 'sft.pt'))
+    return run(script, out_dir_arg, *args, stdin=stdin)
+
+
+def torchrun(script, *args, stdin=None):
+    """Run a stage as N = 2 CPU processes under torchrun (gloo), as a user with two GPUs would run it."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    STARTED.append(p)
+    return finish((p, None))
+
+
+def interrupted(script, *args, stdin=None):
+    """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after)."""
+    p, _ = start(script, *args, '--max_iters=100000', '--eval_interval=20')
+    for line in p.stdout:                                           # wait until it has begun training
+        if line.startswith('iter 5/'):
+            break
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    return p.returncode, out
+
+
+@pytest.fixture(scope='session', autouse=True)
+def start_runs_early(request):
+    """Begin the end-to-end runs with the first test, when any selected test reads them."""
+    if any('runs' in item.fixturenames for item in request.session.items):
+        request.getfixturevalue('runs')
+
+
+@pytest.fixture(scope='session')
+def runs(tmp_path_factory):
+    """Every end-to-end run of the suite, each started as soon as it can be."""
+    r = Runs(tmp_path_factory.mktemp('runs'))
+    r.add('gpt', 'gpt.py', *TINY_GPT)
+    r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[])                 # same seed, same settings, alongside
+    r.add('sft', 'sft.py', *TINY_SFT, after='gpt')
+    r.add('reward', 'reward.py', *TINY_RM, after='sft')
+    r.add('reward_again', 'reward.py', *TINY_RM, after='sft', own=['sft.pt'])
+    r.add('reward_no_sft', 'reward.py', *SMALL_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
+    r.add('ppo_no_sft', 'ppo.py', *SMALL_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
+    r.add('reward_sft_copy', 'reward.py', *SMALL_RM, after='gpt', own=[], job=with_sft_as_gpt)
+    r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
+    r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
+    r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
+    r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)       # 2 processes, 1 micro-batch each
+    r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
+    r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
+    r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt',
+                                                                                    'ppo.pt'])
+    r.add('eval', 'sample.py', '--mode=eval', after='ppo')
+    r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True)
+    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)      # beside RLOO, at once
+    r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
+    r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
+    r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
+    yield r
+    # a stopped or failed session: stop the rest
+    r.pool.shutdown(wait=False, cancel_futures=True)
+    for p in STARTED:
+        if p.poll() is None:
+            p.kill()
+
+
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """Run a stage's __main__ in this process, as `python script args` would: (exit code, what it
+    printed). For the mistakes that end before any work, so the suite does not pay a process
+    start and a torch import for each. die()'s SystemExit gives its code; a MinibardError goes
+    through the hook configure() installed, as in a real process (one `error:` line, code 1);
+    any other exception propagates and fails the test with its traceback, as a user would see one."""
+    def go(script, *args):
+        monkeypatch.chdir(HERE)
+        monkeypatch.setattr(sys, 'argv', [script, *args])
+        # configure() installs a Ctrl-C hook: undo it after
+        monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
+        code = 0
+        with torch.random.fork_rng():                               # the scripts seed torch: keep ours
+            try:
+                runpy.run_path(os.path.join(HERE, script), run_name='__main__')
+            except SystemExit as e:
+                code = e.code
+            except MinibardError as e:
+                sys.excepthook(type(e), e, e.__traceback__)
+                code = 1
+        out = capsys.readouterr()
+        return code, out.out + out.err
+    return go

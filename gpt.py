@@ -34,7 +34,7 @@ data_path = 'input.txt'         # Tiny Shakespeare, 1,115,394 chars; first 90% t
 init_from = 'scratch'           # in {'scratch', 'resume'}: resume continues from out_dir/gpt.pt
 seed = 1337                     # in [0, inf): same seed + same settings = same losses on CPU
 # model
-n_layer = ByDevice(cpu=2, cuda=6)  # in [1, inf): depth; on 2 cores fewer layers, more steps win (README)
+n_layer = ByDevice(cpu=2, cuda=6)  # in [1, inf): depth; on 2 cores fewer layers, more steps win (docs/log.md)
 n_head = ByDevice(cpu=4, cuda=6)  # in [1, inf): attention heads; n_embd must divide by it
 n_embd = ByDevice(cpu=128, cuda=384)  # in [2, inf): width (head size n_embd / n_head even: rotary)
 token_mix = 3                   # in [1, inf): input at t mixes the last this many chars (1 = off)
@@ -43,9 +43,9 @@ dropout = ByDevice(cpu=0.0, cuda=0.2)  # in [0, 1): the small CPU model underfit
 # optimisation: AdamW, linear warmup, then decay to min_lr (cosine: nanoGPT's schedule)
 batch_size = ByDevice(cpu=3, cuda=64)  # in [1, inf): sequences per micro-batch: on 2 cores, steps count
 gradient_accumulation_steps = None  # int in [1, inf) or None: micro-batches a step, all ranks (None: 1 each)
-max_iters = ByDevice(cpu=6000, cuda=5000)  # in [0, inf): CPU: ~140 s of steps on 2 cores
+max_iters = ByDevice(cpu=6000, cuda=5000)  # in [0, inf): optimizer steps (times: README)
 learning_rate = ByDevice(cpu=3e-3, cuda=1e-3)  # in (0, inf): a tiny model takes a high lr
-min_lr_ratio = ByDevice(cpu=0.0, cuda=0.1)  # in [0, 1]: decay ends at lr * this (CPU: 0 wins, README)
+min_lr_ratio = ByDevice(cpu=0.0, cuda=0.1)  # in [0, 1]: decay ends at lr * this (CPU: 0 wins, docs/log.md)
 lr_decay = ByDevice(cpu='linear', cuda='cosine')  # in {'cosine', 'linear'}: linear: Bergsma et al. 2025
 warmup_iters = 100              # in [0, inf): short warmup: tiny models tolerate a high lr early
 weight_decay = 0.1              # in [0, inf): on matrices only (not norms, not biases)

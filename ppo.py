@@ -22,7 +22,7 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     runs of millions; ours has 8,192, so 5,120 lets beta move by up to a third over a run. It
     starts at init_kl_coef 0.5: for rewards of unit std the RL objective's optimum gains about
     1/beta std at a KL of 1/(2 beta^2) (Gaussian rewards), so beta = 1 would stop short of
-    best-of-16. Why a 3.5-nat target: README, section 4.
+    best-of-16. Why a 3.5-nat target: docs/ppo.md.
  5. Advantages by GAE (gamma 1, lambda 0.95) from the critic (7), returns = advantages + values;
     advantages whitened over the rollout batch. Or, with `advantage` rloo or grpo, a critic-free
     group baseline (group_advantages): `group_size` answers to each prompt, each answer's return
@@ -94,7 +94,7 @@ prompt_len = None               # int in [1, inf) or None: None = as out/reward.
 max_answer_len = None           # int in [2, inf) or None: None = as reward.pt; longer turns are cut
 truncation_penalty = 1.0        # in [0, inf): taken off a cut turn's score, in RM std (Huang: 1)
 temperature = 1.0               # in (0, inf): of sampling and of log-probs alike (Huang et al.)
-update_epochs = 2               # in [1, inf): passes over each rollout (4 did worse, README)
+update_epochs = 2               # in [1, inf): passes over each rollout (4 did worse: docs/ppo.md)
 num_minibatches = 2             # in [1, inf): minibatches per pass
 learning_rate = 1.25e-4         # in [0, inf): AdamW, constant, policy
 critic_lr = 1e-5                # in [0, inf): the critic: a value summed over a turn, small steps

@@ -16,7 +16,7 @@ The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replac
  3. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over the K(K-1)/2 pairs of a prompt; all
     K answers of a prompt sit in one batch, so each is forwarded once (InstructGPT: this keeps a
     K-wise comparison from overfitting). `epochs` passes, lr decaying linearly to 0; where the CPU has
-    bf16 units the trunk's matmuls train in bf16 (35 ms a step, not 60: room for a third pass, README).
+    bf16 units the trunk's matmuls train in bf16 (faster steps pay for a third pass: docs/log.md).
  4. Early stopping: a dev set of training-text prompts (fresh answers and choices) is scored
     `evals` times during training; the RM keeps its best dev loss.
  5. Normalisation: a bias makes the mean reward of the policy's answers to held-out prompts 0, so
@@ -73,8 +73,8 @@ tau = 1.0                       # in (0, inf): labeler noise: P(i > j) = sigmoid
 temperature = 1.0               # in (0, inf): sampling temperature of the policy
 gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
-learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (README)
-epochs = 3                      # in [1, inf): passes over the pairs (README: 2 reach gold_acc 0.95, 3 0.96)
+learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (docs/log.md)
+epochs = 3                      # in [1, inf): passes over the pairs (why 3: docs/log.md)
 _bf16 = 'bfloat16' if cpu_has_bf16() else 'float32'  # the CPU's fast dtype for the RM (bf16 units or not)
 dtype = ByDevice(cpu=_bf16, cuda='float32')  # in {'bfloat16', 'float32'}: on CPU, bf16 autocast or not
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept

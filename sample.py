@@ -370,7 +370,8 @@ if __name__ == '__main__':
         encode(you + bard, vocab)
         chat = lambda turns, n: reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, n,
                                       temperature, top_k)
-        server = make_server(host, port, chat, vocab, you, bard, os.path.basename(path), labelled)
+        typical = {'sft': 'the SFT model', 'gpt': 'the pretrained model'}.get(labelled, labelled)
+        server = make_server(host, port, chat, vocab, you, bard, os.path.basename(path), typical)
         if host not in ('127.0.0.1', 'localhost', '::1'):
             print(f'note: listening on {host}: anyone who can reach this machine can talk to the bard',
                   file=sys.stderr)

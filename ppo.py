@@ -47,8 +47,10 @@ al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
     estimator, never negative), and the exact sum_t KL(pi(.|s_t) || pi_ref(.|s_t)) over all 65
     characters.
  9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., 64 from one
-    pass of 64 answers of the reference per prompt, at the KL bound log n - (n-1)/n, and the
-    policy every `eval_interval` iterations (gold, RM score, exact KL). Gold is only ever measured.
+    pass of 64 answers of the reference per prompt, at the KL bound log n - (n-1)/n (kept in
+    out/best_of_n.json: the next run with the same reference, RM, prompts and settings reads it),
+    and the policy every `eval_interval` iterations (gold, RM score, exact KL). Gold is only ever
+    measured.
  Left out: per-batch reward whitening (scores are centred and scaled on the reference's answers).
  Names follow cleanrl and TRL (clip_coef, vf_coef, ent_coef, gae_lambda, update_epochs,
  max_grad_norm, cliprange_value, init_kl_coef); beta is the KL coefficient of the equations.

@@ -870,21 +870,24 @@ def test_sample_mode_writes_past_the_context_and_says_the_reward_is_uncalibrated
 
 
 def chat_answers(log):
-    """The bard's answers in a chat transcript: [(text, cut at the length limit?)]."""
-    return [(a.split('\n   [P = ')[0], 'cut at' in a.split('\n   [P = ')[1].split(']')[0])
+    """The bard's answers in a chat transcript: [(text, its bracket of P, reward, time and notes)]."""
+    return [(a.split('\n   [P = ')[0], a.split('\n   [P = ')[1].split(']')[0])
             for a in log.split('\nJULIET: ')[1:]]
 
 
 def test_chat_mode_answers_whole_turns(runs):
     """20 varied lines piped in: one answer each, every one a turn that ended (at a blank line or
-    another speaker's name) or is marked as cut at max_answer_len, none holding a speaker's line."""
+    another speaker's name) or, cut at max_answer_len, shown to a whole line, sentence or word;
+    none holding a speaker's line."""
     code, log = runs['chat']
     assert code == 0 and 'Traceback' not in log, log
     answers = chat_answers(log)
     assert len(answers) == len(CHAT_LINES) - 1 == log.count('[P = ')          # the empty last line ends it
     assert "knows no '7é'" in log
-    for text, cut in answers:
+    for text, notes in answers:
         assert not TAG.search('\n' + text + '\n') and '\n\n' not in text, text
+        if 'cut at 32 characters' in notes:                        # never shown cut mid-word
+            assert 'shown to its last whole' in notes or ' ' not in text.strip(), (text, notes)
 
 
 def test_chat_format_and_trimming():

@@ -143,8 +143,17 @@ def torchrun(script, *args, stdin=None):
 
 
 def interrupted(script, *args, stdin=None):
-    """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after)."""
-    p, _ = start(script, *args, '--max_iters=100000', '--eval_interval=20')
+    """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after).
+    The child gets Ctrl-C's default handler back first, as at a terminal: a suite started in the
+    background (`cmd &`) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt."""
+    run_it = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+              'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    long_run = [*args, '--max_iters=100000', '--eval_interval=20']
+    p = subprocess.Popen([sys.executable, '-c', run_it, os.path.join(HERE, script), *long_run], cwd=HERE,
+                         text=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    STARTED.append(p)
     for line in p.stdout:                                           # wait until it has begun training
         if line.startswith('iter 5/'):
             break

@@ -28,7 +28,7 @@ from labeler import all_pairs, gold_score, label, pair_metrics
 from plumbing import (END_OF_TURN, answer_texts, configure, encode, load_checkpoint, resolve_defaults,
                       run_first)
 from reward import load_reward_model, score
-from sample import checkpoint_path, end_of_turn, make_server, reply, whole
+from sample import as_turns, checkpoint_path, end_of_turn, make_server, reply, whole
 
 CHAT_LINES = [  # what people say to the bard: greetings, questions, orders, verse, prose, one word
     'What light through yonder window breaks?', 'Good morrow, fair lady.', 'Wilt thou be gone?',
@@ -79,17 +79,13 @@ def treated_as_chat(data, vocab, prompt_len, tau, seed):
     prefs, the share of answers changed)."""
     P, K, _ = data['seqs'].shape
     texts = answer_texts(data['seqs'].view(P * K, -1)[:, prompt_len:], data['lengths'].flatten(), vocab)
-    shown = [whole(*end_of_turn(t))[0] + END_OF_TURN for t in texts]
-    ids = [encode(t, vocab) for t in shown]
-    lengths = torch.tensor([len(t) for t in ids])
-    answers = torch.full((P * K, int(lengths.max())), encode(END_OF_TURN, vocab)[-1])
-    for n, t in enumerate(ids):
-        answers[n, :len(t)] = torch.tensor(t)
+    shown = [whole(*end_of_turn(t))[0] for t in texts]
+    answers, lengths = as_turns(shown, vocab)                         # as reply() scores them
     seqs = torch.cat([data['seqs'].view(P * K, -1)[:, :prompt_len].long(), answers], 1)
     g = torch.tensor([float(gold_score(t)) for t in shown]).view(P, K)
     i, j = all_pairs(K)
     prefs = label(g[:, i], g[:, j], tau, generator=torch.Generator().manual_seed(seed))
-    changed = sum(a != b for a, b in zip(texts, shown)) / len(texts)
+    changed = sum(a != b + END_OF_TURN for a, b in zip(texts, shown)) / len(texts)
     return seqs, lengths, g, prefs, changed
 
 

@@ -130,6 +130,17 @@ def whole(text, ended):
     return text, 'none'
 
 
+def as_turns(texts, vocab, device='cpu'):
+    """Answers as the scene holds them, each text then the blank line that ends a turn, encoded and
+    padded after its end: -> (answers (N, Ta), lengths (N,)), what the RM scores in both chat modes."""
+    ids = [encode(text + END_OF_TURN, vocab) for text in texts]
+    lengths = torch.tensor([len(t) for t in ids], device=device)
+    answers = torch.full((len(ids), int(lengths.max())), ids[0][-1], device=device)   # pad: the end token
+    for i, t in enumerate(ids):
+        answers[i, :len(t)] = torch.tensor(t, device=device)
+    return answers, lengths
+
+
 def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
     """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: best_of
     answers drawn, each ended where its turn ends (end_of_turn) and shown whole (whole()), each
@@ -144,11 +155,7 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
         shown = [whole(text, ended) for text, ended in drawn]
         if any(text.strip() for text, _ in shown):
             break
-    turns_said = [encode(text + END_OF_TURN, vocab) for text, _ in shown]
-    n = torch.tensor([len(t) for t in turns_said], device=dev)
-    said = torch.full((best_of, int(n.max())), stop[-1], device=dev)
-    for i, t in enumerate(turns_said):
-        said[i, :len(t)] = torch.tensor(t, device=dev)
+    said, n = as_turns([text for text, _ in shown], vocab, dev)    # (n, Ta), (n,)
     r = score(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()   # (n,) on what is shown
     best = max([i for i, (text, _) in enumerate(shown) if text.strip()] or [0], key=lambda i: r[i])
     (text, how), (drawn_text, ended_here) = shown[best], drawn[best]

@@ -4,7 +4,9 @@ plumbing.py: what every minibard script needs and none of them is about.
 The recipe lives in gpt.py, reward.py, ppo.py and sample.py (and the labeler and the evaluation
 they share, labeler.py and frontier.py); this file holds the parts a reader can take on trust:
  - options: `--key=value` overrides, each checked against the rule that opens its comment in the
-   hyperparameter block, --help, and one-line errors instead of tracebacks (die);
+   hyperparameter block (`# in [1, inf): ...`, `# in (0, 1]`, `# in {'a', 'b'}`, `# int in [1, inf)
+   or None`: a range or a set, the type first where the default is None; see RULE), --help, and
+   one-line errors instead of tracebacks (MinibardError; die in a script's own checks);
  - progress lines with an ETA; atomic checkpoints, read with weights_only=True; results kept
    in a file for as long as what they depend on is unchanged (cached);
  - the corpus: input.txt read and checked, the character codec, the train/val split, random

@@ -261,12 +261,16 @@ class KVCache:
         return self
 
 
+def log_probs(logits, temperature=1.0):
+    """log softmax(logits / temperature) over the characters, in fp32: (..., V) -> (..., V). The one
+    place it is computed: sampling, PPO's passes, the entropy and the exact KL share the math and
+    the temperature (Huang et al., "The N implementation details of RLHF", detail 2)."""
+    return F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
+
+
 def token_logprobs(logits, tokens, temperature=1.0):
-    """log pi(token | context) under softmax(logits / temperature): (B, T, V), (B, T) -> (B, T).
-    The one place it is computed: generate() and PPO's passes share the math and the temperature
-    (Huang et al., "The N implementation details of RLHF", detail 2)."""
-    logp = F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(token | context) under softmax(logits / temperature): (B, T, V), (B, T) -> (B, T)."""
+    return log_probs(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 # ------------------------------------------------------------------ evaluation and loading

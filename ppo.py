@@ -71,11 +71,10 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from frontier import (answer_sum, best_of_n_frontier, collect, policy_point, print_frontier,
                       print_samples, save_frontier, summary)
-from gpt import GPT, GPTConfig, load_gpt, token_logprobs
+from gpt import GPT, GPTConfig, load_gpt, log_probs, token_logprobs
 from labeler import gold_scores
 from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, cached, configure, count, die, digest,
                       encode, ended, eta, get_batch, load_splits, prepare_out_dir, run_first, sample_prompts,
@@ -244,7 +243,7 @@ def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature,
     def passes(s, _):
         logits = answer_logits(policy(s)[0], prompt_len)                # (b, t, V)
         ref_logits = answer_logits(ref(s)[0], prompt_len)
-        answer, logp_all = s[:, prompt_len:], F.log_softmax(logits.float() / temperature, -1)
+        answer, logp_all = s[:, prompt_len:], log_probs(logits, temperature)
         return (token_logprobs(logits, answer, temperature),             # log pi(y_t | s_t)
                 token_logprobs(ref_logits, answer, temperature),         # log pi_ref(y_t | s_t)
                 critic(s, prompt_len) if critic else logits.new_zeros(logits.shape[:2]),  # V(s_t)
@@ -320,7 +319,7 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
                     clip_coef, cliprange_value)
                 loss = pg_loss + vf_coef * v_loss
                 if ent_coef > 0:                                     # - c H(pi): a bonus for entropy
-                    logp_all = F.log_softmax(logits.float() / temperature, -1)
+                    logp_all = log_probs(logits, temperature)
                     loss = loss + ent_coef * masked_mean((logp_all.exp() * logp_all).sum(-1), mask[idx])
                 if ptx_coef > 0 and lm_batch_fn is not None:         # InstructGPT eq. 2: + gamma E[log pi(x)]
                     loss = loss + ptx_coef * policy(*lm_batch_fn())[1]

@@ -35,9 +35,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from gpt import load_gpt, token_logprobs
+from gpt import load_gpt, log_probs, token_logprobs
 from labeler import gold_score, gold_scores
 from plumbing import (END_OF_TURN, answer_mask, answer_texts, by_length, configure, count, decode, die,
                       encode, ended, eta, load_splits, lr_at, prepare_out_dir, sample_answers, sample_prompts,
@@ -116,8 +115,7 @@ def demo_loss(model, seqs, lengths, prompt_len, batch=256):
 def exact_kl(logits_p, logits_q, temperature=1.0):
     """Per-position KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the whole vocabulary:
     (..., V) -> (...)."""
-    logp = F.log_softmax(logits_p.float() / temperature, -1)
-    logq = F.log_softmax(logits_q.float() / temperature, -1)
+    logp, logq = log_probs(logits_p, temperature), log_probs(logits_q, temperature)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 

@@ -94,7 +94,7 @@ def chat_check(out_dir, seed):
     answers through HTTP (one client, then 4 at once). Writes out_dir/chat_check.json."""
     path = checkpoint_path('ppo', out_dir)
     model, vocab, _ = load_gpt(path, run_first(path))
-    rm, _, rm_ck = load_reward_model(os.path.join(out_dir, 'reward.pt'))
+    rm, _, _ = load_reward_model(os.path.join(out_dir, 'reward.pt'))
     data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py')
     Tp, tau, max_len, val = data['prompt_len'], data['tau'], data['max_answer_len'], data['val']
     P, K, _ = val['seqs'].shape

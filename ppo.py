@@ -395,7 +395,7 @@ if __name__ == '__main__':
     writer.writeheader()
 
     with torch.no_grad():  # the RM's std on the reference's answers -> rewards of unit scale (Ziegler et al.)
-        seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,
+        seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,  # 256 answers
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
         gain = 1.0 / rm(seqs0, prompt_len, n0).std().clamp_min(1e-6).item()
     critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM

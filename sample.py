@@ -297,6 +297,9 @@ if __name__ == '__main__':
     labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')   # whose answers score 0 on average
     max_new_tokens = max_new_tokens or max_answer_len
 
+    stop = encode(END_OF_TURN, vocab)                            # where a turn ends: chat and web modes
+    if mode in ('chat', 'web'):
+        encode(you + bard, vocab)                                 # names any character the model lacks
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
         if 'best_of_n' not in checkpoint.get('metrics', {}).get('eval', {}):
             die(f'eval mode measures a run of ppo.py again (PPO, or --advantage=rloo or grpo): {path} is '
@@ -347,8 +350,7 @@ if __name__ == '__main__':
                   (f' (best of {best_of})' if best_of > 1 else ''))
 
     elif mode == 'chat':  # a whole turn each time, up to the blank line (or max_answer_len characters)
-        turns, stop = [], encode(END_OF_TURN, vocab)
-        encode(you + bard, vocab)                                 # names any character the model lacks
+        turns = []
         print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.',
               file=sys.stderr)
         while True:
@@ -373,8 +375,6 @@ if __name__ == '__main__':
                   f"{a['seconds']:.1f} s" + (f", {a['note']}" if a['note'] else '') + ']')
 
     else:  # web: the same chat as a local page; the page keeps the scene and sends it each time
-        stop = encode(END_OF_TURN, vocab)
-        encode(you + bard, vocab)
         chat = lambda turns, n: reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, n,
                                       temperature, top_k)
         typical = {'sft': 'the SFT model', 'gpt': 'the pretrained model'}.get(labelled, labelled)

@@ -1,12 +1,14 @@
 """pytest's shared setup for test_all.py: the paths, a tiny model, the stage runners, and the run
 graph of tiny stages that start in the background with the first test (fixture `runs`), each as
 soon as the checkpoints it needs exist, so they go side by side with the in-process tests."""
+import multiprocessing
 import os
 import runpy
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,8 +20,11 @@ from plumbing import MinibardError, save_checkpoint
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = ''.join(sorted(set(open(os.path.join(HERE, 'input.txt')).read())))
 TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
-# the stage runs in the background take one thread each: share the 2 cores, not fight
+# this process and every stage run take one thread each: many at once share the 2 cores, not fight;
+# output unbuffered, so that a test reading a run line by line (Ctrl-C once training has begun)
+# sees each line when it is printed
 torch.set_num_threads(1)
+CHILD_ENV = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 
 
 STARTED = []  # every stage process, so that the end of the session can stop what is left
@@ -40,7 +45,7 @@ def save_tiny(model, path):
 
 def start(script, *args, stdin=None):
     """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')  # many at once on 2 cores: no thrashing
+    env = dict(os.environ, **CHILD_ENV)
     p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
                          stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -55,10 +60,67 @@ def finish(job):
     return p.returncode, out
 
 
-def run(script, *args, stdin=None):
-    """Run a stage as a user would; returns (exit code, stdout + stderr)."""
+# A fresh `python` imports torch and, where an optimizer is built, torch._dynamo (torch.optim
+# imports it on first use): more CPU than a tiny stage's own work (docs/speed.md). So the suite's
+# stage runs are forked from one server process that has imported all that once.
+FORKSERVER = (multiprocessing.get_context('forkserver')
+              if 'forkserver' in multiprocessing.get_all_start_methods() else None)
+if FORKSERVER is not None:
+    FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'gpt', 'sft', 'reward', 'frontier',
+                                       'ppo', 'dpo', 'sample', 'bench'])
+
+
+def _stage_main(script, args, stdin_path, out_path):
+    """In the forked child: what `python script args` does (cwd, argv, sys.path, one thread, uncaught
+    exceptions through sys.excepthook, exit code), with stdout and stderr into out_path."""
+    os.environ.update(CHILD_ENV)
+    torch.set_num_threads(1)
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)                                                  # C-level output too, in order
+    sys.stdout = sys.stderr = open(1, 'w', encoding='utf-8', buffering=1, closefd=False)
+    sys.stdin = open(stdin_path or os.devnull, encoding='utf-8')
+    os.chdir(HERE)
+    path = os.path.join(HERE, script)
+    sys.argv, sys.path[0] = [path, *args], HERE
+    code = 0
+    try:
+        runpy.run_path(path, run_name='__main__')
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException as e:                                      # what Python does with it at exit
+        sys.excepthook(type(e), e, e.__traceback__)
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def run_python(script, *args, stdin=None):
+    """Run a stage in a fresh `python script args` process; returns (exit code, stdout + stderr)."""
     return finish(start(script, *args, stdin=stdin))
 
+
+def run(script, *args, stdin=None):
+    """Run a stage as `python script args` would, forked from the server; (exit code, stdout + stderr)."""
+    if FORKSERVER is None:
+        return run_python(script, *args, stdin=stdin)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path, stdin_path = os.path.join(tmp, 'out'), None
+        if stdin is not None:
+            stdin_path = os.path.join(tmp, 'in')
+            with open(stdin_path, 'w', encoding='utf-8') as f:
+                f.write(stdin)
+        p = FORKSERVER.Process(target=_stage_main, args=(script, args, stdin_path, out_path))
+        p.start()
+        STARTED.append(p)
+        p.join(300)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+        with open(out_path, encoding='utf-8', errors='replace') as f:
+            return p.exitcode, f.read()
 
 
 # ------------------------------------------------------------------ the tiny pipeline, end to end
@@ -134,7 +196,7 @@ def with_sft_as_gpt(script, out_dir_arg, *args, stdin=None):
 
 def torchrun(script, *args, stdin=None):
     """Run a stage as N = 2 CPU processes under torchrun (gloo), as a user with two GPUs would run it."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    env = dict(os.environ, **CHILD_ENV)
     p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                           os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -148,7 +210,7 @@ def interrupted(script, *args, stdin=None):
     background (`cmd &`) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt."""
     run_it = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
               'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    env = dict(os.environ, **CHILD_ENV)
     long_run = [*args, '--max_iters=100000', '--eval_interval=20']
     p = subprocess.Popen([sys.executable, '-c', run_it, os.path.join(HERE, script), *long_run], cwd=HERE,
                          text=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -174,7 +236,8 @@ def runs(tmp_path_factory):
     """Every end-to-end run of the suite, each started as soon as it can be."""
     r = Runs(tmp_path_factory.mktemp('runs'))
     r.add('gpt', 'gpt.py', *TINY_GPT)
-    r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[])                 # same seed, same settings, alongside
+    # same seed, same settings, alongside, in a fresh python: the forked runs are what a real one does
+    r.add('gpt_again', 'gpt.py', *TINY_GPT, own=[], job=run_python)
     r.add('sft', 'sft.py', *TINY_SFT, after='gpt')
     r.add('reward', 'reward.py', *TINY_RM, after='sft')
     r.add('reward_again', 'reward.py', *TINY_RM, after='sft', own=['sft.pt'])
@@ -199,7 +262,7 @@ def runs(tmp_path_factory):
     # a stopped or failed session: stop the rest
     r.pool.shutdown(wait=False, cancel_futures=True)
     for p in STARTED:
-        if p.poll() is None:
+        if (p.poll() if isinstance(p, subprocess.Popen) else p.exitcode) is None:
             p.kill()
 
 

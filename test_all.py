@@ -1,11 +1,14 @@
-"""minibard tests: the math against naive references, then tiny end-to-end runs (subprocess).
+"""minibard tests: the math against naive references, then tiny end-to-end runs of the scripts.
 
 Run: python -m pytest -q test_all.py     (tiny configs, not the defaults; shared setup: conftest.py)
 
 The end-to-end runs (fixture `runs`, conftest.py) start in the background with the first test
-and go on while the in-process tests run; each test that reads one waits for it. Sections follow
-the modules: gpt.py, sft.py, dpo.py, reward.py (with labeler.py), ppo.py (with frontier.py),
-sample.py, the pipeline end to end, then user mistakes and plumbing.py.
+and go on while the in-process tests run; each test that reads one waits for it. Each runs a
+script's __main__ as `python script args` would, in a process forked from one that has imported
+torch once; torchrun, Ctrl-C and the second pretraining run are fresh `python` processes (that
+one gives the forked run's numbers). Sections follow the modules: gpt.py, sft.py, dpo.py,
+reward.py (with labeler.py), ppo.py (with frontier.py), sample.py, the pipeline end to end, then
+user mistakes and plumbing.py.
 """
 import ast
 import csv
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ppo
-from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, copy_ckpts, run, save_tiny, start, tiny_model
+from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, copy_ckpts, save_tiny, tiny_model
 from dpo import answer_logprobs, dpo_loss
 from frontier import best_of_n, best_of_n_curve, gold_at_kl
 from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
@@ -1075,7 +1078,7 @@ def assert_one_clear_line(code, log, *words):
 
 
 def test_nan_stops_without_overwriting(runs):
-    """In a real process: one line, no traceback, and the checkpoints it started from are untouched."""
+    """A run of ppo.py: one line, no traceback, and the checkpoints it started from are untouched."""
     assert_one_clear_line(*runs['ppo_nan'], 'is nan', 'ppo.pt was not overwritten')
     for f in ['sft.pt', 'ppo.pt']:
         assert open(os.path.join(runs.dirs['ppo_nan'], f), 'rb').read() == \

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from frontier import collect, policy_point, print_rows, save_frontier
+from frontier import collect, eval_line, policy_point, print_rows, save_frontier
 from gpt import load_gpt, token_logprobs
 from labeler import all_pairs, pair_metrics
 from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, configure, count, die, encode, eta,
@@ -119,8 +119,7 @@ if __name__ == '__main__':
         row, samples = policy_point(model, ref, rm, held_out, vocab, max_len, stop, temperature,
                                     eval_samples, seed, step, forward_batch_size, method='dpo')
         path.append({**row, 'beta': beta})
-        print(f"eval {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
-              f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")
+        print(eval_line(step, row))
         return samples
 
     samples = evaluate(0)

@@ -27,22 +27,23 @@ import sys
 
 import torch
 
-from plumbing import answer_texts, configure, decode, die, progress, sample_answers
+from plumbing import answer_texts, cached, configure, decode, die, digest, progress, sample_answers
 from reward import score
 from sft import answer_values, mean_se, measure_policy
 
 
 @torch.no_grad()
 def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batch=1024, top_k=None,
-              done=None, chunk=32):
+              on_progress=None, chunk=32):
     """Best-of-n reranking: n answers per prompt (P, Tp), sampled `batch` at a time and scored
     `chunk` at a time, keep the RM's favourite.
 
-    Returns the best answers (P, Ta) and their lengths (P,) and rewards (P,), and all answers
-    (P, n, Ta) with lengths and rewards (P, n)."""
+    Returns the best answers (P, Ta) and their lengths (P,) and RM scores (P,), and all answers
+    (P, n, Ta) with lengths and RM scores (P, n)."""
     P, Tp = prompts.shape
     rep = prompts.repeat_interleave(n, 0)                               # (P n, Tp)
-    y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k, done)
+    y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k,
+                               on_progress)
     r = score(rm, torch.cat([rep, y], 1), Tp, lengths, chunk).view(P, n)  # (P, n)
     best, idx = r.argmax(1), torch.arange(P)
     y, lengths = y.view(P, n, -1), lengths.view(P, n)
@@ -90,9 +91,9 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     KL to the reference: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the reference itself)."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     P = prompts.size(0)
-    done = progress('best-of-n answers', P * n_max, 16 * batch, log) if log else None
+    advance = progress('best-of-n answers', P * n_max, 16 * batch, log) if log else None
     *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, batch,
-                                  done=done, chunk=chunk)           # (P, N, Ta), (P, N), (P, N)
+                                  on_progress=advance, chunk=chunk)           # (P, N, Ta), (P, N), (P, N)
     values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
@@ -102,6 +103,18 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     samples = {'reference': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
                'best_of_16': answer_texts(y[first3, best16], lengths[first3, best16], vocab)}
     return rows, samples
+
+
+def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed,
+                   chunk=32, log=print):
+    """best_of_n_frontier(), kept in out_dir/best_of_n.json under the digests of everything it
+    depends on (the reference's and the RM's checkpoints, the prompts, the settings): the same
+    curve for ppo, rloo and grpo of one seed is measured once, and read back by the next run."""
+    key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(os.path.join(out_dir,
+           'reward.pt')), 'prompts': digest(prompts), 'seed': seed, 'max_answer_len': max_len,
+           'temperature': temperature, 'best_of_max': n_max, 'device': prompts.device.type}
+    return cached(os.path.join(out_dir, 'best_of_n.json'), key, lambda: best_of_n_frontier(
+        ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=chunk, log=log), log=log)
 
 
 @torch.no_grad()
@@ -119,6 +132,12 @@ def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_
     first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts
     row = point(method, it, per_prompt, kl)
     return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
+
+
+def eval_line(step, row):
+    """The log line of one evaluated point of a run."""
+    return (f"eval {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
+            f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")
 
 
 # ----------------------------------------------------------------------------------------

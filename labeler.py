@@ -61,7 +61,7 @@ def all_pairs(k):
 
 
 def pair_metrics(r, g, prefs, tau):
-    """How well rewards r (P, K) order the K answers of each prompt, against the sampled labels
+    """How well scores r (P, K) order the K answers of each prompt, against the sampled labels
     prefs (P, K(K-1)/2) and against the gold scores g (P, K) they were drawn from: agreement with
     the labels, the Bayes limit, agreement with the gold order, calibration."""
     i, j = all_pairs(r.size(1))

@@ -239,15 +239,15 @@ def eta(done, total, t0, start=0):
 
 
 def progress(name, total, every, log=print):
-    """A counter for work done in pieces (generate() calls): done(n) adds n of total and logs
+    """A counter for work done in pieces (generate() calls): advance(n) adds n of total and logs
     '<name> 4096/23200 (17%), eta 0m41s' once `every` units have passed, and at the end."""
     t0, seen = time.time(), [0]
 
-    def done(n):
+    def advance(n):
         seen[0] += n
         if seen[0] % every < n or seen[0] == total:
             log(f'{name} {count(seen[0], total)}, {eta(seen[0], total, t0)}')
-    return done
+    return advance
 
 
 # ------------------------------------------------------------------ files
@@ -452,16 +452,17 @@ def sample_prompts(data, starts, n, length, generator):
 
 
 @torch.no_grad()
-def sample_answers(model, prompts, max_len, stop, temperature, generator, batch=1024, top_k=None, done=None):
+def sample_answers(model, prompts, max_len, stop, temperature, generator, batch=1024, top_k=None,
+                   on_progress=None):
     """One turn after each prompt (N, Tp), ended by the tokens `stop`: answers (N, Ta) padded
-    after their end and lengths (N,); Ta is the longest answer, at most max_len. done(n), if
-    given, is called after each generate() call of n rows (progress lines)."""
+    after their end and lengths (N,); Ta is the longest answer, at most max_len. on_progress(n),
+    if given, is called after each generate() call of n rows (a progress() counter)."""
     outs = []
     for i in range(0, len(prompts), batch):
         outs.append(model.generate(prompts[i:i + batch], max_len, temperature=temperature, top_k=top_k,
                                    generator=generator, stop=stop))
-        if done:
-            done(len(outs[-1][0]))
+        if on_progress:
+            on_progress(len(outs[-1][0]))
     Ta = max(o[1].size(1) for o in outs)
     pad = stop[-1] if stop else 0
     answers = [F.pad(out[:, prompts.size(1):], (0, Ta - (out.size(1) - prompts.size(1))), value=pad)

@@ -2,65 +2,38 @@
 ppo.py: align the GPT with the reward model by PPO. Step 3 of minibard (InstructGPT's RL step).
 
 The algorithm, as the references do it (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et
-al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"):
- 1. On-policy rollouts: `batch_size` prompts (speech starts of the training text, as reward.py
-    draws them), one answer each from the current policy: a whole turn up to its blank line, or
-    `max_answer_len` characters. The positions after an answer's end are padding, masked out of
-    every sum and mean below (log-probs, values, KL, GAE, whitening, losses, entropy).
- 2. Log-probabilities of the sampled characters under the policy and the frozen reference: the
-    policy PPO starts from (`policy`: the SFT model, whose answers reward.pt learnt from, as in
-    InstructGPT's eq. 2; gpt.pt on the road without SFT), at the sampling temperature, dropout off.
- 3. Reward per token: r_t = -beta (log pi(y_t|s_t) - log pi_ref(y_t|s_t)), plus the frozen reward
-    model's score on each answer's own last token, scaled to unit std on the reference's answers
-    (Ziegler et al.; ours is already centred there): how far an RM spreads answers depends on its
-    training, and beta should mean the same KL pressure for every reward.pt. An answer cut at max_answer_len
-    loses `truncation_penalty` std (Huang et al.; TRL's missing_eos_penalty), or a policy could
-    pad its score by never ending.
- 4. beta is adapted (Ziegler et al.): e = clip(KL / target - 1, -0.2, 0.2), beta <- beta (1 + e n
-    / horizon), n = episodes per iteration; fixed when kl_target = 0. It is fed the exact KL (8):
-    the same mean as the sampled estimate, less noise. Ziegler's horizon of 10,000 episodes is for
-    runs of millions; ours has 8,192, so 5,120 lets beta move by up to a third over a run. It
-    starts at init_kl_coef 0.5: for rewards of unit std the RL objective's optimum gains about
-    1/beta std at a KL of 1/(2 beta^2) (Gaussian rewards), so beta = 1 would stop short of
-    best-of-16. Why a 3.5-nat target: docs/ppo.md.
- 5. Advantages by GAE (gamma 1, lambda 0.95) from the critic (7), returns = advantages + values;
-    advantages whitened over the rollout batch. Or, with `advantage` rloo or grpo, a critic-free
-    group baseline (group_advantages): `group_size` answers to each prompt, each answer's return
-    R_i = sum_t r_t (its score and the same per-token KL penalty, gamma 1) less the mean return of
-    the other G - 1 answers (RLOO, Ahmadian et al. 2024), or less the group's mean and over its std
-    (GRPO, Shao et al. 2024); every character of an answer gets its answer's advantage, no value
-    network is trained, and the clipped surrogate is PPO's. GRPO puts the KL in the loss as a k3
-    term; here it stays in the reward for every method, so the three differ only in the baseline
-    and the adaptive controller steers each to the same KL.
- 6. PPO update: `update_epochs` passes over `num_minibatches` shuffled minibatches; clipped
-    surrogate (clip_coef 0.2), clipped value loss (cliprange_value 0.2), global grad-norm clip;
-    optional entropy bonus and PPO-ptx (LM loss on input.txt, InstructGPT eq. 2; off). Small
-    steps (lr 1.25e-4, 128 episodes an iteration): a policy-gradient step's noise is KL that
-    buys no reward.
- 7. The value function is a separate critic initialised from the reward model (as InstructGPT).
-    Our RM sums a per-character head over the answer, so its running sum V(s_t) = b + sum_{k<t}
-    c_k (the score so far) is a useful value from the first iteration: GAE's TD errors then give
-    every character its own share of the final score, delta_t = c_t - beta kl_t, where a fresh
-    value head passes on lambda^(T-1-t) of it (0.95^63 = 0.04 to the first of 64 characters).
- 8. KL to the reference, logged three ways (nats per answer): k1 = sum_t log(pi/pi_ref) at the
-    sampled tokens, k3 = sum_t (ratio - 1) - log ratio with ratio = pi_ref/pi (Schulman's
-    estimator, never negative), and the exact sum_t KL(pi(.|s_t) || pi_ref(.|s_t)) over all 65
-    characters.
- 9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., 64 from one
-    pass of 64 answers of the reference per prompt, at the KL bound log n - (n-1)/n (kept in
-    out/best_of_n.json: the next run with the same reference, RM, prompts and settings reads it),
-    and the policy every `eval_interval` iterations (gold, RM score, exact KL). Gold is only ever
-    measured.
- Left out: per-batch reward whitening (scores are centred and scaled on the reference's answers).
- Names follow cleanrl and TRL (clip_coef, vf_coef, ent_coef, gae_lambda, update_epochs,
- max_grad_norm, cliprange_value, init_kl_coef); beta is the KL coefficient of the equations.
+al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"); the reasons for each
+choice, at length: docs/ppo.md.
+ 1. Rollouts: `batch_size` prompts (speech starts, as reward.py draws them), one whole turn each
+    from the current policy (up to its blank line, or `max_answer_len` characters). Everything
+    after an answer's end is padding, masked out of every sum and mean below.
+ 2. log pi and log pi_ref of the sampled characters at the sampling temperature, dropout off.
+    The reference is the policy PPO starts from (`policy`: sft.pt as InstructGPT's eq. 2, or
+    gpt.pt on the road without SFT).
+ 3. Reward per token: r_t = -beta (log pi - log pi_ref), plus on each answer's last token the
+    RM's score in units of its std on the reference's answers (so beta means the same for every
+    reward.pt), less `truncation_penalty` for a turn cut at max_answer_len (Huang et al.).
+ 4. beta adapted to `kl_target` nats (Ziegler et al.), fed the exact KL (point 8).
+ 5. Advantages: GAE (gamma 1, lambda 0.95) from the critic, whitened over the batch. Or, with
+    `advantage` rloo / grpo, a critic-free group baseline over `group_size` answers a prompt
+    (Ahmadian et al. 2024; Shao et al. 2024); the KL stays in the reward for every method.
+ 6. PPO update: `update_epochs` x `num_minibatches`; clipped surrogate (clip_coef), clipped value
+    loss (cliprange_value), global grad-norm clip; optional entropy bonus and PPO-ptx (off).
+ 7. The critic: a trainable copy of the RM (InstructGPT), which sums a per-character head, so its
+    running sum is a value from the first iteration (class Critic).
+ 8. KL to the reference in nats per answer, three ways: k1, k3 (Schulman's estimator) at the
+    sampled tokens, and exact over all 65 characters.
+ 9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max
+    (kept in out/best_of_n.json for the next run of the same seed), and the policy every
+    `eval_interval` iterations: gold, RM score, exact KL. Gold is only ever measured.
+ Left out: per-batch reward whitening. Names: TRL's and cleanrl's (one convention: the option
+ names of TRL's PPOConfig where it has one); beta is the KL coefficient of the equations.
 
-Run:  python ppo.py            (after sft.py and reward.py; times and numbers: README)
-      python ppo.py --seed=1   (other prompts, rollouts and held-out prompts; same sft.pt, reward.pt)
-      python ppo.py --advantage=rloo   (or grpo: the critic-free group baselines, beside PPO's files)
-Writes out/ppo.pt, out/ppo.json (policy, reference, iters, seconds, eval: reference / best_of_16 / ppo /
-best_of_n curve, path), out/ppo_log.csv (rloo.*, grpo.* for the group baselines), and redraws
-out/frontier.csv (+ frontier.png with matplotlib) from every run in out_dir (frontier.py).
+Run:  python ppo.py                   (after sft.py and reward.py; times and numbers: README)
+      python ppo.py --seed=1          (other prompts, rollouts, held-out prompts; same checkpoints)
+      python ppo.py --advantage=rloo  (or grpo: the critic-free group baselines, beside PPO's files)
+Writes out/ppo.pt, ppo.json (the eval and the path), ppo_log.csv (rloo.*, grpo.* for the group
+baselines), and redraws out/frontier.csv (+ .png with matplotlib) from every run (frontier.py).
 """
 import copy
 import csv
@@ -72,14 +45,14 @@ import time
 import torch
 import torch.nn as nn
 
-from frontier import (answer_sum, best_of_n_frontier, collect, policy_point, print_frontier,
+from frontier import (answer_sum, best_of_n_kept, collect, eval_line, policy_point, print_frontier,
                       print_samples, save_frontier, summary)
-from gpt import GPT, GPTConfig, load_gpt, log_probs, token_logprobs
+from gpt import GPT, GPTConfig, log_probs, token_logprobs
 from labeler import gold_scores
-from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, cached, configure, count, die, digest,
-                      encode, ended, eta, get_batch, load_splits, prepare_out_dir, run_first, sample_prompts,
+from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, configure, count, die, encode, ended,
+                      eta, get_batch, load_splits, prepare_out_dir, sample_prompts,
                       save_checkpoint, turn_starts)
-from reward import load_reward_model, score
+from reward import load_for_rl, score
 from sft import answer_logits, exact_kl, held_out_prompts
 
 # ----------------------------------------------------------------------------------------
@@ -252,7 +225,7 @@ def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature,
     return by_length(passes, seqs, lengths, prompt_len, chunk)
 
 
-LOG_FIELDS = ['iter', 'score', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
+LOG_FIELDS = ['iter', 'reward', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
               'approx_kl', 'pg_loss', 'v_loss', 'entropy', 'explained_var', 'time_ms']
 
 
@@ -331,7 +304,7 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
                 opt.step()
                 stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), clipfrac, approx_kl]))
         pg, vl, cf, ak = torch.stack(stats).mean(0).tolist()
-        row = {'iter': it + 1, 'score': scores.mean().item(),
+        row = {'iter': it + 1, 'reward': scores.mean().item(),
                'gold': gold_fn(seqs[:, Tp:], lengths).mean().item() if gold_fn else float('nan'),
                'kl': kl, 'kl_k1': answer_sum(k1, mask), 'kl_k3': answer_sum(k3, mask), 'beta': beta,
                'length': lengths.float().mean().item(), 'ended': finished.float().mean().item(),
@@ -340,8 +313,9 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
                'explained_var': explained_variance(values, returns, mask),
                'time_ms': (time.time() - t0) * 1000}
         history.append(row)
-        log(f"iter {count(it + 1, max_iters)}: score {row['score']:.3f}, gold {row['gold']:.3f}, kl {kl:.2f} "
-            f"(k1 {row['kl_k1']:.2f}, k3 {row['kl_k3']:.2f}), beta {beta:.4f}, length {row['length']:.0f}, "
+        log(f"iter {count(it + 1, max_iters)}: reward {row['reward']:.3f}, gold {row['gold']:.3f}, "
+            f"kl {kl:.2f} (k1 {row['kl_k1']:.2f}, k3 {row['kl_k3']:.2f}), beta {beta:.4f}, "
+            f"length {row['length']:.0f}, "
             f"ended {row['ended']:.2f}, clipfrac {cf:.3f}, approx_kl {ak:.4f}, pg_loss {pg:.4f}, "
             f"v_loss {vl:.4f}, entropy {row['entropy']:.3f}, explained_var {row['explained_var']:.2f}, "
             f"time {row['time_ms']:.0f} ms, {eta(it + 1, max_iters, t_run)}")
@@ -362,18 +336,8 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    rm_path = os.path.join(out_dir, 'reward.pt')
-    rm, rm_vocab, rm_checkpoint = load_reward_model(rm_path, device=device)
-    labelled = rm_checkpoint.get('policy', 'gpt.pt')                # whose answers the RM learnt from
     reference = config['reference'] = policy                         # PPO's start, and its KL's reference
-    ref, vocab, ref_checkpoint = load_gpt(os.path.join(out_dir, reference), run_first(reference), device)
-    shape = lambda checkpoint: {**checkpoint['model_args'], 'dropout': 0}
-    if rm_vocab != vocab or shape(rm_checkpoint) != shape(ref_checkpoint):
-        die(f'{out_dir}/reward.pt was not trained from this {out_dir}/{reference} (other vocabulary or '
-            f'shape): run python reward.py --policy={reference} again')
-    if reference != labelled:
-        print(f'note: {out_dir}/reward.pt learnt from answers of {labelled}, and PPO starts from '
-              f'{reference}: for one road, give both stages the same --policy', file=sys.stderr)
+    rm, rm_checkpoint, ref, vocab, _ = load_for_rl(out_dir, reference, device)
     prompt_len = config['prompt_len'] = prompt_len or rm_checkpoint['prompt_len']
     max_answer_len = config['max_answer_len'] = max_answer_len or rm_checkpoint['max_answer_len']
     if prompt_len + max_answer_len > ref.config.block_size:
@@ -401,12 +365,8 @@ if __name__ == '__main__':
     critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
-    bon_key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(rm_path),
-               'prompts': digest(held_out), 'seed': seed, 'max_answer_len': max_answer_len,
-               'temperature': temperature, 'best_of_max': best_of_max, 'device': torch.device(device).type}
-    curve, samples = cached(os.path.join(out_dir, 'best_of_n.json'), bon_key, lambda: best_of_n_frontier(
-        ref, rm, held_out, vocab, max_answer_len, stop, temperature, best_of_max, seed,
-        chunk=forward_batch_size, log=print))                        # the same for ppo, rloo, grpo
+    curve, samples = best_of_n_kept(out_dir, reference, ref, rm, held_out, vocab, max_answer_len, stop,
+                                    temperature, best_of_max, seed, forward_batch_size)
     path, ppo_samples = [], []
 
     def evaluate_policy(it):  # the policy on the held-out prompts: one point of its path
@@ -414,8 +374,7 @@ if __name__ == '__main__':
                               eval_samples, seed, it, forward_batch_size, method=name)
         path.append(row)
         ppo_samples[:] = s
-        print(f"eval {it}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
-              f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")
+        print(eval_line(it, row))
 
     def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps its log
         writer.writerow(row)
@@ -425,7 +384,7 @@ if __name__ == '__main__':
 
     groups = '' if advantage == 'gae' else f', {batch_size // group_size} prompts x {group_size} ({name})'
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
-          f"chars{groups}, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so score = RM x "
+          f"chars{groups}, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so reward = RM x "
           f'{gain:.2f}')
     evaluate_policy(0)
     try:

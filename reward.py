@@ -51,9 +51,10 @@ import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, load_gpt
 from labeler import NEGATIVE, POSITIVE, all_pairs, gold_scores, label, pair_metrics, words
-from plumbing import (END_OF_TURN, ByDevice, answer_mask, answer_texts, by_length, configure, count,
-                      cpu_has_bf16, die, encode, ended, eta, load_model, load_splits, lr_at, prepare_out_dir,
-                      progress, run_first, sample_answers, sample_prompts, save_checkpoint, turn_starts)
+from plumbing import (END_OF_TURN, ByDevice, MinibardError, answer_mask, answer_texts, by_length, configure,
+                      count, cpu_has_bf16, die, encode, ended, eta, load_model, load_splits, lr_at,
+                      prepare_out_dir, progress, run_first, sample_answers, sample_prompts, save_checkpoint,
+                      turn_starts)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -83,7 +84,7 @@ log_interval = 50               # in [1, inf)
 # ----------------------------------------------------------------------------------------
 
 def pairwise_loss(r, prefs):
-    """Bradley-Terry loss. r: (P, K) rewards; prefs: (P, K(K-1)/2), 1 where y_i beat y_j.
+    """Bradley-Terry loss. r: (P, K) RM scores; prefs: (P, K(K-1)/2), 1 where y_i beat y_j.
 
     loss = -1/C(K,2) sum_{pairs} log sigmoid(r_w - r_l), averaged over prompts (InstructGPT eq. 1).
     Returns (loss, accuracy of the sign of r_i - r_j against the labels)."""
@@ -121,7 +122,7 @@ class RewardModel(nn.Module):
 
     def forward(self, seqs, prompt_len, lengths=None):
         """r = b + sum of c_t over each answer up to its length: seqs (B, Tp + Ta), lengths (B,)
-        (None: all Ta characters are answer) -> rewards (B,)."""
+        (None: all Ta characters are answer) -> scores (B,)."""
         read = seqs.size(1) - max(0, prompt_len - self.context)     # characters the trunk would read
         if lengths is not None and len(seqs) > 1 and read > self.trunk.config.block_size:
             # past the block each answer is read over the window before its own end: one row at a
@@ -134,8 +135,8 @@ class RewardModel(nn.Module):
         return c.sum(1) + self.bias
 
 
-def rewards(rm, seqs, prompt_len, lengths=None, chunk=32):
-    """Rewards (N,) of N prompt + answer sequences (N, Tp + Ta) with answer lengths (N,): forwarded
+def rm_scores(rm, seqs, prompt_len, lengths=None, chunk=32):
+    """The RM's scores (N,) of N prompt + answer sequences (N, Tp + Ta) with answer lengths (N,): forwarded
     shortest first in chunks, each cut to its longest answer (plumbing.by_length). Differentiable;
     on the RM's device."""
     device = next(rm.parameters()).device
@@ -147,8 +148,8 @@ def rewards(rm, seqs, prompt_len, lengths=None, chunk=32):
 
 @torch.no_grad()
 def score(rm, seqs, prompt_len, lengths=None, chunk=32):
-    """rewards() without gradients: for evaluation, best-of-n and PPO's rollouts."""
-    return rewards(rm, seqs, prompt_len, lengths, chunk)
+    """rm_scores() without gradients: for evaluation, best-of-n and PPO's rollouts."""
+    return rm_scores(rm, seqs, prompt_len, lengths, chunk)
 
 
 def load_reward_model(path, device='cpu'):
@@ -156,6 +157,23 @@ def load_reward_model(path, device='cpu'):
     build = lambda checkpoint: RewardModel(GPTConfig(**checkpoint['model_args']), checkpoint['rm_context'])
     return load_model(path, build, 'python reward.py', device, kind='reward model')
 
+
+
+def load_for_rl(out_dir, policy, device='cpu'):
+    """out_dir/reward.pt and out_dir/<policy>, for RL from that policy: (rm, its checkpoint, the
+    policy GPT, vocab, its checkpoint). The RM's trunk must be the policy's shape and vocabulary
+    (else MinibardError); a note if it learnt from another policy's answers."""
+    rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device)
+    model, vocab, checkpoint = load_gpt(os.path.join(out_dir, policy), run_first(policy), device)
+    shape = lambda c: {**c['model_args'], 'dropout': 0}
+    if rm_vocab != vocab or shape(rm_checkpoint) != shape(checkpoint):
+        raise MinibardError(f'{out_dir}/reward.pt was not trained from this {out_dir}/{policy} (other '
+                            f'vocabulary or shape): run python reward.py --policy={policy} again')
+    labelled = rm_checkpoint.get('policy', 'gpt.pt')                # whose answers the RM learnt from
+    if labelled != policy:
+        print(f'note: {out_dir}/reward.pt learnt from answers of {labelled}, and RL starts from '
+              f'{policy}: for one road, give both stages the same --policy', file=sys.stderr)
+    return rm, rm_checkpoint, model, vocab, checkpoint
 
 # ------------------------------------------------------------------ preference data, training, metrics
 class Preferences(NamedTuple):
@@ -167,14 +185,15 @@ class Preferences(NamedTuple):
 
 
 def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, stop, tau, temperature, vocab,
-                     cpu_gen, sample_gen, gen_batch=1024, done=None):
+                     cpu_gen, sample_gen, gen_batch=1024, on_progress=None):
     """Prompts (speech starts of data), k answers each, gold scores and sampled labels of all
     pairs of each prompt -> Preferences. cpu_gen draws prompts and labels, sample_gen (on the
     model's device) the answers."""
     device = next(model.parameters()).device
     prompts = sample_prompts(data, starts, n_prompts, prompt_len, cpu_gen).to(device)  # (P, Tp)
     rep = prompts.repeat_interleave(k, dim=0)                                         # (P k, Tp)
-    y, lengths = sample_answers(model, rep, max_len, stop, temperature, sample_gen, gen_batch, done=done)
+    y, lengths = sample_answers(model, rep, max_len, stop, temperature, sample_gen, gen_batch,
+                                on_progress=on_progress)
     g = gold_scores(y.cpu(), lengths.cpu(), vocab).view(n_prompts, k)                 # (P, k)
     i, j = all_pairs(k)
     prefs = label(g[:, i], g[:, j], tau, generator=cpu_gen)                           # (P, k(k-1)/2)
@@ -183,7 +202,7 @@ def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, sto
 
 
 def evaluate_rm(rm, data, prompt_len, tau):
-    """rm on the Preferences `data`: its pairwise loss, pair_metrics, and the mean and std of its rewards."""
+    """rm on the Preferences `data`: its pairwise loss, pair_metrics, and the mean and std of its scores."""
     P, k, _ = data.seqs.shape
     r = score(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()  # (P, k)
     return {'loss': pairwise_loss(r, data.prefs)[0].item(), **pair_metrics(r, data.g, data.prefs, tau),
@@ -222,7 +241,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
             order = torch.randperm(P, generator=generator)     # a new shuffle each epoch
         b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-            r = rewards(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
+            r = rm_scores(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
         loss, acc = pairwise_loss(r.view(len(b), k), train.prefs[b].to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'reward model loss is {loss.item()} at step {step}')
@@ -250,7 +269,7 @@ def bow_features(texts, index):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
 
 
-def bow_rewards(theta, features):
+def bow_scores(theta, features):
     """r(y) = sum over the distinct known words w of y of theta_w: (V,) weights -> (N,)."""
     ids, offsets = features
     return F.embedding_bag(ids, theta[:, None], offsets, mode='sum').squeeze(1)
@@ -265,7 +284,7 @@ def fit_bow(features, prefs, n_words, l2):
 
     def closure():
         opt.zero_grad()
-        loss = pairwise_loss(bow_rewards(theta, features).view(-1, k), prefs)[0] + l2 * theta.pow(2).sum()
+        loss = pairwise_loss(bow_scores(theta, features).view(-1, k), prefs)[0] + l2 * theta.pow(2).sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -281,7 +300,7 @@ def bow_reference(texts, sets, tau, l2_grid=(1e-4, 3e-4, 1e-3, 3e-3)):
     best = None
     for l2 in l2_grid:
         theta = fit_bow(feats['train'], sets['train'].prefs, len(index), l2)
-        r = {name: bow_rewards(theta, feats[name]).view_as(sets[name].g) for name in ('dev', 'val')}
+        r = {name: bow_scores(theta, feats[name]).view_as(sets[name].g) for name in ('dev', 'val')}
         dev_loss = pairwise_loss(r['dev'], sets['dev'].prefs)[0].item()
         if best is None or dev_loss < best[0]:
             best = (dev_loss, l2, pair_metrics(r['val'], sets['val'].g, sets['val'].prefs, tau))
@@ -331,7 +350,7 @@ def print_report(m, n_prompts, k, reps, n_rep):
         print(f'{name:22}{acc:8.4f}{gold:>10}   {why}')
     print(f"ece {m['ece']:.4f} (calibration of sigmoid(r_i - r_j), 10 bins), prob_mae {m['prob_mae']:.4f}")
     if m['repeat_gain'] is not None:
-        print(f"repetition: one positive word said 1/2/4/8 times -> mean reward "
+        print("repetition: one positive word said 1/2/4/8 times -> mean score "
               + ' / '.join(f'{r:+.2f}' for r in reps.values()) + f" ({n_rep} answers); "
               f"repeat_gain {m['repeat_gain']:+.2f} RM std (gold: +0)")
     print(f"seconds {m['seconds']:.1f}")
@@ -356,10 +375,10 @@ if __name__ == '__main__':
     gen = torch.Generator(device).manual_seed(seed)            # answers
     print(f'sampling {K} answers of {policy} to {train_prompts} train + {dev_prompts} dev + '
           f'{val_prompts} val prompts')
-    done = progress('answers', K * (train_prompts + dev_prompts + val_prompts), 4 * gen_batch)
+    advance = progress('answers', K * (train_prompts + dev_prompts + val_prompts), 4 * gen_batch)
     train_starts, val_starts = (turn_starts(d, vocab, prompt_len) for d in (train_data, val_data))
     sets = {name: make_preferences(model, data, starts, n, K, prompt_len, max_answer_len, stop, tau,
-                                   temperature, vocab, cpu_gen, gen, gen_batch, done)
+                                   temperature, vocab, cpu_gen, gen, gen_batch, advance)
             for name, data, starts, n in [('train', train_data, train_starts, train_prompts),
                                           ('dev', train_data, train_starts, dev_prompts),
                                           ('val', val_data, val_starts, val_prompts)]}

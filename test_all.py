@@ -36,7 +36,7 @@ from plumbing import (ByDevice, MinibardError, answer_mask, check_option, config
                       load_checkpoint, load_splits, load_text, lr_at, resolve_defaults, save_checkpoint)
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
                  per_token_rewards, ppo_losses, train as ppo_train, whiten)
-from reward import (Preferences, RewardModel, bow_features, bow_rewards, evaluate_rm, fit_bow,
+from reward import (Preferences, RewardModel, bow_features, bow_scores, evaluate_rm, fit_bow,
                     load_reward_model, pairwise_loss, score, train_reward_model)
 from sample import TAG, end_of_turn, format_chat, make_server, reply, whole
 from sft import copy_rate, demonstrations, exact_kl, measure_policy, sft_loss
@@ -446,12 +446,12 @@ def test_bag_of_words_recovers_a_planted_lexicon():
     neutral = theta[20:]                   # every planted word stands clear of all 180 neutral ones
     assert theta[:10].min() > neutral.max() + 0.3 and theta[10:20].max() < neutral.min() - 0.3
     texts, gold, prefs = answers(200)
-    r = bow_rewards(theta, bow_features(texts, index)).view_as(gold)
+    r = bow_scores(theta, bow_features(texts, index)).view_as(gold)
     assert pair_metrics(r, gold, prefs, 1.0)['gold_acc'] > 0.95
     # by hand: each known word counts once (as the labeler counts), the weights are summed,
     # unknown words add 0
     w = torch.arange(1.0, 201.0)                                        # theta_waa = 1, theta_wab = 2, ...
-    hand = bow_rewards(w, bow_features(['waa waa wab', 'Wab! zzz', '', 'wac'], index))
+    hand = bow_scores(w, bow_features(['waa waa wab', 'Wab! zzz', '', 'wac'], index))
     assert hand.tolist() == [1.0 + 2.0, 2.0, 0.0, 3.0]
 
 
@@ -677,7 +677,7 @@ def test_tiny_ppo_raises_a_toy_reward():
     gen = torch.Generator().manual_seed(0)
     hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=gen),
                      **TINY_PPO_OPTIONS, log=lambda s: None)
-    first, last = hist[0]['score'], sum(h['score'] for h in hist[-3:]) / 3
+    first, last = hist[0]['reward'], sum(h['reward'] for h in hist[-3:]) / 3
     assert last > 3 * first and last > 1.0, (first, last)
     assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist) and 0.05 < hist[0]['ended'] < 1
 
@@ -813,8 +813,8 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
     assert len(frontier) == 1 + 5 + 1 + 3                            # best-of-n, the SFT point, PPO's path
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
-    assert len(rows) == 4 and rows[0].startswith('iter,score,gold,kl,kl_k1,kl_k3,beta')
-    for word in ['score', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
+    assert len(rows) == 4 and rows[0].startswith('iter,reward,gold,kl,kl_k1,kl_k3,beta')
+    for word in ['reward', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
         assert f' {word} ' in log.split('iter 2/3 (66%):')[1].split('\n')[0]
     assert "best-of-n at PPO's KL" in log
 

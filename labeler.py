@@ -77,3 +77,21 @@ def pair_metrics(r, g, prefs, tau):
             'bayes_acc': torch.maximum(p, 1 - p).mean().item(),  # best any model can do on these pairs
             'gold_acc': ((q[differ] - 0.5) * dg[differ] > 0).float().mean().item(),
             'ece': float(ece), 'prob_mae': (q - p).abs().mean().item(), 'pairs': y.numel()}
+
+
+def repeated_word(texts, repeats, room, n_max):
+    """The answers among texts whose gold score comes from exactly one positive word, said once,
+    each with that word said n times in a row for n in repeats (gold counts it once: the same
+    score): [(index in texts, [text for each n])], at most n_max, none longer than room."""
+    variants = []
+    for i, answer in enumerate(texts):
+        hits = [w for w in re.finditer(r'[A-Za-z]+', answer) if w.group().lower() in POSITIVE | NEGATIVE]
+        if len(hits) != 1 or hits[0].group().lower() not in POSITIVE:
+            continue
+        hit = hits[0]
+        said = [answer[:hit.start()] + ' '.join([hit.group()] * n) + answer[hit.end():] for n in repeats]
+        if len(said[-1]) <= room:
+            variants.append((i, said))
+        if len(variants) == n_max:
+            break
+    return variants

@@ -1,34 +1,25 @@
 """
 reward.py: a Bradley-Terry reward model, learnt from the simulated labeler's choices. Step 2 of minibard.
 
-The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replaced by labeler.py:
- 1. Prompts are the `prompt_len` characters before a speech starts (the end of a speech, the
-    blank line, the next speaker's name), from the training text (held-out: the validation
-    text). For each, K answers are sampled from the policy (`policy`: the SFT model out/sft.pt,
-    as InstructGPT; --policy=gpt.pt for the road without SFT), each a whole turn up to and
-    including its blank line, or `max_answer_len` characters. The labeler chooses in
-    all K(K-1)/2 pairs (K = 32: 496 pairs for 32 answers). Here a label costs nothing and an answer
-    costs compute, so more pairs per answer is the cheap way to more information (InstructGPT's
-    people ranked 4 to 9 answers: their time was the cost).
- 2. The reward model r(x, y) is the GPT trunk (initialised from the same policy, as InstructGPT's
-    RM from its SFT model) plus a scalar head on every answer character, summed (RewardModel).
-    It sees prompts, answers and choices, never g.
- 3. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over the K(K-1)/2 pairs of a prompt; all
-    K answers of a prompt sit in one batch, so each is forwarded once (InstructGPT: this keeps a
-    K-wise comparison from overfitting). `epochs` passes, lr decaying linearly to 0; where the CPU has
-    bf16 units the trunk's matmuls train in bf16 (faster steps pay for a third pass: docs/log.md).
- 4. Early stopping: a dev set of training-text prompts (fresh answers and choices) is scored
-    `evals` times during training; the RM keeps its best dev loss.
- 5. Normalisation: a bias makes the mean reward of the policy's answers to held-out prompts 0, so
-    sigmoid(r) reads "probability the labeler prefers this answer to a typical answer of the
-    policy" (of the SFT model, by default).
- 6. A reference learner on the same pairs: the same loss on bag-of-words presence features (one
-    weight per word of the training answers, L2 chosen on dev). It knows nothing of the lexicon
-    but splits text into words as the labeler does: beside the Bayes limit it shows whether a weak
-    RM is a data limit or a learning gap.
+The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replaced by labeler.py;
+each step's reasons: docs/reward.md.
+ 1. Prompts: the `prompt_len` characters before a speech starts (training text; held-out: the
+    validation text). K answers each from `policy` (sft.pt, as InstructGPT; gpt.pt for the road
+    without SFT), each a whole turn; the labeler chooses in all K(K-1)/2 pairs (a label costs
+    nothing here, an answer costs compute).
+ 2. r(x, y): the policy's trunk plus a scalar head on every answer character, summed
+    (RewardModel). It sees prompts, answers and choices, never the gold g.
+ 3. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)) over the pairs of a prompt, its K answers in one
+    batch (InstructGPT eq. 1); `epochs` passes, lr decaying linearly to 0; bf16 matmuls where
+    the CPU has bf16 units.
+ 4. Early stopping on a dev set of training-text prompts, scored `evals` times.
+ 5. Normalisation: the mean score of the policy's answers to held-out prompts is 0, so
+    sigmoid(r) = P(the labeler prefers this answer to a typical one of the policy).
+ 6. A reference learner on the same pairs: bag-of-words features, the same loss, L2 chosen on
+    dev: beside the Bayes limit it tells a data limit from a learning gap.
  7. Measured on held-out prompts with fresh choices (labeler.pair_metrics): val_acc, bayes_acc,
-    gold_acc, ece, prob_mae; the reference learner's bow_val_acc and bow_gold_acc; repeat_gain: what
-    one positive word said 8 times instead of once adds to the score (gold: nothing), in RM stds.
+    gold_acc, ece, prob_mae, bow_val_acc, bow_gold_acc, repeat_gain (what saying one positive
+    word 8 times instead of once adds, in RM stds; to gold: nothing).
 
 Run:  python reward.py              (after python sft.py; times and numbers: README)
       python reward.py --seed=1     (other prompts, answers and choices; the same sft.pt)
@@ -40,7 +31,6 @@ import copy
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import NamedTuple
@@ -50,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, load_gpt
-from labeler import NEGATIVE, POSITIVE, all_pairs, gold_scores, label, pair_metrics, words
+from labeler import all_pairs, gold_scores, label, pair_metrics, repeated_word, words
 from plumbing import (END_OF_TURN, ByDevice, MinibardError, answer_mask, answer_texts, by_length, configure,
                       count, cpu_has_bf16, die, encode, ended, eta, load_model, load_splits, lr_at,
                       prepare_out_dir, progress, run_first, sample_answers, sample_prompts, save_checkpoint,
@@ -310,30 +300,18 @@ def bow_reference(texts, sets, tau, l2_grid=(1e-4, 3e-4, 1e-3, 3e-3)):
 
 @torch.no_grad()
 def repeat_rewards(rm, prompts, texts, vocab, repeats=(1, 2, 4, 8), n_max=200):
-    """The RM under repetition, a known way to exploit a summed reward. For held-out answers
-    (texts, to prompts (N, Tp)) whose gold score comes from exactly one positive word said once,
-    the mean reward with that word said n times in a row (the labeler still counts it once):
-    ({n: mean r}, answers used). Answers that would outgrow the RM's window are left out."""
-    room = rm.trunk.config.block_size - rm.context
-    variants = []                                              # (prompt, one text per n)
-    for prompt, answer in zip(prompts, texts):
-        hits = [w for w in re.finditer(r'[A-Za-z]+', answer) if w.group().lower() in POSITIVE | NEGATIVE]
-        if len(hits) != 1 or hits[0].group().lower() not in POSITIVE:
-            continue
-        hit = hits[0]
-        said = [answer[:hit.start()] + ' '.join([hit.group()] * n) + answer[hit.end():] for n in repeats]
-        if len(said[-1]) <= room:
-            variants.append((prompt, said))
-        if len(variants) == n_max:
-            break
+    """The RM under repetition, a known way to exploit a summed reward: the mean score of held-out
+    answers (texts, to prompts (N, Tp)) with their one positive word said n times in a row, which
+    the labeler still counts once (labeler.repeated_word): ({n: mean r}, answers used)."""
+    variants = repeated_word(texts[:len(prompts)], repeats, rm.trunk.config.block_size - rm.context, n_max)
     if not variants:                                           # a tiny run may have none
         return {n: float('nan') for n in repeats}, 0
     out = {}
     for v, n in enumerate(repeats):
-        lengths = torch.tensor([len(said[v]) for _, said in variants])
-        answers = [torch.tensor(encode(said[v], vocab) + [0] * (int(lengths.max()) - len(said[v])))
-                   for _, said in variants]
-        ids = torch.stack([torch.cat([p, a]) for (p, _), a in zip(variants, answers)])  # (N, Tp + Ta)
+        said = [variant[v] for _, variant in variants]
+        lengths = torch.tensor([len(s) for s in said])
+        answers = [torch.tensor(encode(s, vocab) + [0] * (int(lengths.max()) - len(s))) for s in said]
+        ids = torch.stack([torch.cat([prompts[i], a]) for (i, _), a in zip(variants, answers)])  # (N, Tp+Ta)
         out[n] = score(rm, ids, prompts.size(1), lengths).mean().item()
     return out, len(variants)
 

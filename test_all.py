@@ -31,7 +31,7 @@ from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, copy_ckpts, save_t
 from dpo import answer_logprobs, dpo_loss
 from frontier import best_of_n, best_of_n_curve, gold_at_kl
 from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
-from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics
+from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
 from plumbing import (ByDevice, MinibardError, answer_mask, check_option, configure, decode, encode,
                       load_checkpoint, load_splits, load_text, lr_at, resolve_defaults, save_checkpoint)
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
@@ -279,6 +279,19 @@ def test_gold_score_on_hand_written_lines():
     assert gold_score('A lovely glove; undead.') == 0               # whole words only
     assert gold_score("Fair Juliet's love is death to me") == 2 - 1
 
+
+
+def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
+    """The repetition yardstick: answers whose gold is one positive word said once get that word
+    said n times, and gold still counts it once; other answers, and variants past room, are left out."""
+    texts = ['Be merry, sir.', 'O love, sweet love', 'Go hence.', 'Thy death.', 'It is good to know it well']
+    variants = repeated_word(texts, (1, 2, 4), room=45, n_max=10)
+    assert [i for i, _ in variants] == [0, 4]                            # one positive word, said once
+    assert variants[0][1] == ['Be merry, sir.', 'Be merry merry, sir.', 'Be merry merry merry merry, sir.']
+    for i, said in variants:
+        assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
+    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]   # 8 goods: 61 > 60
+    assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
 
 def test_labeler_choice_frequency_matches_bradley_terry():
     gen = torch.Generator().manual_seed(0)

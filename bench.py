@@ -25,10 +25,10 @@ import torch
 import gpt
 from gpt import GPT, GPTConfig, load_gpt
 from labeler import all_pairs, gold_score, label, pair_metrics
-from plumbing import (END_OF_TURN, answer_texts, configure, encode, load_checkpoint, resolve_defaults,
-                      run_first)
+from plumbing import (END_OF_TURN, answer_texts, as_turns, checkpoint_path, configure, encode, end_of_turn,
+                      load_checkpoint, resolve_defaults, run_first, whole)
 from reward import load_reward_model, score
-from sample import as_turns, checkpoint_path, end_of_turn, make_server, reply, whole
+from sample import make_server, reply
 
 CHAT_LINES = [  # what people say to the bard: greetings, questions, orders, verse, prose, one word
     'What light through yonder window breaks?', 'Good morrow, fair lady.', 'Wilt thou be gone?',
@@ -74,7 +74,7 @@ def median_time(fn, repeats):
 
 def treated_as_chat(data, vocab, prompt_len, tau, seed):
     """The held-out comparisons of preferences.pt with every answer as the chat shows it: ended
-    where its turn ends, trimmed to whole lines if it ran out (sample.whole), then a turn (text and
+    where its turn ends, trimmed to whole lines if it ran out (plumbing.whole), then a turn (text and
     blank line); gold and the labeler's choices drawn again on that text. -> (seqs, lengths, g,
     prefs, the share of answers changed)."""
     P, K, _ = data['seqs'].shape

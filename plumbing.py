@@ -8,11 +8,13 @@ they share, labeler.py and frontier.py); this file holds the parts a reader can 
    or None`: a range or a set, the type first where the default is None; see RULE), --help, and
    one-line errors instead of tracebacks (MinibardError; die in a script's own checks);
  - progress lines with an ETA; atomic checkpoints, read with weights_only=True; results kept
-   in a file for as long as what they depend on is unchanged (cached);
+   in a file for as long as what they depend on is unchanged (cached); which checkpoint a
+   name means (checkpoint_path);
  - the corpus: input.txt read and checked, the character codec, the train/val split, random
    training windows, the learning-rate schedule;
  - turns: speech starts as prompts, and batched sampling of one turn per prompt, padded after
-   its end.
+   its end; in the chat, the scene as a prompt and where a drawn answer's turn ends (end_of_turn)
+   and how much of it is shown (whole).
 It imports only torch, so every script can import it first.
 """
 import ast
@@ -304,6 +306,20 @@ def run_first(name):
     return f'python {stage}.py' if stage in ('gpt', 'sft', 'reward', 'ppo') else f'what wrote {name}'
 
 
+def checkpoint_path(name, out_dir):
+    """'ppo' | 'sft' | 'gpt' | a path -> the checkpoint path. A missing ppo.pt falls back to the policy
+    before it, sft.pt, then gpt.pt, with a note."""
+    if name not in ('ppo', 'sft', 'gpt'):
+        return name
+    path = os.path.join(out_dir, f'{name}.pt')
+    for fallback in {'ppo': ['sft', 'gpt'], 'sft': ['gpt']}.get(name, []):
+        if os.path.exists(path):
+            break
+        path = os.path.join(out_dir, f'{fallback}.pt')
+        print(f'note: no {out_dir}/{name}.pt yet (run python {name}.py); trying {path}', file=sys.stderr)
+    return path
+
+
 def load_checkpoint(path, run_first='python gpt.py'):
     """Load a checkpoint dict with weights_only=True (a pickle could run code; ours never needs to)."""
     if not os.path.exists(path):
@@ -504,3 +520,66 @@ def ended(answers, lengths, stop):
 def answer_texts(answers, lengths, vocab):
     """Each answer (N, Ta) up to its length, as a string."""
     return [decode(a[:n], vocab) for a, n in zip(answers.tolist(), lengths.tolist())]
+
+
+# ------------------------------------------------------------------ turns in the chat
+TAG = re.compile(r"\n[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,3}:\n")  # a speaker's name on a line of its own
+
+
+def clean(text, vocab):
+    """Drop characters the model never saw; returns (kept text, dropped characters)."""
+    dropped = ''.join(sorted(set(ch for ch in text if ch not in vocab)))
+    return ''.join(ch for ch in text if ch in vocab), dropped
+
+
+def format_chat(turns, bard, max_chars):
+    """The play format of input.txt: 'NAME:\\nline\\n\\n' per turn, then 'BARD:\\n' to answer.
+
+    Oldest turns are dropped until the prompt fits in max_chars; if the newest turn alone does
+    not fit, its tail is kept (the model has only block_size characters of context)."""
+    tail = f'{bard}:\n'
+    for first in range(len(turns)):
+        prompt = ''.join(f'{who}:\n{line}\n\n' for who, line in turns[first:]) + tail
+        if len(prompt) <= max_chars:
+            return prompt
+    return prompt[-max_chars:]
+
+
+def end_of_turn(answer):
+    """The answer up to the end of its turn: the blank line before the next speaker, or a line that
+    names another speaker (input.txt always puts a blank line first; the model may not).
+    Returns (text, ended: whether the turn ended there rather than running out)."""
+    text, ended_here = answer.split(END_OF_TURN)[0], END_OF_TURN in answer
+    tag = TAG.search('\n' + text + '\n')                      # also a name on the answer's first line
+    if tag:
+        text, ended_here = text[:max(0, tag.start() - 1)], True
+    return text.strip('\n'), ended_here
+
+
+def whole(text, ended):
+    """What the chat shows of a turn: one that ended on its own whole; one that ran into the length
+    limit trimmed back to its last whole line or sentence (. ! ? ; :), or with neither to its last
+    whole word, so that no answer is shown cut mid-word. -> (shown, how: '', 'line', 'sentence',
+    'word' or 'none')."""
+    if ended:
+        return text, ''
+    ends = [(p, 'line') for p in range(1, len(text)) if text[p] == '\n']
+    ends += [(p + 1, 'sentence') for p in range(len(text)) if text[p] in '.!?;:'
+             and (p + 1 == len(text) or text[p + 1] in ' \n')]
+    if ends:
+        p, how = max(ends)
+        return text[:p].rstrip(), how
+    if ' ' in text.strip():
+        return text.strip()[:text.strip().rindex(' ')], 'word'
+    return text, 'none'
+
+
+def as_turns(texts, vocab, device='cpu'):
+    """Answers as the scene holds them, each text then the blank line that ends a turn, encoded and
+    padded after its end: -> (answers (N, Ta), lengths (N,)), what the RM scores in both chat modes."""
+    ids = [encode(text + END_OF_TURN, vocab) for text in texts]
+    lengths = torch.tensor([len(t) for t in ids], device=device)
+    answers = torch.full((len(ids), int(lengths.max())), ids[0][-1], device=device)   # pad: the end token
+    for i, t in enumerate(ids):
+        answers[i, :len(t)] = torch.tensor(t, device=device)
+    return answers, lengths

@@ -8,7 +8,7 @@ answer to a typical answer of that policy" (0.5 = as good as it).
 P is calibrated for what the RM was trained on, whole turns of up to max_answer_len characters
 (see ece in out/reward.json). Longer text is scored over the last window the RM can read, and
 the output says so. In both chat modes an answer that runs into that limit is shown to its last
-whole line or sentence (whole()), and P is the RM's on exactly what is shown.
+whole line or sentence (plumbing.whole), and P is the RM's on exactly what is shown.
 
 Run:
     python sample.py                                  # 3 continuations of --start, each with P
@@ -21,7 +21,6 @@ Run:
 """
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -31,8 +30,9 @@ import torch
 
 from frontier import best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples, summary
 from gpt import load_gpt
-from plumbing import (END_OF_TURN, MinibardError, answer_texts, configure, die, encode, load_splits,
-                      prepare_out_dir, run_first, sample_answers)
+from plumbing import (END_OF_TURN, MinibardError, answer_texts, as_turns, checkpoint_path, clean, configure,
+                      die, encode, end_of_turn, format_chat, load_splits, prepare_out_dir, run_first,
+                      sample_answers, whole)
 from reward import load_reward_model, score
 from sft import held_out_prompts
 
@@ -55,51 +55,6 @@ bard = 'JULIET'                 # chat: the character the model answers as; a wh
 host = '127.0.0.1'              # web: the address to listen on (127.0.0.1: this machine only)
 port = 8000                     # in [0, 65535]: web: the port (0: any free one)
 # ----------------------------------------------------------------------------------------
-TAG = re.compile(r"\n[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,3}:\n")  # a speaker's name on a line of its own
-
-
-def checkpoint_path(name, out_dir):
-    """'ppo' | 'sft' | 'gpt' | a path -> the checkpoint path. A missing ppo.pt falls back to the policy
-    before it, sft.pt, then gpt.pt, with a note."""
-    if name not in ('ppo', 'sft', 'gpt'):
-        return name
-    path = os.path.join(out_dir, f'{name}.pt')
-    for fallback in {'ppo': ['sft', 'gpt'], 'sft': ['gpt']}.get(name, []):
-        if os.path.exists(path):
-            break
-        path = os.path.join(out_dir, f'{fallback}.pt')
-        print(f'note: no {out_dir}/{name}.pt yet (run python {name}.py); trying {path}', file=sys.stderr)
-    return path
-
-
-def clean(text, vocab):
-    """Drop characters the model never saw; returns (kept text, dropped characters)."""
-    dropped = ''.join(sorted(set(ch for ch in text if ch not in vocab)))
-    return ''.join(ch for ch in text if ch in vocab), dropped
-
-
-def format_chat(turns, bard, max_chars):
-    """The play format of input.txt: 'NAME:\\nline\\n\\n' per turn, then 'BARD:\\n' to answer.
-
-    Oldest turns are dropped until the prompt fits in max_chars; if the newest turn alone does
-    not fit, its tail is kept (the model has only block_size characters of context)."""
-    tail = f'{bard}:\n'
-    for first in range(len(turns)):
-        prompt = ''.join(f'{who}:\n{line}\n\n' for who, line in turns[first:]) + tail
-        if len(prompt) <= max_chars:
-            return prompt
-    return prompt[-max_chars:]
-
-
-def end_of_turn(answer):
-    """The answer up to the end of its turn: the blank line before the next speaker, or a line that
-    names another speaker (input.txt always puts a blank line first; the model may not).
-    Returns (text, ended: whether the turn ended there rather than running out)."""
-    text, ended_here = answer.split(END_OF_TURN)[0], END_OF_TURN in answer
-    tag = TAG.search('\n' + text + '\n')                      # also a name on the answer's first line
-    if tag:
-        text, ended_here = text[:max(0, tag.start() - 1)], True
-    return text.strip('\n'), ended_here
 
 
 def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
@@ -112,38 +67,9 @@ def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, t
     return [(text, r[i].item(), torch.sigmoid(r[i]).item()) for i, text in enumerate(texts)]
 
 
-def whole(text, ended):
-    """What the chat shows of a turn: one that ended on its own whole; one that ran into the length
-    limit trimmed back to its last whole line or sentence (. ! ? ; :), or with neither to its last
-    whole word, so that no answer is shown cut mid-word. -> (shown, how: '', 'line', 'sentence',
-    'word' or 'none')."""
-    if ended:
-        return text, ''
-    ends = [(p, 'line') for p in range(1, len(text)) if text[p] == '\n']
-    ends += [(p + 1, 'sentence') for p in range(len(text)) if text[p] in '.!?;:'
-             and (p + 1 == len(text) or text[p + 1] in ' \n')]
-    if ends:
-        p, how = max(ends)
-        return text[:p].rstrip(), how
-    if ' ' in text.strip():
-        return text.strip()[:text.strip().rindex(' ')], 'word'
-    return text, 'none'
-
-
-def as_turns(texts, vocab, device='cpu'):
-    """Answers as the scene holds them, each text then the blank line that ends a turn, encoded and
-    padded after its end: -> (answers (N, Ta), lengths (N,)), what the RM scores in both chat modes."""
-    ids = [encode(text + END_OF_TURN, vocab) for text in texts]
-    lengths = torch.tensor([len(t) for t in ids], device=device)
-    answers = torch.full((len(ids), int(lengths.max())), ids[0][-1], device=device)   # pad: the end token
-    for i, t in enumerate(ids):
-        answers[i, :len(t)] = torch.tensor(t, device=device)
-    return answers, lengths
-
-
 def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
     """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: best_of
-    answers drawn, each ended where its turn ends (end_of_turn) and shown whole (whole()), each
+    answers drawn, each ended where its turn ends (end_of_turn) and shown whole (plumbing.whole), each
     scored by the RM on exactly what is shown, as a turn of the scene (the text, then the blank
     line); the favourite is kept. -> {'answer', 'p', 'reward', 'seconds', 'cut', 'note'}."""
     t0, dev = time.time(), next(model.parameters()).device
@@ -277,8 +203,6 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
                             'or --host=...') from None
     server.daemon_threads = True
     return server
-
-
 
 
 if __name__ == '__main__':

@@ -32,13 +32,14 @@ from dpo import answer_logprobs, dpo_loss
 from frontier import best_of_n, best_of_n_curve, gold_at_kl
 from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
-from plumbing import (ByDevice, MinibardError, answer_mask, check_option, configure, decode, encode,
-                      load_checkpoint, load_splits, load_text, lr_at, resolve_defaults, save_checkpoint)
+from plumbing import (TAG, ByDevice, MinibardError, answer_mask, check_option, configure, decode, encode,
+                      end_of_turn, format_chat, load_checkpoint, load_splits, load_text, lr_at,
+                      resolve_defaults, save_checkpoint, whole)
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
                  per_token_rewards, ppo_losses, train as ppo_train, whiten)
 from reward import (Preferences, RewardModel, bow_features, bow_scores, evaluate_rm, fit_bow,
                     load_reward_model, pairwise_loss, score, train_reward_model)
-from sample import TAG, end_of_turn, format_chat, make_server, reply, whole
+from sample import make_server, reply
 from sft import copy_rate, demonstrations, exact_kl, measure_policy, sft_loss
 
 

@@ -169,7 +169,7 @@ if __name__ == '__main__':
     metrics = {'policy': policy, 'reference': policy, 'beta': beta, 'seed': seed,
                'eval_prompts': eval_prompts, 'steps': steps, 'seconds': round(time.time() - t_start, 1),
                'implicit_val_acc': implicit['val_acc'], 'implicit_gold_acc': implicit['gold_acc'],
-               'eval': {'dpo': {**{k: final[k] for k in final if k not in ('method', 'n_or_iter')},
+               'eval': {'dpo': {**{k: final[k] for k in final if k not in ('method', 'n', 'step')},
                                 'samples': samples}}, 'path': path}
     save_checkpoint({'model': model.state_dict(), 'model_args': ref_checkpoint['model_args'],
                      'config': config, 'vocab': vocab, 'iter_num': steps,

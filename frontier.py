@@ -73,11 +73,12 @@ def answer_sum(x, mask):
     return (x * mask).sum(1).mean().item()
 
 
-def point(name, n_or_iter, per_prompt, kl):
+def point(name, per_prompt, kl, n=None, step=None):
     """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
-    gold, mean answer length and share of answers that ended on their own, and a KL in nats."""
+    gold, mean answer length and share of answers that ended on their own, and a KL in nats; n
+    for a point of best-of-n, step (the iteration or step of the run) for a point of a run."""
     (rm, rm_se), (gold, gold_se) = mean_se(per_prompt['rm']), mean_se(per_prompt['gold'])
-    return {'method': name, 'n_or_iter': n_or_iter, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
+    return {'method': name, 'n': n, 'step': step, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
             'rm_se': rm_se, 'prob': torch.sigmoid(per_prompt['rm'].float()).mean().item(), 'kl': kl,
             'length': per_prompt['length'].mean().item(), 'ended': per_prompt['ended'].mean().item()}
 
@@ -97,7 +98,7 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
-    rows = [point('best_of_n', n, curve[n], math.log(n) - (n - 1) / n) for n in ns]
+    rows = [point('best_of_n', curve[n], math.log(n) - (n - 1) / n, n=n) for n in ns]
     first3 = torch.arange(min(3, P))
     best16 = r[first3, :16].argmax(1).cpu()                        # best of the first 16 samples
     samples = {'reference': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
@@ -113,8 +114,9 @@ def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, t
     key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(os.path.join(out_dir,
            'reward.pt')), 'prompts': digest(prompts), 'seed': seed, 'max_answer_len': max_len,
            'temperature': temperature, 'best_of_max': n_max, 'device': prompts.device.type}
-    return cached(os.path.join(out_dir, 'best_of_n.json'), key, lambda: best_of_n_frontier(
+    rows, samples = cached(os.path.join(out_dir, 'best_of_n.json'), key, lambda: best_of_n_frontier(
         ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=chunk, log=log), log=log)
+    return [as_row(r) for r in rows], samples
 
 
 @torch.no_grad()
@@ -130,7 +132,7 @@ def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_
     kl = per_answer.pop('kl').mean().item()
     per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
     first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts
-    row = point(method, it, per_prompt, kl)
+    row = point(method, per_prompt, kl, step=it)
     return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
 
 
@@ -144,7 +146,7 @@ def eval_line(step, row):
 # hyperparameters (`--key=value` overrides any of them)
 out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
 # ----------------------------------------------------------------------------------------
-FIELDS = ['method', 'n_or_iter', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
+FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
 
 
 def gold_at_kl(curve, kl):
@@ -159,8 +161,8 @@ def summary(curve, ppo_row, samples, ppo_samples, prompts, vocab):
     """ppo.json's eval block: reference, best_of_16 and the policy under its method's name (ppo,
     rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole best-of-n curve,
     best-of-n's gold at the policy's KL, and the sample prompts."""
-    by_n = {row['n_or_iter']: row for row in curve}
-    keep = lambda row, s: {**{k: row[k] for k in FIELDS[2:]}, 'samples': s}
+    by_n = {row['n']: row for row in curve}
+    keep = lambda row, s: {**{k: row[k] for k in FIELDS[3:]}, 'samples': s}
     same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
     return {'reference': keep(by_n[1], samples['reference']),
             'best_of_16': keep(by_n[16], samples['best_of_16']),
@@ -178,7 +180,7 @@ def print_frontier(curve, path, result):
     print(f"gold gained over the reference: {name} {ppo['gold'] - ref['gold']:+.3f} at KL {ppo['kl']:.2f}, "
           f"best-of-16 {bo16['gold'] - ref['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
     print(f"best-of-n at {name}'s KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
-          f"{curve[-1]['n_or_iter']})" if same['extrapolated'] else '') + f", {name} {ppo['gold']:.3f}")
+          f"{curve[-1]['n']})" if same['extrapolated'] else '') + f", {name} {ppo['gold']:.3f}")
 
 
 def print_samples(result, method='ppo'):
@@ -191,6 +193,16 @@ def print_samples(result, method='ppo'):
 
 RUNS = ['ppo', 'rloo', 'grpo']          # ppo.py's runs (--advantage): out_dir/<name>.json each
 
+
+def as_row(row):
+    """A frontier row as this version writes it, from one an older run wrote (one column
+    'n_or_iter' for best-of-n's n and a run's step)."""
+    if 'n_or_iter' not in row:
+        return row
+    row = dict(row)
+    x = row.pop('n_or_iter')
+    return {**row, 'n': x if row['method'] == 'best_of_n' else None,
+            'step': None if row['method'] == 'best_of_n' else x}
 
 def collect(out_dir):
     """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first of
@@ -206,16 +218,16 @@ def collect(out_dir):
     if first is None:
         return [], None
     same = lambda run: tuple(run.get(k) for k in ('reference', 'seed', 'eval_prompts'))
-    curve, reference = first['eval']['best_of_n'], first.get('reference', 'gpt.pt')
+    curve, reference = [as_row(r) for r in first['eval']['best_of_n']], first.get('reference', 'gpt.pt')
     rows = [dict(r) for r in curve]
     if reference == 'sft.pt':
-        rows.append({**curve[0], 'method': 'sft', 'n_or_iter': 0})
+        rows.append({**curve[0], 'method': 'sft', 'n': None, 'step': 0})
     for name, run in runs.items():
         if same(run) != same(first):
             print(f'note: {name}.json has another reference, seed or eval_prompts than the first run: '
                   'left out', file=sys.stderr)
             continue
-        rows += [{**r, 'beta': run.get('beta', '')} for r in run['path']]
+        rows += [{**as_row(r), 'beta': run.get('beta', '')} for r in run['path']]
     return rows, reference
 
 
@@ -251,12 +263,13 @@ def save_frontier(rows, out_dir, reference='the reference'):
 
 def print_rows(rows):
     """The gold-vs-KL table of frontier rows."""
-    print(f"{'method':<10} {'n/iter':>6} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
+    print(f"{'method':<10} {'n':>3} {'step':>5} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
           f"{'length':>6} {'ended':>5}")
     for row in rows:
-        bound = '<=' if row['method'] == 'best_of_n' and row['n_or_iter'] > 1 else '  '
+        bound = '<=' if row['method'] == 'best_of_n' and row['n'] > 1 else '  '
         beta = f" β {row['beta']:g}" if row.get('beta', '') != '' else ''
-        print(f"{row['method']:<10} {row['n_or_iter']:>6} {row['gold']:7.3f} {row['gold_se']:6.3f} "
+        n, step = ('' if row[k] is None else row[k] for k in ('n', 'step'))
+        print(f"{row['method']:<10} {n:>3} {step:>5} {row['gold']:7.3f} {row['gold_se']:6.3f} "
               f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
               f"{row['ended']:5.2f}{beta}")
 

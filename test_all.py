@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import ppo
 from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, copy_ckpts, save_tiny, tiny_model
 from dpo import answer_logprobs, dpo_loss
-from frontier import best_of_n, best_of_n_curve, gold_at_kl
+from frontier import as_row, best_of_n, best_of_n_curve, gold_at_kl
 from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
 from plumbing import (TAG, ByDevice, MinibardError, answer_mask, check_option, configure, decode, encode,
@@ -656,6 +656,15 @@ def test_gold_at_kl_interpolates_and_flags_extrapolation():
     assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
 
 
+
+def test_frontier_rows_of_older_runs_read_as_n_and_step():
+    """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
+    old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
+           {'method': 'ppo', 'n_or_iter': 8, 'gold': 2.0}]
+    assert [as_row(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
+                                        {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
+    assert as_row({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
+
 def test_exact_kl_and_sampled_estimators():
     torch.manual_seed(0)
     lp, lq = torch.randn(65), torch.randn(65)
@@ -820,11 +829,12 @@ def test_ppo_stage_writes_log_and_eval(runs):
         assert len(m['eval'][name]['samples']) == 3
     assert m['eval']['reference']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
-    assert [r['n_or_iter'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
-    assert [r['n_or_iter'] for r in m['path']] == [0, 2,
-                                                   3] and m['path'][-1]['gold'] == m['eval']['ppo']['gold']
+    assert [r['n'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
+    assert [r['step'] for r in m['path']] == [0, 2, 3] and all(r['n'] is None for r in m['path'])
+    assert all(r['step'] is None for r in m['eval']['best_of_n'])
+    assert m['path'][-1]['gold'] == m['eval']['ppo']['gold']
     frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
-    assert frontier[0] == 'method,n_or_iter,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
+    assert frontier[0] == 'method,n,step,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
     assert len(frontier) == 1 + 5 + 1 + 3                            # best-of-n, the SFT point, PPO's path
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
     assert len(rows) == 4 and rows[0].startswith('iter,reward,gold,kl,kl_k1,kl_k3,beta')

@@ -26,8 +26,9 @@ choice, at length: docs/ppo.md.
  9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max
     (kept in out/best_of_n.json for the next run of the same seed), and the policy every
     `eval_interval` iterations: gold, RM score, exact KL. Gold is only ever measured.
- Left out: per-batch reward whitening. Names: TRL's and cleanrl's (one convention: the option
- names of TRL's PPOConfig where it has one); beta is the KL coefficient of the equations.
+ Left out: per-batch reward whitening. Option names: cleanrl's, and TRL's where cleanrl has none
+ (cliprange_value, init_kl_coef; kl_target and kl_horizon are TRL's adaptive controller's target
+ and horizon, not cleanrl's target_kl, which stops an update early); beta is the KL coefficient.
 
 Run:  python ppo.py                   (after sft.py and reward.py; times and numbers: README)
       python ppo.py --seed=1          (other prompts, rollouts, held-out prompts; same checkpoints)
@@ -72,8 +73,8 @@ update_epochs = 2               # in [1, inf): passes over each rollout (4 did w
 num_minibatches = 2             # in [1, inf): minibatches per pass
 learning_rate = 1.25e-4         # in [0, inf): AdamW, constant, policy
 critic_lr = 1e-5                # in [0, inf): the critic: a value summed over a turn, small steps
-clip_coef = 0.2                 # in (0, inf): PPO ratio clip epsilon
-cliprange_value = 0.2           # in (0, inf): value clip around the rollout's values
+clip_coef = 0.2                 # in (0, inf): PPO ratio clip epsilon (TRL: cliprange)
+cliprange_value = 0.2           # in (0, inf): value clip around the rollout's values (TRL's name)
 vf_coef = 0.5                   # in [0, inf): value loss weight (separate nets: only via max_grad_norm)
 ent_coef = 0.0                  # in [0, inf): entropy bonus (0: the KL penalty keeps entropy up)
 ptx_coef = 0.0                  # in [0, inf): PPO-ptx weight of the LM loss (InstructGPT: 27.8)
@@ -82,8 +83,8 @@ gae_lambda = 0.95               # in [0, 1]: GAE lambda
 advantage = 'gae'               # in {'gae', 'rloo', 'grpo'}: critic and GAE, or a group baseline (point 5)
 group_size = 4                  # in [2, inf): rloo / grpo: answers per prompt (batch_size / this prompts)
 init_kl_coef = 0.5              # in [0, inf): beta at the start, for rewards of unit std (point 4)
-kl_target = 3.5                 # in [0, inf): nats per answer to steer to; 0 = fixed beta
-kl_horizon = 5120               # in [1, inf): episodes for the controller to close the gap
+kl_target = 3.5                 # in [0, inf): nats/answer the controller steers to (TRL: target); 0: fixed
+kl_horizon = 5120               # in [1, inf): episodes for the controller to close the gap (TRL: horizon)
 max_grad_norm = 1.0             # in (0, inf): global grad-norm clip of policy and critic
 forward_batch_size = ByDevice(cpu=32, cuda=256)  # in [1, inf): sequences a no-grad forward (CPU: in cache)
 eval_prompts = 256              # in [1, inf): held-out prompts for every reported number

@@ -353,7 +353,8 @@ if __name__ == '__main__':
     prompt_gen = torch.Generator().manual_seed(seed)
     starts = turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
-    lm_batch = lambda: get_batch(train_data, ref.config.block_size, batch_size, prompt_gen, device)  # ptx
+    ptx_windows = batch_size // num_minibatches                      # ptx: as many LM windows as episodes
+    lm_batch = lambda: get_batch(train_data, ref.config.block_size, ptx_windows, prompt_gen, device)
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path, 'w', newline='')
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)

@@ -94,7 +94,7 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     P = prompts.size(0)
     advance = progress('best-of-n answers', P * n_max, 16 * batch, log) if log else None
     *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, batch,
-                                  on_progress=advance, chunk=chunk)           # (P, N, Ta), (P, N), (P, N)
+                                  on_progress=advance, chunk=chunk)  # (P, N, Ta), (P, N), (P, N)
     values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
@@ -203,6 +203,7 @@ def as_row(row):
     x = row.pop('n_or_iter')
     return {**row, 'n': x if row['method'] == 'best_of_n' else None,
             'step': None if row['method'] == 'best_of_n' else x}
+
 
 def collect(out_dir):
     """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first of

@@ -59,7 +59,7 @@ port = 8000                     # in [0, 65535]: web: the port (0: any free one)
 
 def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
     """n_answers continuations of one prompt string, each the RM's favourite of best_of, ended by
-    the tokens `stop` (None: run to max_len): [(text, reward, P)]."""
+    the tokens `stop` (None: run to max_len): [(text, RM score r, P)]."""
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(n_answers, 1)  # (n, T)
     y, lengths, r, *_ = best_of_n(model, rm, ids, best_of, max_len, stop, temperature, gen, top_k=top_k)
@@ -71,7 +71,7 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
     """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: best_of
     answers drawn, each ended where its turn ends (end_of_turn) and shown whole (plumbing.whole), each
     scored by the RM on exactly what is shown, as a turn of the scene (the text, then the blank
-    line); the favourite is kept. -> {'answer', 'p', 'reward', 'seconds', 'cut', 'note'}."""
+    line); the favourite is kept. -> {'answer', 'p', 'rm' (its RM score r), 'seconds', 'cut', 'note'}."""
     t0, dev = time.time(), next(model.parameters()).device
     prompt = format_chat(turns, bard, model.config.block_size - max_len - len(END_OF_TURN))
     ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(best_of, 1)   # (n, Tp)
@@ -88,8 +88,7 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
     cut = not ended_here
     note = '' if not cut else f'cut at {max_len} characters' + (
         f', shown to its last whole {how} ({len(text)} of {len(drawn_text)})' if how != 'none' else '')
-    reward = r[best]
-    return {'answer': text, 'p': torch.sigmoid(torch.tensor(reward)).item(), 'reward': reward,
+    return {'answer': text, 'p': torch.sigmoid(torch.tensor(r[best])).item(), 'rm': r[best],
             'seconds': round(time.time() - t0, 3), 'cut': cut, 'note': note}
 
 
@@ -270,7 +269,7 @@ if __name__ == '__main__':
         for text, r, p in answer(model, rm, vocab, prompt, num_samples, max_new_tokens, None, gen, best_of,
                                   temperature, top_k):
             print(prompt + text)
-            print(f'--- reward {r:+.3f}, P(preferred to a typical {labelled} answer) = {p:.3f}' +
+            print(f'--- rm {r:+.3f}, P(preferred to a typical {labelled} answer) = {p:.3f}' +
                   (f' (best of {best_of})' if best_of > 1 else ''))
 
     elif mode == 'chat':  # a whole turn each time, up to the blank line (or max_answer_len characters)
@@ -295,7 +294,7 @@ if __name__ == '__main__':
             turns.append((you, line))
             a = reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, best_of, temperature, top_k)
             turns.append((bard, a['answer']))
-            print(f"{bard}: {a['answer']}\n   [P = {a['p']:.2f}, reward {a['reward']:+.2f}, "
+            print(f"{bard}: {a['answer']}\n   [P = {a['p']:.2f}, rm {a['rm']:+.2f}, "
                   f"{a['seconds']:.1f} s" + (f", {a['note']}" if a['note'] else '') + ']')
 
     else:  # web: the same chat as a local page; the page keeps the scene and sends it each time

@@ -881,18 +881,18 @@ def test_sample_eval_mode_reproduces_ppo_json(runs):
 def test_sample_prints_p_as_sigmoid_of_the_normalised_reward(runs):
     code, log = runs['sample']
     assert code == 0, log
-    lines = [l for l in log.splitlines() if l.startswith('--- reward')]
+    lines = [l for l in log.splitlines() if l.startswith('--- rm')]
     assert len(lines) == 4
     for l in lines:
-        r, p = float(l.split('reward ')[1].split(',')[0]), float(l.split('= ')[1].split()[0])
+        r, p = float(l.split('rm ')[1].split(',')[0]), float(l.split('= ')[1].split()[0])
         assert abs(p - 1 / (1 + math.exp(-r))) < 2e-3
 
 
 def test_sample_mode_writes_past_the_context_and_says_the_reward_is_uncalibrated(runs):
     code, log = runs['sample_long']
     assert code == 0 and 'Traceback' not in log, log
-    assert 'not calibrated' in log and log.count('--- reward') == 2
-    texts = log.split('not calibrated\n')[1].split('--- reward')[:2]
+    assert 'not calibrated' in log and log.count('--- rm') == 2
+    texts = log.split('not calibrated\n')[1].split('--- rm')[:2]
     assert all(len(t.strip('\n')) >= 150 for t in texts)                # the prompt '\n' + 150 characters
 
 
@@ -965,7 +965,7 @@ def test_reply_scores_exactly_what_it_shows():
                   best_of)
         prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
         r = score(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
-        assert a['reward'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
+        assert a['rm'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
         assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
         assert not a['cut'] or a['note'].startswith('cut at 12 characters')
 
@@ -998,7 +998,7 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
                                                           {'who': 'bard', 'text': 'Ay.'}], 'line': 'Go on.'})
         a = json.loads(out)
         assert status == 200 and 0 <= a['p'] <= 1 and a['line'] == 'Go on.' and isinstance(a['answer'], str)
-        assert set(a) == {'answer', 'p', 'reward', 'seconds', 'cut', 'note', 'line'}
+        assert set(a) == {'answer', 'p', 'rm', 'seconds', 'cut', 'note', 'line'}
         status, _, out = ask('POST', '/chat', {'line': 'Hé <script>x</script>', 'best_of': 2})
         assert status == 200 and "knows no '/<>é'" in json.loads(out)['note']
         assert json.loads(out)['line'] == 'H scriptxscript'

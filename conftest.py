@@ -12,7 +12,11 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
+
+# torch.cuda.is_available() by NVML, which leaves CUDA uninitialised: the server below imports the
+# scripts (each asks it for its device default) and forks, and a forked CUDA state is unusable
+os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
+import torch  # noqa: E402 (after the line above)
 
 from gpt import GPT, GPTConfig
 from plumbing import MinibardError, save_checkpoint
@@ -63,11 +67,13 @@ def finish(job):
 # A fresh `python` imports torch and, where an optimizer is built, torch._dynamo (torch.optim
 # imports it on first use): more CPU than a tiny stage's own work (docs/speed.md). So the suite's
 # stage runs are forked from one server process that has imported all that once.
+# Linux only (macOS frameworks are not safe to fork), and only where the runs go to the CPU: a GPU
+# machine runs each stage in a fresh python, as before.
 FORKSERVER = (multiprocessing.get_context('forkserver')
-              if 'forkserver' in multiprocessing.get_all_start_methods() else None)
+              if sys.platform.startswith('linux') and not torch.cuda.is_available() else None)
 if FORKSERVER is not None:
     FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'gpt', 'sft', 'reward', 'frontier',
-                                       'ppo', 'dpo', 'sample', 'bench'])
+                                       'ppo', 'dpo', 'sample'])
 
 
 def _stage_main(script, args, stdin_path, out_path):
@@ -119,6 +125,8 @@ def run(script, *args, stdin=None):
         if p.exitcode is None:
             p.kill()
             p.join()
+        if not os.path.exists(out_path):                            # it ended before it could start
+            return p.exitcode, f'{script} did not start in the forked process (its error: pytest\'s stderr)'
         with open(out_path, encoding='utf-8', errors='replace') as f:
             return p.exitcode, f.read()
 

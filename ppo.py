@@ -284,7 +284,7 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
         B = seqs.size(0)
         stats = []
         for _ in range(update_epochs):
-            for idx in torch.randperm(B, generator=shuffle).chunk(num_minibatches):  # sizes differ by <= 1
+            for idx in torch.randperm(B, generator=shuffle).chunk(num_minibatches):  # ceil(B / n) each
                 logits = answer_logits(policy(seqs[idx])[0], Tp)             # (mb, Ta, V)
                 new_values = critic(seqs[idx], Tp) * mask[idx] if critic else values[idx]  # (mb, Ta)
                 new_logp = token_logprobs(logits, seqs[idx, Tp:], temperature)
@@ -353,7 +353,7 @@ if __name__ == '__main__':
     prompt_gen = torch.Generator().manual_seed(seed)
     starts = turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
-    ptx_windows = batch_size // num_minibatches                      # ptx: as many LM windows as episodes
+    ptx_windows = -(-batch_size // num_minibatches)                  # ptx: a minibatch's episodes, in windows
     lm_batch = lambda: get_batch(train_data, ref.config.block_size, ptx_windows, prompt_gen, device)
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path, 'w', newline='')

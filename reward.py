@@ -73,6 +73,7 @@ grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's 
 log_interval = 50               # in [1, inf)
 # ----------------------------------------------------------------------------------------
 
+
 def pairwise_loss(r, prefs):
     """Bradley-Terry loss. r: (P, K) RM scores; prefs: (P, K(K-1)/2), 1 where y_i beat y_j.
 
@@ -146,7 +147,6 @@ def load_reward_model(path, device='cpu'):
     """(RewardModel in eval mode, vocab, checkpoint dict) from out/reward.pt."""
     build = lambda checkpoint: RewardModel(GPTConfig(**checkpoint['model_args']), checkpoint['rm_context'])
     return load_model(path, build, 'python reward.py', device, kind='reward model')
-
 
 
 def load_for_rl(out_dir, policy, device='cpu'):
@@ -299,7 +299,7 @@ def bow_reference(texts, sets, tau, l2_grid=(1e-4, 3e-4, 1e-3, 3e-3)):
 
 
 @torch.no_grad()
-def repeat_rewards(rm, prompts, texts, vocab, repeats=(1, 2, 4, 8), n_max=200):
+def repeat_scores(rm, prompts, texts, vocab, repeats=(1, 2, 4, 8), n_max=200):
     """The RM under repetition, a known way to exploit a summed reward: the mean score of held-out
     answers (texts, to prompts (N, Tp)) with their one positive word said n times in a row, which
     the labeler still counts once (labeler.repeated_word): ({n: mean r}, answers used)."""
@@ -395,7 +395,7 @@ if __name__ == '__main__':
     norm_bias, _ = metrics.pop('mean_reward'), metrics.pop('loss')  # held-out answers -> mean 0
     with torch.no_grad():
         rm.bias -= norm_bias
-    reps, n_rep = repeat_rewards(rm, sets['val'].seqs.flatten(0, 1)[:, :prompt_len], texts['val'], vocab)
+    reps, n_rep = repeat_scores(rm, sets['val'].seqs.flatten(0, 1)[:, :prompt_len], texts['val'], vocab)
     gain = (reps[8] - reps[1]) / metrics['std_reward'] if n_rep and metrics['std_reward'] > 0 else None
     metrics = {'policy': policy, 'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'),
                **metrics, **bow,

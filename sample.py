@@ -28,7 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from frontier import best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples, summary
+from frontier import (as_row, best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples,
+                      summary)
 from gpt import load_gpt
 from plumbing import (END_OF_TURN, MinibardError, answer_texts, as_turns, checkpoint_path, clean, configure,
                       die, encode, end_of_turn, format_chat, load_splits, prepare_out_dir, run_first,
@@ -245,7 +246,8 @@ if __name__ == '__main__':
         result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        print_frontier(curve, checkpoint['metrics']['path'][:-1] + [final], result)
+        earlier = [as_row(r) for r in checkpoint['metrics']['path'][:-1]]    # also rows older runs wrote
+        print_frontier(curve, earlier + [final], result)
         print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
               f'points are read from {path}); written to {out_dir}/eval.json')

@@ -281,7 +281,6 @@ def test_gold_score_on_hand_written_lines():
     assert gold_score("Fair Juliet's love is death to me") == 2 - 1
 
 
-
 def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
     """The repetition yardstick: answers whose gold is one positive word said once get that word
     said n times, and gold still counts it once; other answers, and variants past room, are left out."""
@@ -293,6 +292,7 @@ def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
         assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
     assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]   # 8 goods: 61 > 60
     assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
+
 
 def test_labeler_choice_frequency_matches_bradley_terry():
     gen = torch.Generator().manual_seed(0)
@@ -656,7 +656,6 @@ def test_gold_at_kl_interpolates_and_flags_extrapolation():
     assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
 
 
-
 def test_frontier_rows_of_older_runs_read_as_n_and_step():
     """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
     old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
@@ -664,6 +663,7 @@ def test_frontier_rows_of_older_runs_read_as_n_and_step():
     assert [as_row(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
                                         {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
     assert as_row({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
+
 
 def test_exact_kl_and_sampled_estimators():
     torch.manual_seed(0)
@@ -856,6 +856,7 @@ def test_every_road_on_one_frontier(runs, run_here):
     assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}
     assert 'groups of' not in runs['roads_rloo'][1] and ', 4 prompts x 4 (rloo)' in runs['roads_rloo'][1]
     assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']              # the same seed: the same curve
+    assert 'measured before' in runs['roads_rloo'][1] and 'measured before' not in runs['ppo_again'][1]
     assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.3 for r in dpo['path']) and dpo == json.load(
         open(os.path.join(d, 'dpo_beta0.3.json')))
     assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
@@ -1221,6 +1222,7 @@ def test_out_of_vocabulary_prompt_is_one_clear_line(runs, run_here):
     assert runs['ppo'][0] == 0
     assert_one_clear_line(*run_here('sample.py', f'--out_dir={runs.dirs["out"]}', '--start=Hello wörld 7'),
                           "characters not in the vocabulary: '7ö'")
+
 
 def in_process_error(capsys, fn, *args):
     """What an imported function does with a user's mistake: raise MinibardError (a ValueError)

@@ -80,7 +80,7 @@ def treated_as_chat(data, vocab, prompt_len, tau, seed):
     P, K, _ = data['seqs'].shape
     texts = answer_texts(data['seqs'].view(P * K, -1)[:, prompt_len:], data['lengths'].flatten(), vocab)
     shown = [whole(*end_of_turn(t))[0] for t in texts]
-    answers, lengths = as_turns(shown, vocab)                         # as reply() scores them
+    answers, lengths = as_turns(shown, vocab)  # as reply() scores them
     seqs = torch.cat([data['seqs'].view(P * K, -1)[:, :prompt_len].long(), answers], 1)
     g = torch.tensor([float(gold_score(t)) for t in shown]).view(P, K)
     i, j = all_pairs(K)
@@ -108,13 +108,13 @@ def chat_check(out_dir, seed):
           f"with the answers as the chat shows them ({changed:.0%} of them changed); gold_acc "
           f"{as_trained['gold_acc']:.3f} / {as_shown['gold_acc']:.3f}")
     stop, gen, turns, answers = encode(END_OF_TURN, vocab), torch.Generator().manual_seed(seed), [], []
-    for line in CHAT_LINES:                                        # one scene, as a user would talk
+    for line in CHAT_LINES:  # one scene, as a user would talk
         turns.append(('ROMEO', line))
         answers.append(reply(model, rm, vocab, turns, 'JULIET', max_len, stop, gen))
         turns.append(('JULIET', answers[-1]['answer']))
     kinds = [re.search(r'last whole (\w+)', a['note']).group(1) if a['cut'] else 'ended' for a in answers]
     count = {k: kinds.count(k) for k in ('ended', 'line', 'sentence', 'word')}
-    mid_word = len(answers) - sum(count.values())                  # cut with no whole line, sentence or word
+    mid_word = len(answers) - sum(count.values())  # cut with no whole line, sentence or word
     print(f'{len(answers)} chat lines: {count["ended"]} answers ended on their own, cut and shown to a '
           f'whole line {count["line"]}, sentence {count["sentence"]}, word {count["word"]}; '
           f'cut mid-word: {mid_word}')
@@ -131,7 +131,7 @@ def chat_check(out_dir, seed):
         t0 = time.time()
         with urllib.request.urlopen(urllib.request.Request(url, body), timeout=60) as f:
             return f.status, json.load(f), time.time() - t0
-    one = [ask(line) for line in CHAT_LINES[:10]]                  # one client: the wall time of an answer
+    one = [ask(line) for line in CHAT_LINES[:10]]  # one client: the wall time of an answer
     with ThreadPoolExecutor(max_workers=4) as pool:
         four = list(pool.map(ask, CHAT_LINES[:20]))
     server.shutdown()
@@ -155,9 +155,9 @@ if __name__ == '__main__':
         chat_check(out_dir, seed)
         sys.exit(0)
     shape = dict(vars(gpt))
-    resolve_defaults(shape, 'cpu')                                 # gpt.py's CPU sizes
+    resolve_defaults(shape, 'cpu')  # gpt.py's CPU sizes
     cfg = GPTConfig(**{k: shape[k] for k in ('block_size', 'n_layer', 'n_head', 'n_embd', 'token_mix')})
-    batch_size = shape['batch_size']                               # pretraining's sequences a step
+    batch_size = shape['batch_size']  # pretraining's sequences a step
     model = GPT(cfg).eval()
     print(f'model: {model.num_params() / 1e6:.2f}M params, block_size {cfg.block_size}, '
           f'{torch.get_num_threads()} threads')

@@ -85,7 +85,7 @@ def all_logprobs(model, seqs, lengths, prompt_len, chunk):
 
 
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
+    config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
@@ -94,18 +94,18 @@ if __name__ == '__main__':
         print(f"note: {out_dir}/preferences.pt holds answers of {data['policy']}, and DPO starts from "
               f"{policy}: for one road, give both stages the same --policy", file=sys.stderr)
     ref, vocab, ref_checkpoint = load_gpt(os.path.join(out_dir, policy), run_first(policy), device)
-    rm, rm_vocab, _ = load_reward_model(os.path.join(out_dir, 'reward.pt'), device)   # measures only
+    rm, rm_vocab, _ = load_reward_model(os.path.join(out_dir, 'reward.pt'), device)  # measures only
     if data['vocab'] != vocab or rm_vocab != vocab:
         die(f'{out_dir}/preferences.pt, reward.pt and {policy} do not share one vocabulary: run python '
             f'reward.py --policy={policy} again')
     ref.requires_grad_(False)
-    model = copy.deepcopy(ref).requires_grad_(True)                  # eval(): dropout off, as in PPO
+    model = copy.deepcopy(ref).requires_grad_(True)  # eval(): dropout off, as in PPO
     Tp, train = data['prompt_len'], data['train']
     P, K, T = train['seqs'].shape
-    seqs = train['seqs'].long().view(P * K, T).to(device)             # (P K, Tp + Ta)
-    lengths = train['lengths'].flatten().to(device)                  # (P K,)
-    prefs = train['prefs'].to(device)                                # (P, K(K-1)/2)
-    ref_logp = all_logprobs(ref, seqs, lengths, Tp, forward_batch_size).view(P, K)   # log pi_ref(y), once
+    seqs = train['seqs'].long().view(P * K, T).to(device)  # (P K, Tp + Ta)
+    lengths = train['lengths'].flatten().to(device)  # (P K,)
+    prefs = train['prefs'].to(device)  # (P, K(K-1)/2)
+    ref_logp = all_logprobs(ref, seqs, lengths, Tp, forward_batch_size).view(P, K)  # log pi_ref(y), once
     _, val_data, _ = load_splits(data_path, vocab)
     held_out = held_out_prompts(val_data, vocab, eval_prompts, Tp, seed, device)
     stop = encode(END_OF_TURN, vocab)
@@ -126,12 +126,12 @@ if __name__ == '__main__':
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     gen, t0, run = torch.Generator().manual_seed(seed), time.time(), None
-    i, j = all_pairs(K)                                              # the pairs prefs labels, in its order
+    i, j = all_pairs(K)  # the pairs prefs labels, in its order
     for step in range(steps):
         for group in opt.param_groups:
-            group['lr'] = learning_rate * (1 - step / steps)          # linear decay to 0
+            group['lr'] = learning_rate * (1 - step / steps)  # linear decay to 0
         if step % (P // prompts_per_batch or 1) == 0:
-            order = torch.randperm(P, generator=gen)                 # a new shuffle each epoch
+            order = torch.randperm(P, generator=gen)  # a new shuffle each epoch
         b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
         rows = (b[:, None] * K + torch.arange(K)).flatten().to(device)  # the K answers of each prompt
         n = lengths[rows]
@@ -144,7 +144,7 @@ if __name__ == '__main__':
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        with torch.no_grad():                                        # h of the chosen and the rejected
+        with torch.no_grad():  # h of the chosen and the rejected
             h = (logp - ref_logp[b]).detach()
             won = prefs[b] > 0.5
             h_w = torch.where(won, h[:, i], h[:, j]).mean().item()

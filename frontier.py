@@ -41,7 +41,7 @@ def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batc
     Returns the best answers (P, Ta) and their lengths (P,) and RM scores (P,), and all answers
     (P, n, Ta) with lengths and RM scores (P, n)."""
     P, Tp = prompts.shape
-    rep = prompts.repeat_interleave(n, 0)                               # (P n, Tp)
+    rep = prompts.repeat_interleave(n, 0)  # (P n, Tp)
     y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k,
                                on_progress)
     r = score(rm, torch.cat([rep, y], 1), Tp, lengths, chunk).view(P, n)  # (P, n)
@@ -62,7 +62,7 @@ def best_of_n_curve(rm_scores, values, ns):
     """Expected values of best-of-n, per prompt, from one set of N samples per prompt: rm_scores
     (P, N) rank the samples; values: name -> (P, N) per-sample quantities (gold, length, ...).
     -> {n: {'rm': (P,), name: (P,), ...}} for each n in ns (n <= N)."""
-    order = rm_scores.argsort(1)                                   # rank samples by the RM, lowest first
+    order = rm_scores.argsort(1)  # rank samples by the RM, lowest first
     ranked = {'rm': rm_scores, **values}
     ranked = {k: v.gather(1, order).double() for k, v in ranked.items()}
     return {n: {k: v @ best_of_n_weights(rm_scores.size(1), n) for k, v in ranked.items()} for n in ns}
@@ -100,7 +100,7 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
     rows = [point('best_of_n', curve[n], math.log(n) - (n - 1) / n, n=n) for n in ns]
     first3 = torch.arange(min(3, P))
-    best16 = r[first3, :16].argmax(1).cpu()                        # best of the first 16 samples
+    best16 = r[first3, :16].argmax(1).cpu()  # best of the first 16 samples
     samples = {'reference': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
                'best_of_16': answer_texts(y[first3, best16], lengths[first3, best16], vocab)}
     return rows, samples
@@ -131,7 +131,7 @@ def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_
     per_answer['rm'] = score(rm, seqs, Tp, lengths, chunk).cpu()
     kl = per_answer.pop('kl').mean().item()
     per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
-    first = slice(None, 3 * n_samples, n_samples)                  # the first answer to each of 3 prompts
+    first = slice(None, 3 * n_samples, n_samples)  # the first answer to each of 3 prompts
     row = point(method, per_prompt, kl, step=it)
     return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
 
@@ -191,7 +191,7 @@ def print_samples(result, method='ppo'):
             print(f"{name:>12}: {result[name]['samples'][i]!r}")
 
 
-RUNS = ['ppo', 'rloo', 'grpo']          # ppo.py's runs (--advantage): out_dir/<name>.json each
+RUNS = ['ppo', 'rloo', 'grpo']  # ppo.py's runs (--advantage): out_dir/<name>.json each
 
 
 def as_row(row):
@@ -211,7 +211,7 @@ def collect(out_dir):
     when it is the SFT model, each ppo.py run's path and each DPO run's (dpo_beta*.json, column
     beta). Runs of another seed or reference than the first are left out, with a note.
     -> (rows, the reference's name); no ppo.py run yet: ([], None)."""
-    dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))       # one for each beta
+    dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))  # one for each beta
     names = RUNS + sorted(os.path.basename(f)[:-len('.json')] for f in dpo)
     runs = {name: json.load(open(os.path.join(out_dir, f'{name}.json'))) for name in names
             if os.path.exists(os.path.join(out_dir, f'{name}.json'))}

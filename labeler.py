@@ -65,14 +65,14 @@ def pair_metrics(r, g, prefs, tau):
     prefs (P, K(K-1)/2) and against the gold scores g (P, K) they were drawn from: agreement with
     the labels, the Bayes limit, agreement with the gold order, calibration."""
     i, j = all_pairs(r.size(1))
-    q = torch.sigmoid(r[:, i] - r[:, j]).flatten()             # model's P(i preferred)
-    p = choice_prob(g[:, i], g[:, j], tau).flatten()           # labeler's true P(i preferred)
-    y = prefs.flatten()                                        # sampled labels
+    q = torch.sigmoid(r[:, i] - r[:, j]).flatten()  # model's P(i preferred)
+    p = choice_prob(g[:, i], g[:, j], tau).flatten()  # labeler's true P(i preferred)
+    y = prefs.flatten()  # sampled labels
     dg = (g[:, i] - g[:, j]).flatten()
     differ = dg != 0
-    bins = torch.clamp((q * 10).long(), max=9)                 # 10 equal-width bins of q
+    bins = torch.clamp((q * 10).long(), max=9)  # 10 equal-width bins of q
     ece = sum((bins == b).float().mean() * (q[bins == b].mean() - y[bins == b].mean()).abs()
-              for b in range(10) if (bins == b).any())         # sum_b n_b/N |conf_b - freq_b|
+              for b in range(10) if (bins == b).any())  # sum_b n_b/N |conf_b - freq_b|
     return {'val_acc': ((q > 0.5).float() == y).float().mean().item(),
             'bayes_acc': torch.maximum(p, 1 - p).mean().item(),  # best any model can do on these pairs
             'gold_acc': ((q[differ] - 0.5) * dg[differ] > 0).float().mean().item(),

@@ -56,7 +56,7 @@ def _exit_in_one_line(kind, value, tb, default=sys.excepthook):
         print('interrupted: stopped; checkpoints saved before now are intact', file=sys.stderr)
         sys.stderr.flush()
         os._exit(130)
-    if issubclass(kind, BrokenPipeError):                             # `python gpt.py --help | head`
+    if issubclass(kind, BrokenPipeError):  # `python gpt.py --help | head`
         os._exit(141)
     oom = any(words in str(value) for words in ('out of memory', "can't allocate memory"))  # torch's words
     if issubclass(kind, MemoryError) or oom:
@@ -123,18 +123,18 @@ def configure(scope, argv):
             raise MinibardError(f"--{key} is now --{new} (PPO's options follow cleanrl's names, and TRL's "
                                 'where cleanrl has none)')
         if key not in keys:
-            near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]   # --lr: learning_rate
-                    or [k for k in keys if key in k]                                 # --lam: gae_lambda
-                    or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))        # else the closest
+            near = ([k for k in keys if ''.join(w[0] for w in k.split('_')) == key]  # --lr: learning_rate
+                    or [k for k in keys if key in k]  # --lam: gae_lambda
+                    or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))  # else the closest
             raise MinibardError(f'unknown option --{key}; did you mean --{near[0]}? '
                                 '(--help lists the options)')
         value, old = literal(text), scope[key]
         if isinstance(old, float) and type(value) is int:
             value = float(value)
-        if old is not None and type(value) is not type(old):        # (None only where the default is None)
+        if old is not None and type(value) is not type(old):  # (None only where the default is None)
             raise MinibardError(f'--{key} expects {type(old).__name__} (default {old!r}), got {text!r}')
         scope[key] = value
-    if block is not None:                                          # every option against its rule
+    if block is not None:  # every option against its rule
         for names, comment in block:
             for n in names:
                 check_option(n, scope[n], comment)
@@ -172,7 +172,7 @@ def check_option(name, value, comment):
         raise MinibardError(f'--{name} expects {kind} or None, got {value!r}')
     if allowed.startswith('{'):
         ok = value in ast.literal_eval(allowed)
-    else:                                                          # [lo, hi], (lo, hi), or half-open
+    else:  # [lo, hi], (lo, hi), or half-open
         lo, hi = (float(b) for b in allowed[1:-1].split(','))
         above = lo <= value if allowed[0] == '[' else lo < value
         ok = above and (value <= hi if allowed[-1] == ']' else value < hi)
@@ -203,9 +203,9 @@ def option_block(path):
         block = f.read().split('\n# hyperparameters', 1)[1].split('\n# ----', 1)[0].splitlines()[1:]
     rows = []
     for line in block:
-        code, _, comment = line.partition('#')                    # (no '#' inside a default value)
+        code, _, comment = line.partition('#')  # (no '#' inside a default value)
         names = [n.strip() for n in code.split('=')[0].split(',') if not n.strip().startswith('_')]
-        if names or not code.strip():                              # (_names are not options)
+        if names or not code.strip():  # (_names are not options)
             rows.append((names if code.strip() else [], comment.strip()))
     return rows
 
@@ -220,7 +220,7 @@ def print_help(scope, block):
         if names:
             opts = '  '.join(f'--{n}={scope[n]!r}' for n in names)
             print(f'  {opts:<34} {comment}'.rstrip())
-        elif comment:                                              # a group's name
+        elif comment:  # a group's name
             print(f'  {comment}:')
     usage = [l.strip().removeprefix('Run:').strip() for l in doc.splitlines() if f'python {name}' in l]
     if usage:
@@ -291,7 +291,7 @@ def cached(path, key, compute, log=print):
         log(f'(measured before with the same models, prompts and settings: read from {path}; '
             'delete it to measure again)')
         return store[key]
-    result = json.loads(json.dumps(compute()))                     # tuples -> lists, as read back
+    result = json.loads(json.dumps(compute()))  # tuples -> lists, as read back
     store[key] = result
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w') as f:
@@ -433,14 +433,14 @@ def load_splits(path, vocab=None):
 def get_batch(data, block_size, batch_size, generator, device='cpu'):
     """batch_size random windows of a split (1-D tokens): inputs x and next characters y, (B, T) each."""
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[i:i + block_size] for i in ix])            # (B, T)
-    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])    # (B, T), shifted by one
+    x = torch.stack([data[i:i + block_size] for i in ix])  # (B, T)
+    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])  # (B, T), shifted by one
     return x.to(device), y.to(device)
 
 
 def cpu_has_bf16():
     """True where this CPU has bf16 matmul units (AVX512-BF16): there bf16 matmuls are ~4x fp32's."""
-    return getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()   # private; absent: False
+    return getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()  # private; absent: False
 
 
 def lr_at(it, lr, warmup, total, min_ratio, decay):
@@ -498,7 +498,7 @@ def by_length(fn, seqs, lengths, prompt_len, chunk):
     for i in order.split(chunk):
         out = fn(seqs[i, :prompt_len + int(lengths[i].max())], lengths[i])
         parts.append(out if isinstance(out, tuple) else (out,))
-    back = order.argsort()                                          # row k of the sorted batch -> k
+    back = order.argsort()  # row k of the sorted batch -> k
     outs = tuple(torch.cat([F.pad(p, (0, Ta - p.size(1))) if p.dim() == 2 else p for p in ps])[back]
                  for ps in zip(*parts))
     return outs if isinstance(out, tuple) else outs[0]
@@ -550,7 +550,7 @@ def end_of_turn(answer):
     names another speaker (input.txt always puts a blank line first; the model may not).
     Returns (text, ended: whether the turn ended there rather than running out)."""
     text, ended_here = answer.split(END_OF_TURN)[0], END_OF_TURN in answer
-    tag = TAG.search('\n' + text + '\n')                      # also a name on the answer's first line
+    tag = TAG.search('\n' + text + '\n')  # also a name on the answer's first line
     if tag:
         text, ended_here = text[:max(0, tag.start() - 1)], True
     return text.strip('\n'), ended_here
@@ -579,7 +579,7 @@ def as_turns(texts, vocab, device='cpu'):
     padded after its end: -> (answers (N, Ta), lengths (N,)), what the RM scores in both chat modes."""
     ids = [encode(text + END_OF_TURN, vocab) for text in texts]
     lengths = torch.tensor([len(t) for t in ids], device=device)
-    answers = torch.full((len(ids), int(lengths.max())), ids[0][-1], device=device)   # pad: the end token
+    answers = torch.full((len(ids), int(lengths.max())), ids[0][-1], device=device)  # pad: the end token
     for i, t in enumerate(ids):
         answers[i, :len(t)] = torch.tensor(t, device=device)
     return answers, lengths

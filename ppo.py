@@ -107,10 +107,10 @@ class Critic(nn.Module):
     def __init__(self, rm, gain=1.0):
         super().__init__()
         self.rm = copy.deepcopy(rm)
-        self.register_buffer('gain', torch.tensor(float(gain)))     # the same scale as PPO's rewards
+        self.register_buffer('gain', torch.tensor(float(gain)))  # the same scale as PPO's rewards
 
     def forward(self, seqs, prompt_len):
-        c = self.rm.contributions(seqs, prompt_len)                 # (B, Ta) each character's share
+        c = self.rm.contributions(seqs, prompt_len)  # (B, Ta) each character's share
         return self.gain * (self.rm.bias + torch.cumsum(c, 1) - c)  # (B, Ta): the score before t
 
 
@@ -125,7 +125,7 @@ def per_token_rewards(scores, logp, ref_logp, beta, mask):
     """r_t = -beta (log pi - log pi_ref) at every answer token, plus the RM score on each answer's
     own last token, 0 after it. scores (B,), the rest (B, T) -> (B, T)."""
     rewards = -beta * (logp - ref_logp) * mask
-    last = mask.sum(1).long() - 1                                     # (B,) index of the last token
+    last = mask.sum(1).long() - 1  # (B,) index of the last token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
 
@@ -153,10 +153,10 @@ def group_advantages(returns, group_size, scale=False, eps=1e-8):
 
     RLOO (Ahmadian et al. 2024):  A_i = R_i - 1/(G-1) sum_{j != i} R_j   (the leave-one-out baseline)
     GRPO (Shao et al. 2024), scale: A_i = (R_i - mean_j R_j) / (std_j R_j + eps)"""
-    R = returns.view(-1, group_size)                                  # (P, G)
+    R = returns.view(-1, group_size)  # (P, G)
     if scale:
         return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
-    others = (R.sum(1, keepdim=True) - R) / (group_size - 1)          # mean of the other G - 1 returns
+    others = (R.sum(1, keepdim=True) - R) / (group_size - 1)  # mean of the other G - 1 returns
     return (R - others).flatten()
 
 
@@ -185,7 +185,7 @@ def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, cl
     v_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
     with torch.no_grad():
         clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)        # k3 of pi_old vs pi
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 of pi_old vs pi
     return pg_loss, v_loss, clipfrac, approx_kl
 
 
@@ -202,7 +202,7 @@ class AdaptiveKLController:
         self.beta, self.target, self.horizon = init_kl_coef, target, horizon
 
     def update(self, kl, n_steps):
-        if self.target > 0:                                          # target 0: fixed beta
+        if self.target > 0:  # target 0: fixed beta
             error = min(max(kl / self.target - 1, -0.2), 0.2)
             self.beta *= 1 + error * n_steps / self.horizon
         return self.beta
@@ -215,14 +215,14 @@ def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature,
     critic), the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta), 0 past the
     chunk's longest answer."""
     def passes(s, _):
-        logits = answer_logits(policy(s)[0], prompt_len)                # (b, t, V)
+        logits = answer_logits(policy(s)[0], prompt_len)  # (b, t, V)
         ref_logits = answer_logits(ref(s)[0], prompt_len)
         answer, logp_all = s[:, prompt_len:], log_probs(logits, temperature)
-        return (token_logprobs(logits, answer, temperature),             # log pi(y_t | s_t)
-                token_logprobs(ref_logits, answer, temperature),         # log pi_ref(y_t | s_t)
+        return (token_logprobs(logits, answer, temperature),  # log pi(y_t | s_t)
+                token_logprobs(ref_logits, answer, temperature),  # log pi_ref(y_t | s_t)
                 critic(s, prompt_len) if critic else logits.new_zeros(logits.shape[:2]),  # V(s_t)
-                exact_kl(logits, ref_logits, temperature),               # KL(pi || pi_ref) at s_t
-                -(logp_all.exp() * logp_all).sum(-1))                    # H(pi(.|s_t))
+                exact_kl(logits, ref_logits, temperature),  # KL(pi || pi_ref) at s_t
+                -(logp_all.exp() * logp_all).sum(-1))  # H(pi(.|s_t))
     return by_length(passes, seqs, lengths, prompt_len, chunk)
 
 
@@ -252,7 +252,7 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
     gen = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
     history, t_run = [], time.time()
-    policy.eval()                                                    # dropout off during RL
+    policy.eval()  # dropout off during RL
     if critic is not None:
         critic.eval()
     G = 1 if advantage == 'gae' else group_size
@@ -261,41 +261,41 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
         # ---- rollout: sample a turn, then score every token under the policy, the reference and the RM
         prompts = get_prompts(batch_size // G).repeat_interleave(G, 0)  # (B, Tp): G answers a prompt
         seqs, _, lengths = policy.generate(prompts, max_answer_len, temperature=temperature, generator=gen,
-                                           stop=stop)                # (B, Tp + Ta), (B,)
-        mask = answer_mask(lengths, seqs.size(1) - Tp)               # (B, Ta) 1 up to each answer's end
+                                           stop=stop)  # (B, Tp + Ta), (B,)
+        mask = answer_mask(lengths, seqs.size(1) - Tp)  # (B, Ta) 1 up to each answer's end
         logp, ref_logp, values, kl_exact, entropy = forward_rollout(policy, ref, critic, seqs, lengths, Tp,
                                                                     temperature, chunk)  # (B, Ta) each
-        values = values * mask                                       # V = 0 after the end (gae)
-        scores = reward_fn(seqs, lengths)                            # (B,)
-        finished = ended(seqs[:, Tp:], lengths, stop)                # (B,) did the speaker stop?
-        scores = scores - truncation_penalty * (~finished).float()   # a fixed cost for running out
+        values = values * mask  # V = 0 after the end (gae)
+        scores = reward_fn(seqs, lengths)  # (B,)
+        finished = ended(seqs[:, Tp:], lengths, stop)  # (B,) did the speaker stop?
+        scores = scores - truncation_penalty * (~finished).float()  # a fixed cost for running out
         beta = kl_ctl.beta
         rewards = per_token_rewards(scores, logp, ref_logp, beta, mask)  # (B, Ta)
         if advantage == 'gae':
             advantages, returns = gae(rewards, values, gamma, gae_lambda)
             advantages = whiten(advantages, mask)
-        else:                                                        # R_i = sum_t r_t; no critic: V = 0
+        else:  # R_i = sum_t r_t; no critic: V = 0
             advantages = group_advantages(rewards.sum(1), G, scale=advantage == 'grpo')[:, None] * mask
             returns = values
         k1, k3 = kl_estimates(logp, ref_logp)
-        kl = answer_sum(kl_exact, mask)                              # nats per answer
+        kl = answer_sum(kl_exact, mask)  # nats per answer
         kl_ctl.update(kl, batch_size)
         # ---- PPO update: epochs x shuffled minibatches of whole episodes
         B = seqs.size(0)
         stats = []
         for _ in range(update_epochs):
             for idx in torch.randperm(B, generator=shuffle).chunk(num_minibatches):  # ceil(B / n) each
-                logits = answer_logits(policy(seqs[idx])[0], Tp)             # (mb, Ta, V)
+                logits = answer_logits(policy(seqs[idx])[0], Tp)  # (mb, Ta, V)
                 new_values = critic(seqs[idx], Tp) * mask[idx] if critic else values[idx]  # (mb, Ta)
                 new_logp = token_logprobs(logits, seqs[idx, Tp:], temperature)
                 pg_loss, v_loss, clipfrac, approx_kl = ppo_losses(
                     new_logp, logp[idx], advantages[idx], new_values, values[idx], returns[idx], mask[idx],
                     clip_coef, cliprange_value)
                 loss = pg_loss + vf_coef * v_loss
-                if ent_coef > 0:                                     # - c H(pi): a bonus for entropy
+                if ent_coef > 0:  # - c H(pi): a bonus for entropy
                     logp_all = log_probs(logits, temperature)
                     loss = loss + ent_coef * masked_mean((logp_all.exp() * logp_all).sum(-1), mask[idx])
-                if ptx_coef > 0 and lm_batch_fn is not None:         # InstructGPT eq. 2: + gamma E[log pi(x)]
+                if ptx_coef > 0 and lm_batch_fn is not None:  # InstructGPT eq. 2: + gamma E[log pi(x)]
                     loss = loss + ptx_coef * policy(*lm_batch_fn())[1]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f'PPO loss is {loss.item()} at iter {it}')
@@ -326,18 +326,18 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
 
 
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
+    config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     if num_minibatches > batch_size:
         die(f'--batch_size={batch_size} must be at least --num_minibatches={num_minibatches} '
             '(episodes per minibatch)')
     if advantage != 'gae' and batch_size % group_size:
         die(f'--batch_size={batch_size} must be a multiple of --group_size={group_size} ({advantage}: '
             'whole groups of answers to a prompt)')
-    name = 'ppo' if advantage == 'gae' else advantage                 # ppo.*, rloo.*, grpo.*: side by side
+    name = 'ppo' if advantage == 'gae' else advantage  # ppo.*, rloo.*, grpo.*: side by side
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    reference = config['reference'] = policy                         # PPO's start, and its KL's reference
+    reference = config['reference'] = policy  # PPO's start, and its KL's reference
     rm, rm_checkpoint, ref, vocab, _ = load_for_rl(out_dir, reference, device)
     prompt_len = config['prompt_len'] = prompt_len or rm_checkpoint['prompt_len']
     max_answer_len = config['max_answer_len'] = max_answer_len or rm_checkpoint['max_answer_len']
@@ -347,13 +347,13 @@ if __name__ == '__main__':
     train_data, val_data, _ = load_splits(data_path, vocab)
     stop = config['stop'] = encode(END_OF_TURN, vocab)
     for p in list(ref.parameters()) + list(rm.parameters()):
-        p.requires_grad_(False)                                       # frozen reference and RM
+        p.requires_grad_(False)  # frozen reference and RM
     policy = GPT(GPTConfig(**dict(ref.config.__dict__, dropout=0.0))).to(device)
     policy.load_state_dict(ref.state_dict())
     prompt_gen = torch.Generator().manual_seed(seed)
     starts = turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
-    ptx_windows = -(-batch_size // num_minibatches)                  # ptx: a minibatch's episodes, in windows
+    ptx_windows = -(-batch_size // num_minibatches)  # ptx: a minibatch's episodes, in windows
     lm_batch = lambda: get_batch(train_data, ref.config.block_size, ptx_windows, prompt_gen, device)
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path, 'w', newline='')
@@ -413,7 +413,7 @@ if __name__ == '__main__':
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
     with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    save_frontier(collect(out_dir)[0], out_dir, reference)             # every run in out_dir, this one too
+    save_frontier(collect(out_dir)[0], out_dir, reference)  # every run in out_dir, this one too
     print_frontier(curve, path, result)
     print_samples(result, name)
     print(f"seconds {metrics['seconds']}")

@@ -80,8 +80,8 @@ def pairwise_loss(r, prefs):
     loss = -1/C(K,2) sum_{pairs} log sigmoid(r_w - r_l), averaged over prompts (InstructGPT eq. 1).
     Returns (loss, accuracy of the sign of r_i - r_j against the labels)."""
     i, j = all_pairs(r.size(1))
-    d = r[:, i] - r[:, j]                                      # (P, pairs): r_i - r_j
-    margin = torch.where(prefs > 0.5, d, -d)                  # r_w - r_l
+    d = r[:, i] - r[:, j]  # (P, pairs): r_i - r_j
+    margin = torch.where(prefs > 0.5, d, -d)  # r_w - r_l
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 
@@ -97,31 +97,31 @@ class RewardModel(nn.Module):
     (r = 0: no preference); the bias b carries the normalisation."""
     def __init__(self, config, context=0):
         super().__init__()
-        self.context = context                                # prompt characters the RM reads
+        self.context = context  # prompt characters the RM reads
         self.trunk = GPT(config)
         self.head = nn.Linear(config.n_embd, 1, bias=False)
         nn.init.zeros_(self.head.weight)
-        self.bias = nn.Parameter(torch.zeros(()))             # Bradley-Terry ignores it; set by normalisation
+        self.bias = nn.Parameter(torch.zeros(()))  # Bradley-Terry ignores it; set by normalisation
 
     def contributions(self, seqs, prompt_len):
         """Each answer character's share c_t = w . h_t: seqs (B, Tp + Ta), a prompt of prompt_len
         and the answers -> (B, Ta), or (B, block_size) for answers longer than the block."""
         start = max(0, prompt_len - self.context, seqs.size(1) - self.trunk.config.block_size)
-        h = self.trunk.hidden(seqs[:, start:])                 # (B, T', C)
-        with torch.autocast('cpu', enabled=False):            # the head in fp32 under bf16 training: a
+        h = self.trunk.hidden(seqs[:, start:])  # (B, T', C)
+        with torch.autocast('cpu', enabled=False):  # the head in fp32 under bf16 training: a
             return self.head(h[:, max(0, prompt_len - start):].float()).squeeze(-1)  # bf16 c_t loses credit
 
     def forward(self, seqs, prompt_len, lengths=None):
         """r = b + sum of c_t over each answer up to its length: seqs (B, Tp + Ta), lengths (B,)
         (None: all Ta characters are answer) -> scores (B,)."""
-        read = seqs.size(1) - max(0, prompt_len - self.context)     # characters the trunk would read
+        read = seqs.size(1) - max(0, prompt_len - self.context)  # characters the trunk would read
         if lengths is not None and len(seqs) > 1 and read > self.trunk.config.block_size:
             # past the block each answer is read over the window before its own end: one row at a
             # time (only sample mode writes past the block; training and PPO stay within it)
             return torch.cat([self(seqs[i:i + 1, :prompt_len + int(lengths[i])], prompt_len, lengths[i:i + 1])
                               for i in range(len(seqs))])
-        c = self.contributions(seqs, prompt_len)              # (B, Ta') the last Ta' answer characters
-        if lengths is not None:                               # padding after an answer's end adds nothing
+        c = self.contributions(seqs, prompt_len)  # (B, Ta') the last Ta' answer characters
+        if lengths is not None:  # padding after an answer's end adds nothing
             c = c * answer_mask(lengths, seqs.size(1) - prompt_len)[:, -c.size(1):]
         return c.sum(1) + self.bias
 
@@ -159,7 +159,7 @@ def load_for_rl(out_dir, policy, device='cpu'):
     if rm_vocab != vocab or shape(rm_checkpoint) != shape(checkpoint):
         raise MinibardError(f'{out_dir}/reward.pt was not trained from this {out_dir}/{policy} (other '
                             f'vocabulary or shape): run python reward.py --policy={policy} again')
-    labelled = rm_checkpoint.get('policy', 'gpt.pt')                # whose answers the RM learnt from
+    labelled = rm_checkpoint.get('policy', 'gpt.pt')  # whose answers the RM learnt from
     if labelled != policy:
         print(f'note: {out_dir}/reward.pt learnt from answers of {labelled}, and RL starts from '
               f'{policy}: for one road, give both stages the same --policy', file=sys.stderr)
@@ -168,10 +168,10 @@ def load_for_rl(out_dir, policy, device='cpu'):
 # ------------------------------------------------------------------ preference data, training, metrics
 class Preferences(NamedTuple):
     """K answers to each of P prompts and the labels of all their pairs."""
-    seqs: torch.Tensor      # (P, K, Tp + Ta) prompt and answer tokens, padded after each answer's end
-    lengths: torch.Tensor   # (P, K) answer lengths
-    g: torch.Tensor         # (P, K) gold scores (hidden from the RM)
-    prefs: torch.Tensor     # (P, K(K-1)/2) 1 where y_i was preferred to y_j (pairs of all_pairs)
+    seqs: torch.Tensor  # (P, K, Tp + Ta) prompt and answer tokens, padded after each answer's end
+    lengths: torch.Tensor  # (P, K) answer lengths
+    g: torch.Tensor  # (P, K) gold scores (hidden from the RM)
+    prefs: torch.Tensor  # (P, K(K-1)/2) 1 where y_i was preferred to y_j (pairs of all_pairs)
 
 
 def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, stop, tau, temperature, vocab,
@@ -181,13 +181,13 @@ def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, sto
     model's device) the answers."""
     device = next(model.parameters()).device
     prompts = sample_prompts(data, starts, n_prompts, prompt_len, cpu_gen).to(device)  # (P, Tp)
-    rep = prompts.repeat_interleave(k, dim=0)                                         # (P k, Tp)
+    rep = prompts.repeat_interleave(k, dim=0)  # (P k, Tp)
     y, lengths = sample_answers(model, rep, max_len, stop, temperature, sample_gen, gen_batch,
                                 on_progress=on_progress)
-    g = gold_scores(y.cpu(), lengths.cpu(), vocab).view(n_prompts, k)                 # (P, k)
+    g = gold_scores(y.cpu(), lengths.cpu(), vocab).view(n_prompts, k)  # (P, k)
     i, j = all_pairs(k)
-    prefs = label(g[:, i], g[:, j], tau, generator=cpu_gen)                           # (P, k(k-1)/2)
-    seqs = torch.cat([rep, y], 1).view(n_prompts, k, -1)                                # (P, k, Tp + Ta)
+    prefs = label(g[:, i], g[:, j], tau, generator=cpu_gen)  # (P, k(k-1)/2)
+    seqs = torch.cat([rep, y], 1).view(n_prompts, k, -1)  # (P, k, Tp + Ta)
     return Preferences(seqs.cpu(), lengths.view(n_prompts, k).cpu(), g, prefs)
 
 
@@ -207,13 +207,13 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
     Returns [(step, dev metrics)]. A NaN loss raises FloatingPointError."""
     P, k, T = train.seqs.shape
     device = next(rm.parameters()).device
-    chunk = 32 if dtype == 'bfloat16' else 8   # answers a forward (bf16: fewer, bigger calls win)
+    chunk = 32 if dtype == 'bfloat16' else 8  # answers a forward (bf16: fewer, bigger calls win)
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     eval_at = {round(steps * (e + 1) / evals) for e in range(evals)}
     history, best, run_loss, t0 = [], (float('inf'), None), None, time.time()
     for step in range(steps + 1):
-        if step in eval_at:                                    # early stopping on the dev pairs
+        if step in eval_at:  # early stopping on the dev pairs
             rm.eval()
             m = evaluate_rm(rm, dev, prompt_len, tau)
             rm.train()
@@ -224,11 +224,11 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
                 best = (m['loss'], copy.deepcopy(rm.state_dict()))
         if step == steps:
             break
-        lr_now = lr_at(step, lr, 0, steps, 0.0, 'linear')     # lr (1 - step / steps)
+        lr_now = lr_at(step, lr, 0, steps, 0.0, 'linear')  # lr (1 - step / steps)
         for group in opt.param_groups:
             group['lr'] = lr_now
         if step % (P // prompts_per_batch or 1) == 0:
-            order = torch.randperm(P, generator=generator)     # a new shuffle each epoch
+            order = torch.randperm(P, generator=generator)  # a new shuffle each epoch
         b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
             r = rm_scores(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
@@ -304,7 +304,7 @@ def repeat_scores(rm, prompts, texts, vocab, repeats=(1, 2, 4, 8), n_max=200):
     answers (texts, to prompts (N, Tp)) with their one positive word said n times in a row, which
     the labeler still counts once (labeler.repeated_word): ({n: mean r}, answers used)."""
     variants = repeated_word(texts[:len(prompts)], repeats, rm.trunk.config.block_size - rm.context, n_max)
-    if not variants:                                           # a tiny run may have none
+    if not variants:  # a tiny run may have none
         return {n: float('nan') for n in repeats}, 0
     out = {}
     for v, n in enumerate(repeats):
@@ -335,7 +335,7 @@ def print_report(m, n_prompts, k, reps, n_rep):
 
 
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
+    config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     if prompts_per_batch > train_prompts:
         die(f'--prompts_per_batch={prompts_per_batch} is more than --train_prompts={train_prompts}')
     if dtype == 'bfloat16' and device != 'cpu':
@@ -349,8 +349,8 @@ if __name__ == '__main__':
             f'{model.config.block_size}: lower them')
     train_data, val_data, _ = load_splits(data_path, vocab)
     stop = encode(END_OF_TURN, vocab)
-    cpu_gen = torch.Generator().manual_seed(seed)              # prompts, labels, shuffles
-    gen = torch.Generator(device).manual_seed(seed)            # answers
+    cpu_gen = torch.Generator().manual_seed(seed)  # prompts, labels, shuffles
+    gen = torch.Generator(device).manual_seed(seed)  # answers
     print(f'sampling {K} answers of {policy} to {train_prompts} train + {dev_prompts} dev + '
           f'{val_prompts} val prompts')
     advance = progress('answers', K * (train_prompts + dev_prompts + val_prompts), 4 * gen_batch)
@@ -361,7 +361,7 @@ if __name__ == '__main__':
                                           ('dev', train_data, train_starts, dev_prompts),
                                           ('val', val_data, val_starts, val_prompts)]}
     answers = {name: (s.seqs.view(-1, s.seqs.size(-1))[:, prompt_len:], s.lengths.flatten())
-               for name, s in sets.items()}                   # (P K, Ta), (P K,)
+               for name, s in sets.items()}  # (P K, Ta), (P K,)
     train = sets['train']
     print(f"{time.time() - t_start:.1f}s: {train.prefs.numel()} train, {sets['dev'].prefs.numel()} dev, "
           f"{sets['val'].prefs.numel()} val pairs; answers: {train.lengths.float().mean():.0f} "
@@ -370,7 +370,7 @@ if __name__ == '__main__':
 
     labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
     save_checkpoint({'policy': policy, 'vocab': vocab, 'prompt_len': prompt_len, 'seed': seed, 'tau': tau,
-                     'max_answer_len': max_answer_len, **labelled},   # for dpo.py, which never reads g
+                     'max_answer_len': max_answer_len, **labelled},  # for dpo.py, which never reads g
                     os.path.join(out_dir, 'preferences.pt'))
 
     # the reference learner: bag of words on the same pairs

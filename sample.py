@@ -75,15 +75,15 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
     line); the favourite is kept. -> {'answer', 'p', 'rm' (its RM score r), 'seconds', 'cut', 'note'}."""
     t0, dev = time.time(), next(model.parameters()).device
     prompt = format_chat(turns, bard, model.config.block_size - max_len - len(END_OF_TURN))
-    ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(best_of, 1)   # (n, Tp)
-    for _ in range(5):                                             # a turn that says nothing: draw again
+    ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(best_of, 1)  # (n, Tp)
+    for _ in range(5):  # a turn that says nothing: draw again
         y, lengths = sample_answers(model, ids, max_len, stop, temperature, gen, top_k=top_k)
         drawn = [end_of_turn(text) for text in answer_texts(y, lengths, vocab)]
         shown = [whole(text, ended) for text, ended in drawn]
         if any(text.strip() for text, _ in shown):
             break
-    said, n = as_turns([text for text, _ in shown], vocab, dev)    # (n, Ta), (n,)
-    r = score(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()   # (n,) on what is shown
+    said, n = as_turns([text for text, _ in shown], vocab, dev)  # (n, Ta), (n,)
+    r = score(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()  # (n,) on what is shown
     best = max([i for i, (text, _) in enumerate(shown) if text.strip()] or [0], key=lambda i: r[i])
     (text, how), (drawn_text, ended_here) = shown[best], drawn[best]
     cut = not ended_here
@@ -94,7 +94,7 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
 
 
 # ------------------------------------------------------------------ the chat as a local web page
-MAX_BODY, MAX_LINE, MAX_TURNS, MAX_BEST_OF = 65536, 500, 200, 64   # what one request may hold
+MAX_BODY, MAX_LINE, MAX_TURNS, MAX_BEST_OF = 65536, 500, 200, 64  # what one request may hold
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # the page, read once
 
 
@@ -145,7 +145,7 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
     lock = threading.Lock()
     names = json.dumps({'you': you, 'bard': bard, 'model': model, 'typical': typical}).replace('<', '\\u003c')
     with open(PAGE_PATH, encoding='utf-8') as f:
-        page = f.read().replace('NAMES_JSON', names)             # all inline: nothing is fetched
+        page = f.read().replace('NAMES_JSON', names)  # all inline: nothing is fetched
 
     class Handler(BaseHTTPRequestHandler):
         def send(self, status, body, kind='application/json'):
@@ -176,7 +176,7 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
             except ValueError:
                 return self.send(411, {'error': 'send the body with a Content-Length'})
             if not 0 <= size <= MAX_BODY:
-                self.close_connection = True                          # the body stays unread
+                self.close_connection = True  # the body stays unread
                 return self.send(413, {'error': f'the request is {size} bytes; at most {MAX_BODY}'})
             try:
                 turns, line, best_of, note = read_chat_request(self.rfile.read(size), vocab, you, bard)
@@ -192,7 +192,7 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
 
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed
 
-        def log_message(self, fmt, *args):                            # one short line a request
+        def log_message(self, fmt, *args):  # one short line a request
             if not quiet:
                 print(f'{self.command} {self.path[:40]} {args[1] if len(args) > 1 else ""}', file=sys.stderr)
 
@@ -206,7 +206,7 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
 
 
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])                      # each option against its rule
+    config = configure(globals(), sys.argv[1:])  # each option against its rule
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
     if mode == 'eval' and best_of != 1:
@@ -217,21 +217,21 @@ if __name__ == '__main__':
     rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
     if rm_vocab != vocab:
         die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
-    max_answer_len = rm_checkpoint['max_answer_len']            # the turns the RM was calibrated on
-    labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')   # whose answers score 0 on average
+    max_answer_len = rm_checkpoint['max_answer_len']  # the turns the RM was calibrated on
+    labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')  # whose answers score 0 on average
     max_new_tokens = max_new_tokens or max_answer_len
 
-    stop = encode(END_OF_TURN, vocab)                            # where a turn ends: chat and web modes
+    stop = encode(END_OF_TURN, vocab)  # where a turn ends: chat and web modes
     if mode in ('chat', 'web'):
-        encode(you + bard, vocab)                                 # names any character the model lacks
+        encode(you + bard, vocab)  # names any character the model lacks
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
         if 'best_of_n' not in checkpoint.get('metrics', {}).get('eval', {}):
             die(f'eval mode measures a run of ppo.py again (PPO, or --advantage=rloo or grpo): {path} is '
                 'not one; run python ppo.py first')
-        prepare_out_dir(out_dir)                                 # eval.json goes there
+        prepare_out_dir(out_dir)  # eval.json goes there
         t0 = time.time()
         c = checkpoint['config']
-        reference = c.get('reference', 'gpt.pt')                   # the policy PPO started from
+        reference = c.get('reference', 'gpt.pt')  # the policy PPO started from
         ref, _, _ = load_gpt(os.path.join(out_dir, reference), run_first(reference), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
         held_out = held_out_prompts(val_data, vocab, c['eval_prompts'], c['prompt_len'], c['seed'], device)
@@ -239,14 +239,14 @@ if __name__ == '__main__':
         curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
                                             c['temperature'], c['best_of_max'], c['seed'], log=print)
         print(f"{time.time() - t0:.1f}s: the PPO policy, {c['eval_samples']} answers per prompt ...")
-        method = checkpoint['metrics']['path'][-1]['method']   # ppo, rloo or grpo
+        method = checkpoint['metrics']['path'][-1]['method']  # ppo, rloo or grpo
         final, ppo_samples = policy_point(model, ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
                                           c['temperature'], c['eval_samples'], c['seed'], c['max_iters'],
                                           method=method)
         result = summary(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        earlier = [as_row(r) for r in checkpoint['metrics']['path'][:-1]]    # also rows older runs wrote
+        earlier = [as_row(r) for r in checkpoint['metrics']['path'][:-1]]  # also rows older runs wrote
         print_frontier(curve, earlier + [final], result)
         print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
@@ -260,11 +260,11 @@ if __name__ == '__main__':
                     prompt = f.read()
             except (OSError, UnicodeDecodeError) as e:
                 die(f'cannot read the prompt file {start[5:]}: {e}')
-        prompt = prompt.replace('\\n', '\n')                    # --start='A:\\nB' means a newline
+        prompt = prompt.replace('\\n', '\n')  # --start='A:\\nB' means a newline
         if not prompt:
             die(f'the prompt {start!r} is empty: the model needs at least one character to go on from')
-        encode(prompt, vocab)                                    # names any character the model lacks
-        window = rm.trunk.config.block_size                      # answer characters the RM reads at most
+        encode(prompt, vocab)  # names any character the model lacks
+        window = rm.trunk.config.block_size  # answer characters the RM reads at most
         if max_new_tokens > max_answer_len:
             print(f'note: the RM was calibrated on turns of up to {max_answer_len} characters; P below is '
                   f'over the last {min(max_new_tokens, window)} it reads, not calibrated', file=sys.stderr)
@@ -284,14 +284,14 @@ if __name__ == '__main__':
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 break
-            if not sys.stdin.isatty():                            # piped: show the line, as a terminal would
+            if not sys.stdin.isatty():  # piped: show the line, as a terminal would
                 print(line)
-            if not line.strip():                                   # an empty line ends the scene
+            if not line.strip():  # an empty line ends the scene
                 break
             line, dropped = clean(line.strip(), vocab)
             if dropped:
                 print(f'note: the bard knows no {dropped!r}; left out', file=sys.stderr)
-            if not line:                                          # nothing the bard can read: ask again
+            if not line:  # nothing the bard can read: ask again
                 continue
             turns.append((you, line))
             a = reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, best_of, temperature, top_k)

@@ -76,7 +76,7 @@ def demonstrations(data, vocab, prompt_len, max_len, min_gold):
     rows = []
     for s in turn_starts(data, vocab, prompt_len).tolist():
         end = text.find(stop, s)
-        n = min(max_len, (end + len(stop) if end >= 0 else len(text)) - s)   # the turn, or max_len
+        n = min(max_len, (end + len(stop) if end >= 0 else len(text)) - s)  # the turn, or max_len
         if gold_score(text[s:s + n]) >= min_gold:
             rows.append((s, n))
     if not rows:
@@ -99,7 +99,7 @@ def sft_loss(model, seqs, lengths, prompt_len):
     L = -1/N sum_b sum_{t < len_b} log pi(y_{b,t} | prompt, y_{b,<t}), N = sum_b len_b (a mean over
     answer characters: the prompt and the padding after each answer count for nothing)."""
     logp = token_logprobs(answer_logits(model(seqs)[0], prompt_len), seqs[:, prompt_len:])  # (B, Ta)
-    mask = answer_mask(lengths, logp.size(1))                                           # (B, Ta)
+    mask = answer_mask(lengths, logp.size(1))  # (B, Ta)
     return -(logp * mask).sum() / mask.sum()
 
 
@@ -141,11 +141,11 @@ def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_sa
     (nats), forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     Tp = prompts.size(1)
-    rep = prompts.repeat_interleave(n_samples, 0)                   # (P n, Tp)
+    rep = prompts.repeat_interleave(n_samples, 0)  # (P n, Tp)
     y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch)
     seqs = torch.cat([rep, y], 1)
     kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
-                       * answer_mask(n, s.size(1) - Tp)).sum(1)     # (b,) nats per answer
+                       * answer_mask(n, s.size(1) - Tp)).sum(1)  # (b,) nats per answer
     return seqs, lengths, {**answer_values(y, lengths, vocab, stop),
                            'kl': by_length(kl, seqs, lengths, Tp, chunk).cpu()}
 
@@ -163,7 +163,7 @@ def copy_rate(texts, demos, n):
 
 # ------------------------------------------------------------------ fine-tuning
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])                      # each option against its rule, then:
+    config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
@@ -180,18 +180,15 @@ if __name__ == '__main__':
         die(f'--min_gold={min_gold} keeps {len(demos)} training and {len(val_demos)} held-out turns: '
             'lower it')
     answers = demos[:, prompt_len:]
-    demo_texts = answer_texts(answers, demo_lengths, vocab)                 # for the copy rate
+    demo_texts = answer_texts(answers, demo_lengths, vocab)  # for the copy rate
     print(f'{len(demos)} demonstrations (gold >= {min_gold}) of the training text, {len(val_demos)} held '
           f'out: {demo_lengths.float().mean():.0f} characters on average, '
           f'{ended(answers, demo_lengths, stop).float().mean():.0%} end on their own, '
           f'gold mean {gold_scores(answers, demo_lengths, vocab).mean():.2f}')
 
-    model = copy.deepcopy(pretrained).train()          # the policy; the pretrained model stays as it is
-    decay = {n: p.dim() >= 2 and n != 'tok_mix' for n, p in model.named_parameters()}   # as gpt.py
-    groups = [{'params': [p for n, p in model.named_parameters() if decay[n]], 'weight_decay': weight_decay},
-              {'params': [p for n, p in model.named_parameters() if not decay[n]], 'weight_decay': 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
-    gen = torch.Generator().manual_seed(seed)                        # batches
+    model = copy.deepcopy(pretrained).train()  # the policy; the pretrained model stays as it is
+    optimizer = model.configure_optimizers(weight_decay, lr=learning_rate)  # gpt.py's decay rule
+    gen = torch.Generator().manual_seed(seed)  # batches
     demos, demo_lengths, val_demos, val_lengths = (t.to(device) for t in (demos, demo_lengths, val_demos,
                                                                           val_lengths))
     pretrained_loss = demo_loss(pretrained, val_demos, val_lengths, prompt_len)
@@ -216,7 +213,7 @@ if __name__ == '__main__':
         run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
         if it % log_interval == 0:
             print(f'iter {count(it, max_iters)}: loss {run_loss:.4f}, {eta(it, max_iters, t0)} at most')
-        if it % eval_interval == 0 or it == max_iters:   # early stopping on the held-out demonstrations
+        if it % eval_interval == 0 or it == max_iters:  # early stopping on the held-out demonstrations
             model.eval()
             val_loss = demo_loss(model, val_demos, val_lengths, prompt_len)
             model.train()
@@ -241,7 +238,7 @@ if __name__ == '__main__':
         rows[name] = {**dict(zip(('gold', 'gold_se'), mean_se(per_prompt['gold']))),
                       **{k: per_prompt[k].mean().item() for k in ('length', 'ended', 'kl')},
                       'copy_rate': copy_rate(texts, demo_texts, copy_len),
-                      'samples': texts[:3 * eval_samples:eval_samples]}        # the first answer to 3 prompts
+                      'samples': texts[:3 * eval_samples:eval_samples]}  # the first answer to 3 prompts
     sft, pre = rows['sft'], rows['pretrained']
     metrics = {'demos': len(demos), 'val_demos': len(val_demos), 'min_gold': min_gold, 'best_step': best[1],
                'steps': it, 'val_loss': best[0],

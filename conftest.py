@@ -31,6 +31,20 @@ torch.set_num_threads(1)
 CHILD_ENV = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 
 
+class StubRM(torch.nn.Module):
+    """A 'reward model' that reads the last prompt character and the answer up to its length, and
+    rewards the prompt character plus a hundredth of the answer's last one plus a thousandth
+    of its length (checks of plumbing)."""
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))     # score() puts inputs on the RM's device
+
+    def forward(self, seqs, prompt_len, lengths=None):
+        lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len) if lengths is None else lengths
+        last = seqs[torch.arange(len(seqs)), prompt_len + lengths - 1]
+        return seqs[:, prompt_len - 1].float() + 0.01 * last.float() + 1e-3 * lengths.float()
+
+
 STARTED = []  # every stage process, so that the end of the session can stop what is left
 
 

@@ -6,9 +6,9 @@ The end-to-end runs (fixture `runs`, conftest.py) start in the background with t
 and go on while the in-process tests run; each test that reads one waits for it. Each runs a
 script's __main__ as `python script args` would, in a process forked from one that has imported
 torch once; torchrun, Ctrl-C and the second pretraining run are fresh `python` processes (that
-one gives the forked run's numbers). Sections follow the modules: gpt.py, sft.py, dpo.py,
-reward.py (with labeler.py), ppo.py (with frontier.py), sample.py, the pipeline end to end, then
-user mistakes and plumbing.py.
+one gives the forked run's numbers). Sections follow the modules in the order they import each
+other (plumbing.py, labeler.py, gpt.py, sft.py, reward.py, frontier.py, ppo.py, dpo.py,
+sample.py), then the pipeline end to end, then a user's mistakes in every script.
 """
 import ast
 import csv
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ppo
-from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, copy_ckpts, save_tiny, tiny_model
+from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, StubRM, copy_ckpts, save_tiny, tiny_model
 from dpo import answer_logprobs, dpo_loss
 from frontier import as_row, best_of_n, best_of_n_curve, gold_at_kl
 from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
@@ -43,7 +43,147 @@ from sample import make_server, reply
 from sft import copy_rate, demonstrations, exact_kl, measure_policy, sft_loss
 
 
-# ======================================================================== gpt.py
+# ========== plumbing.py: options, checkpoints, the codec, the schedule, chat turns
+def test_codec_round_trip():
+    s = 'ROMEO:\nO, she doth teach the torches to burn bright!'
+    assert decode(encode(s, VOCAB), VOCAB) == s and len(VOCAB) == 65
+
+
+def test_overrides_parse_and_type_check(capsys):
+    scope = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None,
+             '_hidden': 1}
+    cfg = configure(scope, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True',
+                            '--top_k=5'])
+    assert cfg == {'batch_size': 8, 'learning_rate': 1.0, 'out_dir': '/tmp/x', 'compile': True, 'top_k': 5}
+    assert type(scope['learning_rate']) is float
+    for bad, words in [('--batch_size=abc', 'expects int'), ('--compile=1', 'expects bool'),
+                       ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2',
+                                                                              'unknown option'),
+                       ('batch_size=3', '--key=value')]:
+        with pytest.raises(MinibardError, match=re.escape(words)):
+            configure(dict(scope), [bad])
+
+
+def test_option_rules_by_hand():
+    """The rule parser on hand cases: open and closed ends, sets, None, and the type of a None default."""
+    ok = [(0.5, 'in [0, 1): x'), (0, 'in [0, 1)'), (1, 'in (0, 1]'), ('a', "in {'a', 'b'}: c"),
+          (None, 'int in [1, inf) or None'),
+          (7, 'int in [1, inf) or None'), (10 ** 9, 'in [1, inf)'), ('x', 'any comment'), (-3.0,
+                                                                                           'no rule here')]
+    bad = [(1, 'in [0, 1)'), (0, 'in (0, 1]'), ('c', "in {'a', 'b'}"), (None, 'in [1, inf)'),
+           (0, 'int in [1, inf) or None'),
+           ('abc', 'int in [1, inf) or None'), (2.5, 'int in [1, inf) or None'), ('', 'a string, no rule')]
+    for value, comment in ok:
+        check_option('opt', value, comment)                          # returns quietly
+    for value, comment in bad:
+        with pytest.raises(MinibardError):
+            check_option('opt', value, comment)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = tiny_model(3)
+    path = str(tmp_path / 'm.pt')
+    save_tiny(m, path)
+    assert os.listdir(tmp_path) == ['m.pt']                 # no temp file left behind
+    m2, vocab, _ = load_gpt(path)
+    idx = torch.randint(0, 65, (2, 16))
+    assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
+
+
+def test_lr_schedule_on_hand_numbers():
+    """Warmup over 10 iterations, then linear or cosine decay over 100 to lr * min_ratio, held there."""
+    assert lr_at(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and lr_at(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
+    assert abs(lr_at(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
+    assert abs(lr_at(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12
+    assert lr_at(110, 1.0, 10, 110, 0.0, 'linear') == 0
+    assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12
+    assert abs(lr_at(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
+
+
+def test_chat_format_and_trimming():
+    turns = [('ROMEO', 'Hi'), ('JULIET', 'Hello'), ('ROMEO', 'Bye')]
+    assert format_chat(turns, 'JULIET', 100) == 'ROMEO:\nHi\n\nJULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
+    # oldest turn dropped
+    assert format_chat(turns, 'JULIET', 35) == 'JULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
+    assert format_chat(turns, 'JULIET', 20) == 'ROMEO:\nBye\n\nJULIET:\n'
+    assert format_chat([('ROMEO', 'x' * 50)], 'JULIET', 20) == ('ROMEO:\n' + 'x' * 50 + '\n\nJULIET:\n')[-20:]
+    assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == ('Ay, my lord.\nGo.', True)
+    # a name, no blank line
+    assert end_of_turn('Ay, my lord.\nKING EDWARD IV:\nStay') == ('Ay, my lord.', True)
+    assert end_of_turn('Ay, my lord.\nCome, sir: go') == ('Ay, my lord.\nCome, sir: go', False)
+    assert end_of_turn('Ay, my lo') == ('Ay, my lo', False)
+
+
+def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
+    assert whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
+    assert whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
+    assert whole('I am. Thou art not', False) == ('I am.', 'sentence')
+    assert whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
+    assert whole('Nonesuch', False) == ('Nonesuch', 'none')
+    assert whole('Go hence', True) == ('Go hence', '')                  # a turn that ended is kept whole
+    text = open(os.path.join(HERE, 'input.txt')).read()
+    for start in range(0, 200000, 997):                                # real text cut at 96 characters
+        cut = text[start:start + 96]
+        shown, how = whole(cut, False)
+        assert cut.startswith(shown) and shown.strip() and how != 'none'
+        # whole words
+        assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)
+
+
+# ====================================================================== labeler.py
+def test_gold_score_on_hand_written_lines():
+    assert gold_score('O sweet love, my gentle joy!') == 4
+    assert gold_score('Death and blood, thou foul villain.') == -4
+    assert gold_score('love love LOVE, Love.') == 1                 # distinct words, any case
+    assert gold_score('A lovely glove; undead.') == 0               # whole words only
+    assert gold_score("Fair Juliet's love is death to me") == 2 - 1
+
+
+def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
+    """The repetition yardstick: answers whose gold is one positive word said once get that word
+    said n times, and gold still counts it once; other answers, and variants past room, are left out."""
+    texts = ['Be merry, sir.', 'O love, sweet love', 'Go hence.', 'Thy death.', 'It is good to know it well']
+    variants = repeated_word(texts, (1, 2, 4), room=45, n_max=10)
+    assert [i for i, _ in variants] == [0, 4]                            # one positive word, said once
+    assert variants[0][1] == ['Be merry, sir.', 'Be merry merry, sir.', 'Be merry merry merry merry, sir.']
+    for i, said in variants:
+        assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
+    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]   # 8 goods: 61 > 60
+    assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
+
+
+def test_labeler_choice_frequency_matches_bradley_terry():
+    gen = torch.Generator().manual_seed(0)
+    n = 40000
+    for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
+        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau,
+                     generator=gen).mean().item()
+        p = 1 / (1 + math.exp(-(gi - gj) / tau))
+        assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
+    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3                # a one-word lead wins ~73%
+
+
+def test_all_pairs_once_each():
+    for k in range(2, 8):
+        i, j = all_pairs(k)
+        pairs = list(zip(i.tolist(), j.tolist()))
+        assert len(pairs) == k * (k - 1) // 2 == len(set(pairs)) and all(a < b for a, b in pairs)
+
+
+def test_pair_metrics_on_hand_numbers():
+    """ECE, prob_mae and the val, Bayes and gold accuracies of one prompt's three pairs, by hand."""
+    # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
+    r, g = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    y = torch.tensor([[0.0, 1.0, 1.0]])
+    m = pair_metrics(r, g, y, 1.0)
+    s1 = 1 / (1 + math.exp(-1))  # labeler's P for a one-word lead
+    assert abs(m['ece'] - (0.25 + 0.5 + 0.25) / 3) < 1e-6  # one pair per bin: |q - y| each
+    assert abs(m['prob_mae'] - 2 * (0.75 - s1) / 3) < 1e-6  # |0.25 - (1-s1)| + 0 + |0.75 - s1|
+    assert abs(m['val_acc'] - 2 / 3) < 1e-6 and abs(m['bayes_acc'] - (2 * s1 + 0.5) / 3) < 1e-6
+    assert m['gold_acc'] == 1.0  # both gold-different pairs ordered right
+
+
+# ========================================================================== gpt.py
 def test_shapes_and_loss():
     m = tiny_model()
     idx = torch.randint(0, 65, (3, 16))
@@ -160,39 +300,21 @@ def test_generate_ends_after_a_two_token_stop():
     assert lengths.tolist() == pairs and lengths[0] <= 7
 
 
-def test_codec_round_trip():
-    s = 'ROMEO:\nO, she doth teach the torches to burn bright!'
-    assert decode(encode(s, VOCAB), VOCAB) == s and len(VOCAB) == 65
+def test_split_loss_weights_uneven_batches():
+    """The whole-split loss is the mean over all windows, whatever the batches' sizes."""
+    class MeanModel:  # "loss" = mean token id of the batch
+        config = GPTConfig(block_size=4)
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+        def __call__(self, x, y):
+            return None, x.float().mean()
+    data = torch.arange(43)  # 10 windows of 4 (+1 for the targets), batches of 3, 3, 3, 1
+    assert abs(split_loss(MeanModel(), data, batch=3) - data[:40].float().mean().item()) < 1e-9
 
 
-def test_overrides_parse_and_type_check(capsys):
-    scope = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None,
-             '_hidden': 1}
-    cfg = configure(scope, ['--batch_size=8', '--learning_rate=1', '--out_dir=/tmp/x', '--compile=True',
-                            '--top_k=5'])
-    assert cfg == {'batch_size': 8, 'learning_rate': 1.0, 'out_dir': '/tmp/x', 'compile': True, 'top_k': 5}
-    assert type(scope['learning_rate']) is float
-    for bad, words in [('--batch_size=abc', 'expects int'), ('--compile=1', 'expects bool'),
-                       ('--learning_rat=3', 'did you mean --learning_rate'), ('--_hidden=2',
-                                                                              'unknown option'),
-                       ('batch_size=3', '--key=value')]:
-        with pytest.raises(MinibardError, match=re.escape(words)):
-            configure(dict(scope), [bad])
-
-
-def test_checkpoint_round_trip(tmp_path):
-    m = tiny_model(3)
-    path = str(tmp_path / 'm.pt')
-    save_tiny(m, path)
-    assert os.listdir(tmp_path) == ['m.pt']                 # no temp file left behind
-    m2, vocab, _ = load_gpt(path)
-    idx = torch.randint(0, 65, (2, 16))
-    assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
-
-
-# ======================================================================== sft.py
-
-
+# ========================================================================== sft.py
 def test_sft_loss_counts_the_answer_characters_only():
     """The masked cross-entropy against a loop over the answer positions by hand: the prompt's
     characters and the padding after each answer's end count for nothing."""
@@ -249,69 +371,8 @@ def test_copy_rate_by_hand():
     assert copy_rate(texts, demos, 12) == 1 / 4                          # ' or not to be' is 13 characters
     assert copy_rate(texts, demos, 6) == 3 / 4 and copy_rate(texts, demos, 40) == 0
 
-# ======================================================================== dpo.py
-def test_dpo_loss_by_hand_and_log_2_at_the_reference():
-    logp, ref = torch.tensor([[-10.0, -12.0, -11.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
-    # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
-    prefs = torch.tensor([[1.0, 0.0, 0.0]])
-    h = [1.0, -1.0, 0.0]                                             # log pi - log pi_ref
-    margins = [h[0] - h[1], h[2] - h[0], h[2] - h[1]]                 # h_w - h_l of each pair
-    by_hand = sum(-math.log(1 / (1 + math.exp(-0.5 * m))) for m in margins) / 3
-    loss, acc = dpo_loss(logp, ref, prefs, 0.5)
-    assert abs(loss.item() - by_hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
-    assert abs(dpo_loss(ref, ref, prefs, 0.5)[0].item() - math.log(2)) < 1e-7   # pi = pi_ref: log 2
-    # summed answer log-probs skip the padding
-    model, Tp = tiny_model(1), 4
-    seqs, lengths = torch.randint(0, 65, (2, Tp + 5),
-                                  generator=torch.Generator().manual_seed(0)), torch.tensor([5, 2])
-    logits = model(seqs)[0]
-    hand = [sum(F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for t in range(lengths[b]))
-            for b in range(2)]
-    assert torch.allclose(answer_logprobs(model, seqs, lengths, Tp), torch.stack(hand), atol=1e-5)
 
-
-# ======================================================================== reward.py
-
-
-def test_gold_score_on_hand_written_lines():
-    assert gold_score('O sweet love, my gentle joy!') == 4
-    assert gold_score('Death and blood, thou foul villain.') == -4
-    assert gold_score('love love LOVE, Love.') == 1                 # distinct words, any case
-    assert gold_score('A lovely glove; undead.') == 0               # whole words only
-    assert gold_score("Fair Juliet's love is death to me") == 2 - 1
-
-
-def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
-    """The repetition yardstick: answers whose gold is one positive word said once get that word
-    said n times, and gold still counts it once; other answers, and variants past room, are left out."""
-    texts = ['Be merry, sir.', 'O love, sweet love', 'Go hence.', 'Thy death.', 'It is good to know it well']
-    variants = repeated_word(texts, (1, 2, 4), room=45, n_max=10)
-    assert [i for i, _ in variants] == [0, 4]                            # one positive word, said once
-    assert variants[0][1] == ['Be merry, sir.', 'Be merry merry, sir.', 'Be merry merry merry merry, sir.']
-    for i, said in variants:
-        assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
-    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]   # 8 goods: 61 > 60
-    assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
-
-
-def test_labeler_choice_frequency_matches_bradley_terry():
-    gen = torch.Generator().manual_seed(0)
-    n = 40000
-    for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
-        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau,
-                     generator=gen).mean().item()
-        p = 1 / (1 + math.exp(-(gi - gj) / tau))
-        assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
-    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3                # a one-word lead wins ~73%
-
-
-def test_all_pairs_once_each():
-    for k in range(2, 8):
-        i, j = all_pairs(k)
-        pairs = list(zip(i.tolist(), j.tolist()))
-        assert len(pairs) == k * (k - 1) // 2 == len(set(pairs)) and all(a < b for a, b in pairs)
-
-
+# ======================================================================= reward.py
 def test_pairwise_loss_matches_hand_computation():
     r = torch.tensor([[1.0, 0.0, 2.0]])            # pairs (0,1), (0,2), (1,2)
     prefs = torch.tensor([[1.0, 0.0, 1.0]])       # winners: 0, 2, 1
@@ -319,20 +380,6 @@ def test_pairwise_loss_matches_hand_computation():
     # -log sigmoid(r_w - r_l): margins 1 - 0, 2 - 1, 0 - 2
     hand = (math.log(1 + math.exp(-1)) * 2 + math.log(1 + math.exp(2))) / 3
     assert abs(loss.item() - hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
-
-
-class StubRM(torch.nn.Module):
-    """A 'reward model' that reads the last prompt character and the answer up to its length, and
-    rewards the prompt character plus a hundredth of the answer's last one plus a thousandth
-    of its length (checks of plumbing)."""
-    def __init__(self):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(()))     # score() puts inputs on the RM's device
-
-    def forward(self, seqs, prompt_len, lengths=None):
-        lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len) if lengths is None else lengths
-        last = seqs[torch.arange(len(seqs)), prompt_len + lengths - 1]
-        return seqs[:, prompt_len - 1].float() + 0.01 * last.float() + 1e-3 * lengths.float()
 
 
 def test_evaluate_bayes_limit_on_hand_case():
@@ -347,24 +394,6 @@ def test_evaluate_bayes_limit_on_hand_case():
     assert m['gold_acc'] == 1.0                               # r orders all 5 differing pairs like g
     # the (1,2) tie: r1 == r2 -> says j; label said i
     assert abs(m['val_acc'] - 5 / 6) < 1e-6
-
-
-def test_best_of_n_returns_the_reward_models_argmax():
-    m = tiny_model()
-    prompts = torch.randint(0, 65, (5, 4))
-    stop = [VOCAB.index('e')]                                  # answers end at their first 'e'
-    best, best_len, best_r, all_y, all_len, all_r = best_of_n(m, StubRM(), prompts, 8, 6, stop, 1.0,
-                                                              torch.Generator().manual_seed(0))
-    assert all_y.shape[:2] == (5, 8) and all_r.shape == (5, 8) and all_len.max() <= 6
-    assert (all_len < 6).any() and (all_len == 6).any()      # some answers ended early, some ran out
-    for p in range(5):
-        k = all_r[p].argmax()
-        assert torch.equal(best[p], all_y[p,
-                                          k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
-        # each scored on its prompt + answer to its own end
-        for k in range(8):
-            last = all_y[p, k, all_len[p, k] - 1]
-            assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last + 1e-3 * all_len[p, k])) < 2e-5
 
 
 def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window():
@@ -492,9 +521,59 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
     assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6    # the kept state is that one
 
 
-# ======================================================================== ppo.py
+# ===================================================================== frontier.py
+def test_best_of_n_returns_the_reward_models_argmax():
+    m = tiny_model()
+    prompts = torch.randint(0, 65, (5, 4))
+    stop = [VOCAB.index('e')]                                  # answers end at their first 'e'
+    best, best_len, best_r, all_y, all_len, all_r = best_of_n(m, StubRM(), prompts, 8, 6, stop, 1.0,
+                                                              torch.Generator().manual_seed(0))
+    assert all_y.shape[:2] == (5, 8) and all_r.shape == (5, 8) and all_len.max() <= 6
+    assert (all_len < 6).any() and (all_len == 6).any()      # some answers ended early, some ran out
+    for p in range(5):
+        k = all_r[p].argmax()
+        assert torch.equal(best[p], all_y[p,
+                                          k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
+        # each scored on its prompt + answer to its own end
+        for k in range(8):
+            last = all_y[p, k, all_len[p, k] - 1]
+            assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last + 1e-3 * all_len[p, k])) < 2e-5
 
 
+def test_best_of_n_estimator_against_enumeration():
+    """The order-statistics estimator equals the average, over every n-subset of the N samples,
+    of the gold of the subset's RM favourite."""
+    gen = torch.Generator().manual_seed(0)
+    r, gold = torch.randn(3, 7, generator=gen), torch.randint(-2, 3, (3, 7), generator=gen).float()
+    curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
+    for n, point in curve.items():
+        rm_n, gold_n = point['rm'], point['gold']
+        for p in range(3):
+            subsets = list(combinations(range(7), n))
+            best = [max(s, key=lambda i: r[p, i].item()) for s in subsets]
+            assert abs(gold_n[p].item() - sum(gold[p, i].item() for i in best) / len(subsets)) < 1e-9
+            assert abs(rm_n[p].item() - sum(r[p, i].item() for i in best) / len(subsets)) < 1e-6
+    assert torch.allclose(curve[1]['gold'], gold.double().mean(1))
+    assert torch.allclose(curve[7]['rm'], r.double().max(1).values)
+
+
+def test_gold_at_kl_interpolates_and_flags_extrapolation():
+    curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
+    assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
+    assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
+    assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
+
+
+def test_frontier_rows_of_older_runs_read_as_n_and_step():
+    """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
+    old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
+           {'method': 'ppo', 'n_or_iter': 8, 'gold': 2.0}]
+    assert [as_row(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
+                                        {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
+    assert as_row({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
+
+
+# ========================================================================== ppo.py
 def test_gae_matches_naive_double_loop():
     torch.manual_seed(0)
     for _ in range(5):
@@ -538,6 +617,13 @@ def test_value_loss_is_clipped():
     assert abs(v_loss.item() - 0.5 * (0.8 ** 2 + 1.5 ** 2) / 2) < 1e-6
     v_loss.backward()
     assert v.grad[0, 0] == 0 and v.grad[0, 1] != 0             # clipped branch: no gradient
+
+
+def test_explained_variance_over_the_answer_tokens_only():
+    """1 - Var(R - V) / Var(R) over the real tokens: R = 1, 2, 3 and V = 1, 2, 2; padding ignored."""
+    ev = explained_variance(torch.tensor([[1.0, 2.0, 2.0, 9.0]]), torch.tensor([[1.0, 2.0, 3.0, -5.0]]),
+                            torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert abs(ev - (1 - (2 / 9) / (2 / 3))) < 1e-6
 
 
 def test_per_token_rewards_put_the_score_on_each_answers_last_token():
@@ -632,39 +718,6 @@ def test_kl_controller_moves_beta_within_a_default_run():
         assert lo < c.beta / ppo.init_kl_coef < hi, (kl, c.beta)
 
 
-def test_best_of_n_estimator_against_enumeration():
-    """The order-statistics estimator equals the average, over every n-subset of the N samples,
-    of the gold of the subset's RM favourite."""
-    gen = torch.Generator().manual_seed(0)
-    r, gold = torch.randn(3, 7, generator=gen), torch.randint(-2, 3, (3, 7), generator=gen).float()
-    curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
-    for n, point in curve.items():
-        rm_n, gold_n = point['rm'], point['gold']
-        for p in range(3):
-            subsets = list(combinations(range(7), n))
-            best = [max(s, key=lambda i: r[p, i].item()) for s in subsets]
-            assert abs(gold_n[p].item() - sum(gold[p, i].item() for i in best) / len(subsets)) < 1e-9
-            assert abs(rm_n[p].item() - sum(r[p, i].item() for i in best) / len(subsets)) < 1e-6
-    assert torch.allclose(curve[1]['gold'], gold.double().mean(1))
-    assert torch.allclose(curve[7]['rm'], r.double().max(1).values)
-
-
-def test_gold_at_kl_interpolates_and_flags_extrapolation():
-    curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
-    assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
-    assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
-    assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
-
-
-def test_frontier_rows_of_older_runs_read_as_n_and_step():
-    """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
-    old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
-           {'method': 'ppo', 'n_or_iter': 8, 'gold': 2.0}]
-    assert [as_row(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
-                                        {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
-    assert as_row({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
-
-
 def test_exact_kl_and_sampled_estimators():
     torch.manual_seed(0)
     lp, lq = torch.randn(65), torch.randn(65)
@@ -749,7 +802,117 @@ def test_rm_initialised_critic_gives_each_character_its_share():
     assert torch.allclose(adv, (prefix[:, 1:] - prefix[:, :12]) * mask, atol=1e-5)
 
 
-# ======================================================================== the tiny pipeline, end to end
+# ========================================================================== dpo.py
+def test_dpo_loss_by_hand_and_log_2_at_the_reference():
+    logp, ref = torch.tensor([[-10.0, -12.0, -11.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
+    # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
+    prefs = torch.tensor([[1.0, 0.0, 0.0]])
+    h = [1.0, -1.0, 0.0]                                             # log pi - log pi_ref
+    margins = [h[0] - h[1], h[2] - h[0], h[2] - h[1]]                 # h_w - h_l of each pair
+    by_hand = sum(-math.log(1 / (1 + math.exp(-0.5 * m))) for m in margins) / 3
+    loss, acc = dpo_loss(logp, ref, prefs, 0.5)
+    assert abs(loss.item() - by_hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
+    assert abs(dpo_loss(ref, ref, prefs, 0.5)[0].item() - math.log(2)) < 1e-7   # pi = pi_ref: log 2
+    # summed answer log-probs skip the padding
+    model, Tp = tiny_model(1), 4
+    seqs, lengths = torch.randint(0, 65, (2, Tp + 5),
+                                  generator=torch.Generator().manual_seed(0)), torch.tensor([5, 2])
+    logits = model(seqs)[0]
+    hand = [sum(F.log_softmax(logits[b, Tp + t - 1], -1)[seqs[b, Tp + t]] for t in range(lengths[b]))
+            for b in range(2)]
+    assert torch.allclose(answer_logprobs(model, seqs, lengths, Tp), torch.stack(hand), atol=1e-5)
+
+
+# ======================================================================= sample.py
+def test_reply_scores_exactly_what_it_shows():
+    model, rm = chat_models()
+    stop = encode('\n\n', VOCAB)
+    turns = [('ROMEO', 'Good morrow.')]
+    for best_of in (1, 3):
+        a = reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, torch.Generator().manual_seed(best_of),
+                  best_of)
+        prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
+        r = score(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
+        assert a['rm'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
+        assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
+        assert not a['cut'] or a['note'].startswith('cut at 12 characters')
+
+
+def chat_models():
+    """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
+    config = GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    rm = RewardModel(config).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    return GPT(config).eval(), rm
+
+
+def test_web_page_and_chat_answers_and_refuses_bad_requests():
+    """sample.py --mode=web's server, in-process on a free port: the page, answers through HTTP,
+    a 4xx and one clear line for each bad request (and the next good one answered), 20 requests
+    from 4 clients at once, a clean stop."""
+    model, rm = chat_models()
+    stop, gen = encode('\n\n', VOCAB), torch.Generator().manual_seed(0)
+    chat = lambda turns, n: reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, gen, n)
+    server = make_server('127.0.0.1', 0, chat, VOCAB, 'ROMEO', 'JULIET', model='x</script><b>', quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def ask(method, path, body=None, headers=None):
+        c = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        c.request(method, path, data, headers or {})
+        r = c.getresponse()
+        out = r.read().decode()
+        c.close()
+        return r.status, r.getheader('Content-Type'), out
+    try:
+        status, kind, page = ask('GET', '/')
+        assert status == 200 and kind.startswith('text/html') and '<form' in page and 'textContent' in page
+        # nothing fetched
+        assert 'x</script>' not in page and 'x\\u003c/script>' in page and 'src=' not in page
+        status, _, out = ask('POST', '/chat', {'history': [{'who': 'you', 'text': 'Hi.'},
+                                                          {'who': 'bard', 'text': 'Ay.'}], 'line': 'Go on.'})
+        a = json.loads(out)
+        assert status == 200 and 0 <= a['p'] <= 1 and a['line'] == 'Go on.' and isinstance(a['answer'], str)
+        assert set(a) == {'answer', 'p', 'rm', 'seconds', 'cut', 'note', 'line'}
+        status, _, out = ask('POST', '/chat', {'line': 'Hé <script>x</script>', 'best_of': 2})
+        assert status == 200 and "knows no '/<>é'" in json.loads(out)['note']
+        assert json.loads(out)['line'] == 'H scriptxscript'
+        bad = [('POST', '/chat', b'not json', 400, 'not JSON'),
+               ('POST', '/chat', {'line': '   '}, 400, 'empty'),
+               ('POST', '/chat', {'line': 'a' * 501}, 400, 'at most 500'),
+               ('POST', '/chat', {'line': 'éé'}, 400, 'knows none'),
+               ('POST', '/chat', {'line': 'Hi', 'best_of': 0}, 400, 'best_of'),
+               ('POST', '/chat', {'line': 'Hi', 'best_of': True}, 400, 'best_of'),
+               ('POST', '/chat', {'line': 'Hi', 'history': [{'who': 'god', 'text': 'x'}]}, 400, 'history'),
+               ('POST', '/chat', [1, 2], 400, '"line"'),
+               ('POST', '/chat', b'{"line": "' + b'a' * 70000 + b'"}', 413, 'at most 65536'),
+               ('GET', '/../etc/passwd', None, 404, 'no page'),
+               ('GET', '/chat.html', None, 404, 'no page'),
+               ('POST', '/', {'line': 'Hi'}, 404, 'use /chat'),
+               ('PUT', '/chat', b'{}', 405, 'PUT is not answered'),
+               ('DELETE', '/', None, 405, 'DELETE is not answered')]
+        for method, path, body, code, words in bad:
+            status, kind, out = ask(method, path, body)
+            error = json.loads(out)['error']
+            assert status == code and words in error and '\n' not in error, \
+                (method, path, status, out)
+            # and the next good one is answered
+            assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200
+        with ThreadPoolExecutor(max_workers=4) as pool:                     # 4 clients, 20 requests
+            answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.',
+                                                                    'best_of': 1 + i % 3}),
+                                    range(20)))
+        assert [a[0] for a in answers] == [200] * 20 and all(0 <= json.loads(a[2])['p'] <= 1 for a in answers)
+    finally:
+        server.shutdown()
+        server.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+# ======== the tiny pipeline, end to end (fixture runs: stage runs in the background)
 def test_tiny_training_lowers_loss(runs):
     code, log = runs['gpt']
     assert code == 0, log
@@ -918,124 +1081,6 @@ def test_chat_mode_answers_whole_turns(runs):
             assert 'shown to its last whole' in notes or ' ' not in text.strip(), (text, notes)
 
 
-def test_chat_format_and_trimming():
-    turns = [('ROMEO', 'Hi'), ('JULIET', 'Hello'), ('ROMEO', 'Bye')]
-    assert format_chat(turns, 'JULIET', 100) == 'ROMEO:\nHi\n\nJULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
-    # oldest turn dropped
-    assert format_chat(turns, 'JULIET', 35) == 'JULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n'
-    assert format_chat(turns, 'JULIET', 20) == 'ROMEO:\nBye\n\nJULIET:\n'
-    assert format_chat([('ROMEO', 'x' * 50)], 'JULIET', 20) == ('ROMEO:\n' + 'x' * 50 + '\n\nJULIET:\n')[-20:]
-    assert end_of_turn('Ay, my lord.\nGo.\n\nROMEO:\nStay') == ('Ay, my lord.\nGo.', True)
-    # a name, no blank line
-    assert end_of_turn('Ay, my lord.\nKING EDWARD IV:\nStay') == ('Ay, my lord.', True)
-    assert end_of_turn('Ay, my lord.\nCome, sir: go') == ('Ay, my lord.\nCome, sir: go', False)
-    assert end_of_turn('Ay, my lo') == ('Ay, my lo', False)
-
-
-def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
-    assert whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
-    assert whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
-    assert whole('I am. Thou art not', False) == ('I am.', 'sentence')
-    assert whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
-    assert whole('Nonesuch', False) == ('Nonesuch', 'none')
-    assert whole('Go hence', True) == ('Go hence', '')                  # a turn that ended is kept whole
-    text = open(os.path.join(HERE, 'input.txt')).read()
-    for start in range(0, 200000, 997):                                # real text cut at 96 characters
-        cut = text[start:start + 96]
-        shown, how = whole(cut, False)
-        assert cut.startswith(shown) and shown.strip() and how != 'none'
-        # whole words
-        assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)
-
-
-def chat_models():
-    """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
-    config = GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    rm = RewardModel(config).eval()
-    torch.nn.init.normal_(rm.head.weight, std=0.3)
-    return GPT(config).eval(), rm
-
-
-def test_reply_scores_exactly_what_it_shows():
-    model, rm = chat_models()
-    stop = encode('\n\n', VOCAB)
-    turns = [('ROMEO', 'Good morrow.')]
-    for best_of in (1, 3):
-        a = reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, torch.Generator().manual_seed(best_of),
-                  best_of)
-        prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
-        r = score(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
-        assert a['rm'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
-        assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
-        assert not a['cut'] or a['note'].startswith('cut at 12 characters')
-
-
-def test_web_page_and_chat_answers_and_refuses_bad_requests():
-    """sample.py --mode=web's server, in-process on a free port: the page, answers through HTTP,
-    a 4xx and one clear line for each bad request (and the next good one answered), 20 requests
-    from 4 clients at once, a clean stop."""
-    model, rm = chat_models()
-    stop, gen = encode('\n\n', VOCAB), torch.Generator().manual_seed(0)
-    chat = lambda turns, n: reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, gen, n)
-    server = make_server('127.0.0.1', 0, chat, VOCAB, 'ROMEO', 'JULIET', model='x</script><b>', quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def ask(method, path, body=None, headers=None):
-        c = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        c.request(method, path, data, headers or {})
-        r = c.getresponse()
-        out = r.read().decode()
-        c.close()
-        return r.status, r.getheader('Content-Type'), out
-    try:
-        status, kind, page = ask('GET', '/')
-        assert status == 200 and kind.startswith('text/html') and '<form' in page and 'textContent' in page
-        # nothing fetched
-        assert 'x</script>' not in page and 'x\\u003c/script>' in page and 'src=' not in page
-        status, _, out = ask('POST', '/chat', {'history': [{'who': 'you', 'text': 'Hi.'},
-                                                          {'who': 'bard', 'text': 'Ay.'}], 'line': 'Go on.'})
-        a = json.loads(out)
-        assert status == 200 and 0 <= a['p'] <= 1 and a['line'] == 'Go on.' and isinstance(a['answer'], str)
-        assert set(a) == {'answer', 'p', 'rm', 'seconds', 'cut', 'note', 'line'}
-        status, _, out = ask('POST', '/chat', {'line': 'Hé <script>x</script>', 'best_of': 2})
-        assert status == 200 and "knows no '/<>é'" in json.loads(out)['note']
-        assert json.loads(out)['line'] == 'H scriptxscript'
-        bad = [('POST', '/chat', b'not json', 400, 'not JSON'),
-               ('POST', '/chat', {'line': '   '}, 400, 'empty'),
-               ('POST', '/chat', {'line': 'a' * 501}, 400, 'at most 500'),
-               ('POST', '/chat', {'line': 'éé'}, 400, 'knows none'),
-               ('POST', '/chat', {'line': 'Hi', 'best_of': 0}, 400, 'best_of'),
-               ('POST', '/chat', {'line': 'Hi', 'best_of': True}, 400, 'best_of'),
-               ('POST', '/chat', {'line': 'Hi', 'history': [{'who': 'god', 'text': 'x'}]}, 400, 'history'),
-               ('POST', '/chat', [1, 2], 400, '"line"'),
-               ('POST', '/chat', b'{"line": "' + b'a' * 70000 + b'"}', 413, 'at most 65536'),
-               ('GET', '/../etc/passwd', None, 404, 'no page'),
-               ('GET', '/chat.html', None, 404, 'no page'),
-               ('POST', '/', {'line': 'Hi'}, 404, 'use /chat'),
-               ('PUT', '/chat', b'{}', 405, 'PUT is not answered'),
-               ('DELETE', '/', None, 405, 'DELETE is not answered')]
-        for method, path, body, code, words in bad:
-            status, kind, out = ask(method, path, body)
-            error = json.loads(out)['error']
-            assert status == code and words in error and '\n' not in error, \
-                (method, path, status, out)
-            # and the next good one is answered
-            assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200
-        with ThreadPoolExecutor(max_workers=4) as pool:                     # 4 clients, 20 requests
-            answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.',
-                                                                    'best_of': 1 + i % 3}),
-                                    range(20)))
-        assert [a[0] for a in answers] == [200] * 20 and all(0 <= json.loads(a[2])['p'] <= 1 for a in answers)
-    finally:
-        server.shutdown()
-        server.server_close()
-    thread.join(timeout=10)
-    assert not thread.is_alive()
-
-
 def test_resume_continues_from_the_checkpoint(runs):
     code, log = runs['resume']
     assert code == 0, log
@@ -1092,7 +1137,7 @@ def test_same_seed_same_losses(runs):
         assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3
 
 
-# ======================================================================== hardening: user mistakes
+# ================= user mistakes: one clear line and nothing lost, in every script
 def assert_one_clear_line(code, log, *words):
     assert code != 0, log
     assert 'Traceback' not in log, log
@@ -1117,15 +1162,6 @@ def test_ctrl_c_keeps_the_previous_checkpoint(runs):
     assert open(os.path.join(d, 'gpt.pt'), 'rb').read() == \
         open(os.path.join(runs.dirs['out'], 'gpt.pt'), 'rb').read()  # the scratch run had not beaten it
     assert [f for f in os.listdir(d) if 'tmp' in f] == []
-
-
-class Evil:
-    """Unpickling this calls os.system(cmd): what a malicious checkpoint would do."""
-    def __init__(self, cmd):
-        self.cmd = cmd
-
-    def __reduce__(self):
-        return (os.system, (self.cmd,))
 
 
 def test_stages_run_out_of_order(run_here, tmp_path):
@@ -1169,25 +1205,18 @@ def test_bad_overrides(run_here, tmp_path):
                           '--best_of=4 is for sample and chat')
 
 
-def test_option_rules_by_hand():
-    """The rule parser on hand cases: open and closed ends, sets, None, and the type of a None default."""
-    ok = [(0.5, 'in [0, 1): x'), (0, 'in [0, 1)'), (1, 'in (0, 1]'), ('a', "in {'a', 'b'}: c"),
-          (None, 'int in [1, inf) or None'),
-          (7, 'int in [1, inf) or None'), (10 ** 9, 'in [1, inf)'), ('x', 'any comment'), (-3.0,
-                                                                                           'no rule here')]
-    bad = [(1, 'in [0, 1)'), (0, 'in (0, 1]'), ('c', "in {'a', 'b'}"), (None, 'in [1, inf)'),
-           (0, 'int in [1, inf) or None'),
-           ('abc', 'int in [1, inf) or None'), (2.5, 'int in [1, inf) or None'), ('', 'a string, no rule')]
-    for value, comment in ok:
-        check_option('opt', value, comment)                          # returns quietly
-    for value, comment in bad:
-        with pytest.raises(MinibardError):
-            check_option('opt', value, comment)
-
-
 def test_unwritable_out_dir(run_here, tmp_path):
     (tmp_path / 'afile').write_text('x')
     assert_one_clear_line(*run_here('gpt.py', f'--out_dir={tmp_path}/afile/out'), 'cannot write to out_dir')
+
+
+class Evil:
+    """Unpickling this calls os.system(cmd): what a malicious checkpoint would do."""
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
 
 
 def test_truncated_checkpoint_and_malicious_pickle(run_here, tmp_path):
@@ -1360,38 +1389,3 @@ def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
             assert lines[0].startswith('error: ') and f'--{name}' in lines[0], \
                 (name, value, out)
             assert not (tmp_path / 'new').exists()
-
-
-def test_formulas_on_hand_numbers():
-    """ECE, prob_mae, val/bayes/gold accuracy, explained variance, the learning-rate schedule and
-    the whole-split loss, each against numbers worked out by hand."""
-    # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
-    r, g = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
-    y = torch.tensor([[0.0, 1.0, 1.0]])
-    m = pair_metrics(r, g, y, 1.0)
-    s1 = 1 / (1 + math.exp(-1))                                      # labeler's P for a one-word lead
-    assert abs(m['ece'] - (0.25 + 0.5 + 0.25) / 3) < 1e-6            # one pair per bin: |q - y| each
-    assert abs(m['prob_mae'] - 2 * (0.75 - s1) / 3) < 1e-6           # |0.25 - (1-s1)| + 0 + |0.75 - s1|
-    assert abs(m['val_acc'] - 2 / 3) < 1e-6 and abs(m['bayes_acc'] - (2 * s1 + 0.5) / 3) < 1e-6
-    assert m['gold_acc'] == 1.0                                      # both gold-different pairs ordered right
-    # explained variance over the real tokens only: R = 1, 2, 3; V = 1, 2, 2; padding ignored
-    ev = explained_variance(torch.tensor([[1.0, 2.0, 2.0, 9.0]]), torch.tensor([[1.0, 2.0, 3.0, -5.0]]),
-                            torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
-    assert abs(ev - (1 - (2 / 9) / (2 / 3))) < 1e-6
-    # warmup 10 then decay over 100 iterations to lr * min_ratio
-    assert lr_at(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and lr_at(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
-    assert abs(lr_at(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
-    assert abs(lr_at(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12 and lr_at(110, 1.0, 10, 110, 0.0,
-                                                                                'linear') == 0
-    assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12 and abs(lr_at(200, 1.0, 10, 110, 0.1,
-                                                                                    'cosine') - 0.1) < 1e-12
-
-    class MeanModel:                                                 # "loss" = mean token id of the batch
-        config = GPTConfig(block_size=4)
-        def parameters(self):
-            return iter([torch.zeros(1)])
-        def __call__(self, x, y):
-            return None, x.float().mean()
-    data = torch.arange(43)                                          # 10 windows of 4 (+1 for the targets)
-    # uneven batches weighted
-    assert abs(split_loss(MeanModel(), data, batch=3) - data[:40].float().mean().item()) < 1e-9

@@ -300,6 +300,21 @@ def test_generate_ends_after_a_two_token_stop():
     assert lengths.tolist() == pairs and lengths[0] <= 7
 
 
+def test_weight_decay_on_the_linear_and_embedding_matrices_only():
+    """configure_optimizers: decay on the weights of every Linear and Embedding (the tied head
+    once), none on the norms or the token mix, each parameter in one group."""
+    m = tiny_model()
+    opt = m.configure_optimizers(0.1, lr=1e-3, betas=(0.9, 0.99))
+    decayed, kept = ({id(p) for p in g['params']} for g in opt.param_groups)
+    assert [g['weight_decay'] for g in opt.param_groups] == [0.1, 0.0] and not decayed & kept
+    matrices = {id(mod.weight) for mod in m.modules()
+                if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}  # lm_head's is tok_emb's
+    assert decayed == matrices and id(m.tok_mix) in kept
+    assert all(id(mod.weight) in kept for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm))
+    assert decayed | kept == {id(p) for p in m.parameters()}
+    assert opt.param_groups[0]['betas'] == (0.9, 0.99) and opt.param_groups[0]['lr'] == 1e-3
+
+
 def test_split_loss_weights_uneven_batches():
     """The whole-split loss is the mean over all windows, whatever the batches' sizes."""
     class MeanModel:  # "loss" = mean token id of the batch

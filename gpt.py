@@ -102,8 +102,9 @@ class CausalSelfAttention(nn.Module):
             y = torch.softmax((q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5, -1) @ v  # (B, nh, 1, hd)
         else:  # causal; fp32 even under CPU bf16 autocast (reward.py's training): bf16 attention is slower
             with torch.autocast('cpu', enabled=False):
-                q, k, v, drop = q.float(), k.float(), v.float(), self.dropout if self.training else 0.0
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)  # (B,nh,T,hd)
+                drop = self.dropout if self.training else 0.0
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=T > 1,
+                                                   dropout_p=drop)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -123,8 +124,10 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2)."""
     def __init__(self, config, layer):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(config.n_embd, bias=False), nn.LayerNorm(config.n_embd, bias=False)
-        self.attn, self.mlp = CausalSelfAttention(config, layer), MLP(config)
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.attn(self.ln1(x), cos, sin, cache)

@@ -100,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         # softmax(q k^T / sqrt(hd)) v, causal: a single new token may see everything cached
         if T == 1 and cache is not None:  # one query: two small matmuls beat the CPU flash kernel
             y = torch.softmax((q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5, -1) @ v  # (B, nh, 1, hd)
-        else:  # causal; fp32 even under CPU bf16 autocast (reward.py's training): bf16 attention is slower
+        else:  # causal; fp32 even under CPU bf16 autocast (reward.py's), where bf16 is slower (docs/log.md)
             with torch.autocast('cpu', enabled=False):
                 drop = self.dropout if self.training else 0.0
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=T > 1,
@@ -169,9 +169,9 @@ class GPT(nn.Module):
         cos, sin = self.cos[p:p + T], self.sin[p:p + T]  # (T, hd/2): positions p .. p + T - 1
         e = self.tok_emb(idx)  # (B, T, C)
         # Token mix (Primer's depthwise convolution, So et al. 2021; RWKV's token shift): x_t =
-        # sum_j w_j e_{t-m+1+j}, a learned per-channel mix of the last m embeddings (0 before the
-        # text), so the first layer's attention need not spend itself on gathering n-grams.
-        m = self.tok_mix.size(0)
+        # sum_j w_j e_{t-m+1+j}, a learned per-channel mix of the last m embeddings (e = 0 before
+        # the context), so the first layer's attention need not spend itself on gathering n-grams.
+        m = self.tok_mix.size(0)  # token_mix
         prev = cache.emb_tail if cache is not None and p > 0 else e.new_zeros(B, m - 1, e.size(2))
         ep = torch.cat([prev, e], dim=1)  # (B, m - 1 + T, C)
         if cache is not None:
@@ -193,7 +193,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, **adamw):
         """AdamW with weight decay on the matrices only, as nanoGPT and GPT-2: not on norms, and
-        not on the token mix, which decay would pull towards 'see no character'."""
+        not on the token mix, which decay would pull towards 'see no character' instead of the
+        identity it starts as."""
         decay = {n: p.dim() >= 2 and n != 'tok_mix' for n, p in self.named_parameters()}
         params = lambda d: [p for n, p in self.named_parameters() if decay[n] == d]
         groups = [{'params': params(True), 'weight_decay': weight_decay},
@@ -207,8 +208,9 @@ class GPT(nn.Module):
         stop: token ids that end a row (END_OF_TURN encoded), part of its answer; after them the
         row is padded with stop[-1] and log-probability 0; n is the longest row. temperature 0 is
         argmax; logprobs are log pi(y_t) at the temperature (and top_k) y_t was drawn with. With
-        the KV cache a new token costs one position; finished rows leave the batch once they are
-        a quarter of it; past block_size the cache restarts from the last block_size // 2 tokens."""
+        the KV cache a new token costs one position, not T; finished rows leave the batch once they
+        are a quarter of it. Past block_size the full cache restarts from the last block_size // 2
+        tokens, so every logit is a plain forward over the last block_size / 2 to block_size tokens."""
         window, B, T = self.config.block_size, idx.size(0), idx.size(1)
         stop_ids = torch.tensor(stop or [], dtype=idx.dtype, device=idx.device)
         out = idx.new_full((B, T + max_new_tokens), stop[-1] if stop else 0)
@@ -273,9 +275,9 @@ class KVCache:
 
 
 def log_probs(logits, temperature=1.0):
-    """log softmax(logits / temperature) in fp32: (..., V) -> (..., V). The one place it is
-    computed: sampling, PPO, the entropy and the exact KL share the math and the temperature
-    (Huang et al., "The N implementation details of RLHF", detail 2)."""
+    """log softmax(logits / temperature) over the characters, in fp32: (..., V) -> (..., V). The
+    one place it is computed: sampling, PPO, the entropy and the exact KL share the math and the
+    temperature (Huang et al., "The N implementation details of RLHF", detail 2)."""
     return F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
 
 

@@ -168,10 +168,10 @@ def load_for_rl(out_dir, policy, device='cpu'):
 # ------------------------------------------------------------------ preference data, training, metrics
 class Preferences(NamedTuple):
     """K answers to each of P prompts and the labels of all their pairs."""
-    seqs: torch.Tensor  # (P, K, Tp + Ta) prompt and answer tokens, padded after each answer's end
+    seqs: torch.Tensor     # (P, K, Tp + Ta) prompt and answer tokens, padded after each answer's end
     lengths: torch.Tensor  # (P, K) answer lengths
-    g: torch.Tensor  # (P, K) gold scores (hidden from the RM)
-    prefs: torch.Tensor  # (P, K(K-1)/2) 1 where y_i was preferred to y_j (pairs of all_pairs)
+    g: torch.Tensor        # (P, K) gold scores (hidden from the RM)
+    prefs: torch.Tensor    # (P, K(K-1)/2) 1 where y_i was preferred to y_j (pairs of all_pairs)
 
 
 def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, stop, tau, temperature, vocab,

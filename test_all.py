@@ -8,7 +8,8 @@ script's __main__ as `python script args` would, in a process forked from one th
 torch once; torchrun, Ctrl-C and the second pretraining run are fresh `python` processes (that
 one gives the forked run's numbers). Sections follow the modules in the order they import each
 other (plumbing.py, labeler.py, gpt.py, sft.py, reward.py, frontier.py, ppo.py, dpo.py,
-sample.py), then the pipeline end to end, then a user's mistakes in every script.
+sample.py), then the pipeline end to end, then every script's options, --help and a user's
+mistakes.
 """
 import ast
 import csv
@@ -312,6 +313,9 @@ def test_weight_decay_on_the_linear_and_embedding_matrices_only():
     assert decayed == matrices and id(m.tok_mix) in kept
     assert all(id(mod.weight) in kept for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm))
     assert decayed | kept == {id(p) for p in m.parameters()}
+    order = [id(p) for p in m.parameters()]  # each group in the model's own order (the tied head once)
+    assert all([id(p) for p in g['params']] == [i for i in order if i in ids]
+               for g, ids in zip(opt.param_groups, (decayed, kept)))
     assert opt.param_groups[0]['betas'] == (0.9, 0.99) and opt.param_groups[0]['lr'] == 1e-3
 
 
@@ -839,6 +843,15 @@ def test_dpo_loss_by_hand_and_log_2_at_the_reference():
 
 
 # ======================================================================= sample.py
+def chat_models():
+    """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
+    config = GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    rm = RewardModel(config).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    return GPT(config).eval(), rm
+
+
 def test_reply_scores_exactly_what_it_shows():
     model, rm = chat_models()
     stop = encode('\n\n', VOCAB)
@@ -851,15 +864,6 @@ def test_reply_scores_exactly_what_it_shows():
         assert a['rm'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
         assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
         assert not a['cut'] or a['note'].startswith('cut at 12 characters')
-
-
-def chat_models():
-    """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
-    config = GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    rm = RewardModel(config).eval()
-    torch.nn.init.normal_(rm.head.weight, std=0.3)
-    return GPT(config).eval(), rm
 
 
 def test_web_page_and_chat_answers_and_refuses_bad_requests():
@@ -1152,7 +1156,7 @@ def test_same_seed_same_losses(runs):
         assert strip_times(first) == strip_times(second) and len(strip_times(second)) >= 3
 
 
-# ================= user mistakes: one clear line and nothing lost, in every script
+# ======== every script: its options, --help, and a user's mistakes (one clear line)
 def assert_one_clear_line(code, log, *words):
     assert code != 0, log
     assert 'Traceback' not in log, log

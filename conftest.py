@@ -37,7 +37,7 @@ class StubRM(torch.nn.Module):
     of its length (checks of plumbing)."""
     def __init__(self):
         super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(()))     # score() puts inputs on the RM's device
+        self.bias = torch.nn.Parameter(torch.zeros(()))  # score() puts inputs on the RM's device
 
     def forward(self, seqs, prompt_len, lengths=None):
         lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len) if lengths is None else lengths
@@ -97,7 +97,7 @@ def _stage_main(script, args, stdin_path, out_path):
     torch.set_num_threads(1)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
-    os.dup2(fd, 2)                                                  # C-level output too, in order
+    os.dup2(fd, 2)  # C-level output too, in order
     sys.stdout = sys.stderr = open(1, 'w', encoding='utf-8', buffering=1, closefd=False)
     sys.stdin = open(stdin_path or os.devnull, encoding='utf-8')
     os.chdir(HERE)
@@ -110,7 +110,7 @@ def _stage_main(script, args, stdin_path, out_path):
         if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException as e:                                      # what Python does with it at exit
+    except BaseException as e:  # what Python does with it at exit
         sys.excepthook(type(e), e, e.__traceback__)
         code = 1
     sys.stdout.flush()
@@ -139,7 +139,7 @@ def run(script, *args, stdin=None):
         if p.exitcode is None:
             p.kill()
             p.join()
-        if not os.path.exists(out_path):                            # it ended before it could start
+        if not os.path.exists(out_path):  # it ended before it could start
             return p.exitcode, f'{script} did not start in the forked process (its error: pytest\'s stderr)'
         with open(out_path, encoding='utf-8', errors='replace') as f:
             return p.exitcode, f.read()
@@ -167,7 +167,7 @@ TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--prompts_per_batch=4', '--
             '--log_interval=5']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
-SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']    # the road without SFT
+SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']  # the road without SFT
 SMALL_PPO = [*TINY_PPO, '--max_iters=1', '--eval_interval=1']
 DDP_GPT = [*TINY_GPT, '--n_embd=32', '--block_size=32', '--batch_size=4', '--max_iters=12',
            '--eval_interval=6',
@@ -181,7 +181,7 @@ class Runs:
     the out_dir it worked in."""
     def __init__(self, root):
         self.root, self.pool, self.jobs = root, ThreadPoolExecutor(max_workers=16), {}
-        self.dirs = {'out': str(root / 'out')}                      # the main chain gpt -> reward -> ppo
+        self.dirs = {'out': str(root / 'out')}  # the main chain gpt -> reward -> ppo
 
     def add(self, name, script, *args, after=None, own=None, stdin=None, job=run, beside=False):
         """Run `script` once the run `after` (added before this one) has succeeded: in out/, or,
@@ -238,7 +238,7 @@ def interrupted(script, *args, stdin=None):
                          text=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     STARTED.append(p)
-    for line in p.stdout:                                           # wait until it has begun training
+    for line in p.stdout:  # wait until it has begun training
         if line.startswith('iter 5/'):
             break
     p.send_signal(signal.SIGINT)
@@ -269,14 +269,14 @@ def runs(tmp_path_factory):
     r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
-    r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)       # 2 processes, 1 micro-batch each
+    r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)  # 2 processes, 1 micro-batch each
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
     r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt',
                                                                                     'ppo.pt'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
     r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True)
-    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)      # beside RLOO, at once
+    r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)  # beside RLOO, at once
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
     r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
@@ -301,7 +301,7 @@ def run_here(monkeypatch, capsys):
         # configure() installs a Ctrl-C hook: undo it after
         monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
         code = 0
-        with torch.random.fork_rng():                               # the scripts seed torch: keep ours
+        with torch.random.fork_rng():  # the scripts seed torch: keep ours
             try:
                 runpy.run_path(os.path.join(HERE, script), run_name='__main__')
             except SystemExit as e:

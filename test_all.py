@@ -75,7 +75,7 @@ def test_option_rules_by_hand():
            (0, 'int in [1, inf) or None'),
            ('abc', 'int in [1, inf) or None'), (2.5, 'int in [1, inf) or None'), ('', 'a string, no rule')]
     for value, comment in ok:
-        check_option('opt', value, comment)                          # returns quietly
+        check_option('opt', value, comment)  # returns quietly
     for value, comment in bad:
         with pytest.raises(MinibardError):
             check_option('opt', value, comment)
@@ -85,7 +85,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = tiny_model(3)
     path = str(tmp_path / 'm.pt')
     save_tiny(m, path)
-    assert os.listdir(tmp_path) == ['m.pt']                 # no temp file left behind
+    assert os.listdir(tmp_path) == ['m.pt']  # no temp file left behind
     m2, vocab, _ = load_gpt(path)
     idx = torch.randint(0, 65, (2, 16))
     assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
@@ -121,9 +121,9 @@ def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
     assert whole('I am. Thou art not', False) == ('I am.', 'sentence')
     assert whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
     assert whole('Nonesuch', False) == ('Nonesuch', 'none')
-    assert whole('Go hence', True) == ('Go hence', '')                  # a turn that ended is kept whole
+    assert whole('Go hence', True) == ('Go hence', '')  # a turn that ended is kept whole
     text = open(os.path.join(HERE, 'input.txt')).read()
-    for start in range(0, 200000, 997):                                # real text cut at 96 characters
+    for start in range(0, 200000, 997):  # real text cut at 96 characters
         cut = text[start:start + 96]
         shown, how = whole(cut, False)
         assert cut.startswith(shown) and shown.strip() and how != 'none'
@@ -135,8 +135,8 @@ def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
 def test_gold_score_on_hand_written_lines():
     assert gold_score('O sweet love, my gentle joy!') == 4
     assert gold_score('Death and blood, thou foul villain.') == -4
-    assert gold_score('love love LOVE, Love.') == 1                 # distinct words, any case
-    assert gold_score('A lovely glove; undead.') == 0               # whole words only
+    assert gold_score('love love LOVE, Love.') == 1  # distinct words, any case
+    assert gold_score('A lovely glove; undead.') == 0  # whole words only
     assert gold_score("Fair Juliet's love is death to me") == 2 - 1
 
 
@@ -145,11 +145,11 @@ def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
     said n times, and gold still counts it once; other answers, and variants past room, are left out."""
     texts = ['Be merry, sir.', 'O love, sweet love', 'Go hence.', 'Thy death.', 'It is good to know it well']
     variants = repeated_word(texts, (1, 2, 4), room=45, n_max=10)
-    assert [i for i, _ in variants] == [0, 4]                            # one positive word, said once
+    assert [i for i, _ in variants] == [0, 4]  # one positive word, said once
     assert variants[0][1] == ['Be merry, sir.', 'Be merry merry, sir.', 'Be merry merry merry merry, sir.']
     for i, said in variants:
         assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
-    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]   # 8 goods: 61 > 60
+    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]  # 8 goods: 61 > 60
     assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
 
 
@@ -161,7 +161,7 @@ def test_labeler_choice_frequency_matches_bradley_terry():
                      generator=gen).mean().item()
         p = 1 / (1 + math.exp(-(gi - gj) / tau))
         assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
-    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3                # a one-word lead wins ~73%
+    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3  # a one-word lead wins ~73%
 
 
 def test_all_pairs_once_each():
@@ -208,9 +208,9 @@ def test_causal_mask_leaks_nothing():
 def test_kv_cache_matches_full_forward_within_block():
     m = tiny_model()
     idx = torch.randint(0, 65, (2, 16))
-    full = m(idx)[0]                                        # (B, T, V)
+    full = m(idx)[0]  # (B, T, V)
     cache = KVCache(TINY, 2, 'cpu', torch.float32)
-    steps = [m(idx[:, :5], cache=cache)[0]]                 # prefill 5 tokens
+    steps = [m(idx[:, :5], cache=cache)[0]]  # prefill 5 tokens
     steps += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]  # then one at a time
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
@@ -223,17 +223,17 @@ def test_kv_cache_generate_matches_recompute_past_block_size():
     m, bs = tiny_model(), TINY.block_size
     seen = []
     hook = m.register_forward_hook(lambda mod, inp, out: seen.append(out[0][:, -1].clone()))
-    prompt = torch.randint(0, 65, (3, 20))                  # longer than the context: gets cropped
+    prompt = torch.randint(0, 65, (3, 20))  # longer than the context: gets cropped
     out, logps, lengths = m.generate(prompt, 40, generator=torch.Generator().manual_seed(0))
     hook.remove()
     assert out.shape == (3, 60) and logps.shape == (3, 40) and torch.equal(out[:, :20], prompt)
     assert lengths.tolist() == [40, 40, 40]
     s = max(0, 20 - bs)
     for i in range(40):
-        n = 20 + i                                          # tokens before new token i
+        n = 20 + i  # tokens before new token i
         if n - s > bs:
             s = n - bs // 2
-        ref = m(out[:, s:n])[0][:, -1]                      # (B, V) full recompute of the window
+        ref = m(out[:, s:n])[0][:, -1]  # (B, V) full recompute of the window
         assert (seen[i] - ref).abs().max() <= 1e-4, f'step {i}'
         ref_lp = F.log_softmax(ref, -1).gather(-1, out[:, n:n + 1]).squeeze(-1)
         assert (logps[:, i] - ref_lp).abs().max() <= 1e-4
@@ -247,7 +247,7 @@ def test_generate_seeded_reproducible_and_temperature_zero_is_argmax():
     c = m.generate(p, 10, generator=torch.Generator().manual_seed(2))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
     greedy, ref = m.generate(p, 10, temperature=0)[0], p
-    for _ in range(10):                                     # naive greedy: full forward, argmax
+    for _ in range(10):  # naive greedy: full forward, argmax
         ref = torch.cat([ref, m(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, ref)
 
@@ -258,7 +258,7 @@ def test_top_k_and_logprobs_at_temperature():
     out, lp, _ = m.generate(p, 1, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(0))
     logits = m(p)[0][:, -1]
     top3 = logits.topk(3).indices
-    assert all(out[b, -1] in top3[b] for b in range(64))   # never outside the top 3
+    assert all(out[b, -1] in top3[b] for b in range(64))  # never outside the top 3
     masked = logits.masked_fill(logits < logits.topk(3).values[:, [-1]], float('-inf'))
     assert torch.allclose(lp[:, 0], token_logprobs(masked, out[:, -1], 0.7), atol=1e-5)
     assert torch.allclose(lp[:, 0], F.log_softmax(masked / 0.7, -1).gather(-1, out[:, -1:]).squeeze(-1),
@@ -271,8 +271,8 @@ def test_generate_stops_each_row_at_its_end_token():
     rows leave the batch mid-way, and the prompt is longer than the context, so the cache restarts."""
     m = tiny_model()
     prompt = torch.randint(0, 65, (24, 20), generator=torch.Generator().manual_seed(3))
-    free = m.generate(prompt, 30, temperature=0)[0][:, 20:]             # the greedy paths, no stop
-    stop = [free.flatten().mode().values.item()]                        # their commonest character
+    free = m.generate(prompt, 30, temperature=0)[0][:, 20:]  # the greedy paths, no stop
+    stop = [free.flatten().mode().values.item()]  # their commonest character
     out, logps, lengths = m.generate(prompt, 30, temperature=0, stop=stop)
     ends, bs = set(), TINY.block_size
     for b in range(24):
@@ -287,14 +287,14 @@ def test_generate_stops_each_row_at_its_end_token():
         ends.add(n)
         assert lengths[b] == n and out[b, 20:20 + n].tolist() == path[:n], b
         assert (out[b, 20 + n:] == stop[-1]).all() and (logps[b, n:] == 0).all() and (logps[b, :n] < 0).all()
-    assert len(ends) >= 4 and out.size(1) == 20 + max(ends)              # rows ended at several steps
+    assert len(ends) >= 4 and out.size(1) == 20 + max(ends)  # rows ended at several steps
 
 
 def test_generate_ends_after_a_two_token_stop():
     m = tiny_model()
     prompt = torch.randint(0, 65, (16, 4), generator=torch.Generator().manual_seed(4))
     free = m.generate(prompt, 20, temperature=0)[0][:, 4:]
-    a, b = free[0, 5].item(), free[0, 6].item()                         # row 0 says (a, b) at steps 5, 6
+    a, b = free[0, 5].item(), free[0, 6].item()  # row 0 says (a, b) at steps 5, 6
     out, _, lengths = m.generate(prompt, 20, temperature=0, stop=[a, b])
     pairs = [next((i + 2 for i in range(19) if free[r, i] == a and free[r, i + 1] == b),
                   20) for r in range(16)]
@@ -346,10 +346,10 @@ def test_sft_loss_counts_the_answer_characters_only():
     loss = sft_loss(model, seqs, lengths, Tp)
     assert len(terms) == 12 and abs(loss.item() - sum(terms).item() / 12) < 1e-6
     padded = seqs.clone()
-    padded[1, Tp + 2:], padded[2, Tp + 4:] = 7, 9                        # other padding: the same loss
+    padded[1, Tp + 2:], padded[2, Tp + 4:] = 7, 9  # other padding: the same loss
     assert abs(sft_loss(model, padded, lengths, Tp).item() - loss.item()) < 1e-6
     whole = F.cross_entropy(logits[:, Tp - 1:-1].reshape(-1, 65), seqs[:, Tp:].reshape(-1))  # all positions
-    assert abs(whole.item() - loss.item()) > 1e-3                     # (so the mask does something here)
+    assert abs(whole.item() - loss.item()) > 1e-3  # (so the mask does something here)
 
 
 def test_demonstrations_are_real_turns_the_labeler_likes():
@@ -361,12 +361,12 @@ def test_demonstrations_are_real_turns_the_labeler_likes():
     expected = []
     for m in re.finditer(r'\n\n[^\n]+:\n', text):
         if m.end() >= 16:
-            turn = text[m.end():].split('\n\n')[0] + '\n\n'          # the turn with its blank line
+            turn = text[m.end():].split('\n\n')[0] + '\n\n'  # the turn with its blank line
             if gold_score(turn[:96]) >= 1:
                 expected.append(text[m.end() - 16:m.end()] + turn[:96])
     got = [decode(s[:16 + n], VOCAB) for s, n in zip(seqs.tolist(), lengths.tolist())]
     assert len(got) > 20 and got == expected
-    assert len(demonstrations(data, VOCAB, 16, 96, 99)[0]) == 0             # none is that well liked
+    assert len(demonstrations(data, VOCAB, 16, 96, 99)[0]) == 0  # none is that well liked
 
 
 def test_a_policy_measured_against_itself_has_zero_kl():
@@ -387,14 +387,14 @@ def test_a_policy_measured_against_itself_has_zero_kl():
 def test_copy_rate_by_hand():
     demos = ['To be, or not to be: that is the question', 'O Romeo, Romeo!']
     texts = ['I say: or not to be: that is all', 'O Romeo, wherefore', 'Romeo!', '']
-    assert copy_rate(texts, demos, 12) == 1 / 4                          # ' or not to be' is 13 characters
+    assert copy_rate(texts, demos, 12) == 1 / 4  # ' or not to be' is 13 characters
     assert copy_rate(texts, demos, 6) == 3 / 4 and copy_rate(texts, demos, 40) == 0
 
 
 # ======================================================================= reward.py
 def test_pairwise_loss_matches_hand_computation():
-    r = torch.tensor([[1.0, 0.0, 2.0]])            # pairs (0,1), (0,2), (1,2)
-    prefs = torch.tensor([[1.0, 0.0, 1.0]])       # winners: 0, 2, 1
+    r = torch.tensor([[1.0, 0.0, 2.0]])  # pairs (0,1), (0,2), (1,2)
+    prefs = torch.tensor([[1.0, 0.0, 1.0]])  # winners: 0, 2, 1
     loss, acc = pairwise_loss(r, prefs)
     # -log sigmoid(r_w - r_l): margins 1 - 0, 2 - 1, 0 - 2
     hand = (math.log(1 + math.exp(-1)) * 2 + math.log(1 + math.exp(2))) / 3
@@ -402,15 +402,15 @@ def test_pairwise_loss_matches_hand_computation():
 
 
 def test_evaluate_bayes_limit_on_hand_case():
-    g = torch.tensor([[0.0, 1.0, 1.0, 3.0]])                  # gold of 4 responses
-    seqs = g.long().view(1, 4, 1).repeat(1, 1, 3)             # the stub RM reads g back: r = g (+ tiny)
+    g = torch.tensor([[0.0, 1.0, 1.0, 3.0]])  # gold of 4 responses
+    seqs = g.long().view(1, 4, 1).repeat(1, 1, 3)  # the stub RM reads g back: r = g (+ tiny)
     prefs = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
     m = evaluate_rm(StubRM(), Preferences(seqs, torch.full((1, 4), 2), g, prefs), 1, 1.0)
     s = lambda x: 1 / (1 + math.exp(-x))
     # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): gold diffs -1 -1 -3 0 -2 -2
     bayes = (s(1) + s(1) + s(3) + 0.5 + s(2) + s(2)) / 6
     assert abs(m['bayes_acc'] - bayes) < 1e-6
-    assert m['gold_acc'] == 1.0                               # r orders all 5 differing pairs like g
+    assert m['gold_acc'] == 1.0  # r orders all 5 differing pairs like g
     # the (1,2) tie: r1 == r2 -> says j; label said i
     assert abs(m['val_acc'] - 5 / 6) < 1e-6
 
@@ -422,9 +422,9 @@ def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window(
     lengths = torch.tensor([9, 5, 1])
     padded = [rm(seqs[b:b + 1, :4 + n], 4) for b, n in enumerate(lengths.tolist())]  # each alone, unpadded
     assert torch.allclose(rm(seqs, 4, lengths), torch.cat(padded), atol=1e-5)
-    long = torch.randint(0, 65, (2, 4 + 40))                  # 40 > block_size 16: the last 16 are read
+    long = torch.randint(0, 65, (2, 4 + 40))  # 40 > block_size 16: the last 16 are read
     assert torch.allclose(rm(long, 4), rm(long[:, -16:], 0), atol=1e-5)
-    mixed = rm(long, 4, torch.tensor([6, 40]))                # a short answer padded beside a long one
+    mixed = rm(long, 4, torch.tensor([6, 40]))  # a short answer padded beside a long one
     assert torch.allclose(mixed, torch.cat([rm(long[:1, :4 + 6], 4), rm(long[1:, -16:], 0)]), atol=1e-5)
 
 
@@ -437,7 +437,7 @@ def test_bf16_training_keeps_attention_and_head_in_fp32():
     rm = RewardModel(TINY, context=2)
     torch.nn.init.normal_(rm.head.weight, std=0.3)
     seqs, lengths = torch.randint(0, 65, (4, 4 + 10)), torch.tensor([10, 7, 3, 1])
-    ref = rm(seqs, 4, lengths)                                          # fp32 throughout
+    ref = rm(seqs, 4, lengths)  # fp32 throughout
     seen = {}
     rm.trunk.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o.dtype))
     rm.trunk.blocks[0].attn.proj.register_forward_hook(lambda m, i, o: seen.update(attention=i[0].dtype))
@@ -472,8 +472,8 @@ def test_tiny_reward_model_learns_a_toy_preference():
     e = VOCAB.index('e')
     def batch(P):
         seqs = torch.randint(0, 65, (P, 4, 12), generator=gen)
-        seqs[torch.rand(seqs.shape, generator=gen) < 0.3] = e     # a random share of 'e'
-        gold = (seqs == e).sum(-1).float()                      # (P, K)
+        seqs[torch.rand(seqs.shape, generator=gen) < 0.3] = e  # a random share of 'e'
+        gold = (seqs == e).sum(-1).float()  # (P, K)
         i, j = all_pairs(4)
         return seqs, gold, label(gold[:, i], gold[:, j], 0.5, generator=gen)
     rm = RewardModel(TINY, context=1)
@@ -492,7 +492,7 @@ def test_bag_of_words_recovers_a_planted_lexicon():
     """Synthetic answers of random words; the labeler likes w0..w9 and dislikes w10..w19. The
     reference learner, told nothing of that, finds them from the sampled labels alone."""
     gen = torch.Generator().manual_seed(0)
-    vocab_w = [f'w{chr(97 + i // 26)}{chr(97 + i % 26)}' for i in range(200)]   # 'waa', 'wab', ...
+    vocab_w = [f'w{chr(97 + i // 26)}{chr(97 + i % 26)}' for i in range(200)]  # 'waa', 'wab', ...
     liked, disliked = set(vocab_w[:10]), set(vocab_w[10:20])
 
     def answers(P, K=4):
@@ -505,14 +505,14 @@ def test_bag_of_words_recovers_a_planted_lexicon():
     texts, gold, prefs = answers(1500)
     index = {w: n for n, w in enumerate(vocab_w)}
     theta = fit_bow(bow_features(texts, index), prefs, len(index), 1e-4)
-    neutral = theta[20:]                   # every planted word stands clear of all 180 neutral ones
+    neutral = theta[20:]  # every planted word stands clear of all 180 neutral ones
     assert theta[:10].min() > neutral.max() + 0.3 and theta[10:20].max() < neutral.min() - 0.3
     texts, gold, prefs = answers(200)
     r = bow_scores(theta, bow_features(texts, index)).view_as(gold)
     assert pair_metrics(r, gold, prefs, 1.0)['gold_acc'] > 0.95
     # by hand: each known word counts once (as the labeler counts), the weights are summed,
     # unknown words add 0
-    w = torch.arange(1.0, 201.0)                                        # theta_waa = 1, theta_wab = 2, ...
+    w = torch.arange(1.0, 201.0)  # theta_waa = 1, theta_wab = 2, ...
     hand = bow_scores(w, bow_features(['waa waa wab', 'Wab! zzz', '', 'wac'], index))
     assert hand.tolist() == [1.0 + 2.0, 2.0, 0.0, 3.0]
 
@@ -537,18 +537,18 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
                                  log=lambda s: None)
     losses = [m['loss'] for _, m in history]
     assert [s for s, _ in history] == [5, 10, 15, 20] and losses[0] == min(losses) < losses[-1] - 0.05
-    assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6    # the kept state is that one
+    assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6  # the kept state is that one
 
 
 # ===================================================================== frontier.py
 def test_best_of_n_returns_the_reward_models_argmax():
     m = tiny_model()
     prompts = torch.randint(0, 65, (5, 4))
-    stop = [VOCAB.index('e')]                                  # answers end at their first 'e'
+    stop = [VOCAB.index('e')]  # answers end at their first 'e'
     best, best_len, best_r, all_y, all_len, all_r = best_of_n(m, StubRM(), prompts, 8, 6, stop, 1.0,
                                                               torch.Generator().manual_seed(0))
     assert all_y.shape[:2] == (5, 8) and all_r.shape == (5, 8) and all_len.max() <= 6
-    assert (all_len < 6).any() and (all_len == 6).any()      # some answers ended early, some ran out
+    assert (all_len < 6).any() and (all_len == 6).any()  # some answers ended early, some ran out
     for p in range(5):
         k = all_r[p].argmax()
         assert torch.equal(best[p], all_y[p,
@@ -602,7 +602,7 @@ def test_gae_matches_naive_double_loop():
         v_next = torch.cat([values[:, 1:], torch.zeros(3, 1)], 1)
         delta = rewards + gamma * v_next - values
         naive = torch.zeros(3, 9)
-        for t in range(9):                                      # A_t = sum_l (gamma lambda)^l delta_{t+l}
+        for t in range(9):  # A_t = sum_l (gamma lambda)^l delta_{t+l}
             for l in range(9 - t):
                 naive[:, t] += (gamma * gae_lambda) ** l * delta[:, t + l]
         assert torch.allclose(adv, naive, atol=1e-5) and torch.allclose(ret, naive + values, atol=1e-5)
@@ -635,7 +635,7 @@ def test_value_loss_is_clipped():
     # 1/2 mean(max((v - R)^2, (clip(v, -0.2, 0.2) - R)^2)): (0.8^2 vs 0.5^2) and (1.5^2 vs 1.2^2)
     assert abs(v_loss.item() - 0.5 * (0.8 ** 2 + 1.5 ** 2) / 2) < 1e-6
     v_loss.backward()
-    assert v.grad[0, 0] == 0 and v.grad[0, 1] != 0             # clipped branch: no gradient
+    assert v.grad[0, 0] == 0 and v.grad[0, 1] != 0  # clipped branch: no gradient
 
 
 def test_explained_variance_over_the_answer_tokens_only():
@@ -652,7 +652,7 @@ def test_per_token_rewards_put_the_score_on_each_answers_last_token():
     kl = -0.1 * (logp - ref)
     assert torch.allclose(r[0, :4], kl[0, :4]) and torch.allclose(r[0, 4], scores[0] + kl[0, 4])
     assert torch.allclose(r[1, :2], kl[1, :2]) and torch.allclose(r[1, 2], scores[1] + kl[1, 2])
-    assert torch.equal(r[1, 3:], torch.zeros(2))                        # nothing after the end
+    assert torch.equal(r[1, 3:], torch.zeros(2))  # nothing after the end
 
 
 def test_padded_batch_equals_the_episodes_one_by_one():
@@ -719,12 +719,12 @@ def test_group_baseline_on_padded_answers():
 
 def test_adaptive_kl_controller_hand_numbers():
     c = AdaptiveKLController(0.1, 6.0, 10000)
-    assert abs(c.update(9.0, 64) - 0.1 * (1 + 0.2 * 64 / 10000)) < 1e-12      # error 0.5 clipped to 0.2
+    assert abs(c.update(9.0, 64) - 0.1 * (1 + 0.2 * 64 / 10000)) < 1e-12  # error 0.5 clipped to 0.2
     c = AdaptiveKLController(0.1, 6.0, 10000)
-    assert abs(c.update(5.4, 100) - 0.1 * (1 - 0.1 * 100 / 10000)) < 1e-12    # error -0.1
+    assert abs(c.update(5.4, 100) - 0.1 * (1 - 0.1 * 100 / 10000)) < 1e-12  # error -0.1
     c = AdaptiveKLController(0.1, 6.0, 10000)
-    assert abs(c.update(0.0, 100) - 0.1 * (1 - 0.2 * 100 / 10000)) < 1e-12    # error -1 clipped to -0.2
-    assert AdaptiveKLController(0.1, 0.0, 10000).update(50.0, 100) == 0.1      # target 0: fixed
+    assert abs(c.update(0.0, 100) - 0.1 * (1 - 0.2 * 100 / 10000)) < 1e-12  # error -1 clipped to -0.2
+    assert AdaptiveKLController(0.1, 0.0, 10000).update(50.0, 100) == 0.1  # target 0: fixed
 
 
 def test_kl_controller_moves_beta_within_a_default_run():
@@ -785,7 +785,7 @@ def test_ppo_ptx_adds_the_language_model_loss():
     policy, ref = tiny_model(2), tiny_model(2)
     def lm_batch():
         calls.append(1)
-        return torch.full((8, 16), e), torch.full((8, 16), e)         # inputs and next characters
+        return torch.full((8, 16), e), torch.full((8, 16), e)  # inputs and next characters
     p_e = lambda: F.softmax(policy(torch.full((1, 4), e))[0][0, -1], -1)[e].item()
     before = p_e()
     gen = torch.Generator().manual_seed(0)
@@ -810,7 +810,7 @@ def test_rm_initialised_critic_gives_each_character_its_share():
     seqs, lengths = torch.randint(0, 65, (3, 16)), torch.tensor([12, 7, 1])
     mask = answer_mask(lengths, 12)
     with torch.no_grad():
-        values = Critic(rm)(seqs, 4) * mask                                 # (3, 12)
+        values = Critic(rm)(seqs, 4) * mask  # (3, 12)
         score = rm(seqs, 4, lengths)
         # (3, 13)
         prefix = torch.stack([rm(seqs[:, :4 + t], 4) if t else rm.bias.expand(3) for t in range(13)], 1)
@@ -826,12 +826,12 @@ def test_dpo_loss_by_hand_and_log_2_at_the_reference():
     logp, ref = torch.tensor([[-10.0, -12.0, -11.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
     # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
     prefs = torch.tensor([[1.0, 0.0, 0.0]])
-    h = [1.0, -1.0, 0.0]                                             # log pi - log pi_ref
-    margins = [h[0] - h[1], h[2] - h[0], h[2] - h[1]]                 # h_w - h_l of each pair
+    h = [1.0, -1.0, 0.0]  # log pi - log pi_ref
+    margins = [h[0] - h[1], h[2] - h[0], h[2] - h[1]]  # h_w - h_l of each pair
     by_hand = sum(-math.log(1 / (1 + math.exp(-0.5 * m))) for m in margins) / 3
     loss, acc = dpo_loss(logp, ref, prefs, 0.5)
     assert abs(loss.item() - by_hand) < 1e-6 and abs(acc.item() - 2 / 3) < 1e-6
-    assert abs(dpo_loss(ref, ref, prefs, 0.5)[0].item() - math.log(2)) < 1e-7   # pi = pi_ref: log 2
+    assert abs(dpo_loss(ref, ref, prefs, 0.5)[0].item() - math.log(2)) < 1e-7  # pi = pi_ref: log 2
     # summed answer log-probs skip the padding
     model, Tp = tiny_model(1), 4
     seqs, lengths = torch.randint(0, 65, (2, Tp + 5),
@@ -919,7 +919,7 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
                 (method, path, status, out)
             # and the next good one is answered
             assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200
-        with ThreadPoolExecutor(max_workers=4) as pool:                     # 4 clients, 20 requests
+        with ThreadPoolExecutor(max_workers=4) as pool:  # 4 clients, 20 requests
             answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.',
                                                                     'best_of': 1 + i % 3}),
                                     range(20)))
@@ -955,7 +955,7 @@ def test_sft_stage_keeps_its_lowest_held_out_loss(runs):
     assert 0 in losses and m['best_step'] == min(losses, key=losses.get)
     assert m['val_loss'] == round(min(losses.values()), 4)
     assert m['kl_to_pretrained'] >= 0 and 0 <= m['copy_rate'] <= 1 and 'iter 5/15' in log
-    model, vocab, ck = load_gpt(os.path.join(runs.dirs['out'], 'sft.pt'))   # loads wherever gpt.pt does
+    model, vocab, ck = load_gpt(os.path.join(runs.dirs['out'], 'sft.pt'))  # loads wherever gpt.pt does
     assert vocab == VOCAB and ck['iter_num'] == m['best_step'] and ck['metrics']['demos'] == m['demos']
 
 
@@ -972,7 +972,7 @@ def test_the_road_without_sft_is_one_flag_away(runs):
     assert drop(plain, 'policy', 'seconds') == drop(copied, 'policy', 'seconds')
     ppo = load('ppo_no_sft', 'ppo.json')
     assert ppo['policy'] == ppo['reference'] == 'gpt.pt' and ppo['path'][0]['kl'] == 0 < ppo['path'][-1]['kl']
-    assert 'note:' not in runs['ppo_no_sft'][1]                       # reward.pt learnt from gpt.pt's answers
+    assert 'note:' not in runs['ppo_no_sft'][1]  # reward.pt learnt from gpt.pt's answers
 
 
 def test_reward_stage_writes_its_metrics(runs):
@@ -1017,7 +1017,7 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert m['path'][-1]['gold'] == m['eval']['ppo']['gold']
     frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
     assert frontier[0] == 'method,n,step,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
-    assert len(frontier) == 1 + 5 + 1 + 3                            # best-of-n, the SFT point, PPO's path
+    assert len(frontier) == 1 + 5 + 1 + 3  # best-of-n, the SFT point, PPO's path
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
     assert len(rows) == 4 and rows[0].startswith('iter,reward,gold,kl,kl_k1,kl_k3,beta')
     for word in ['reward', 'gold', 'kl', 'beta', 'clipfrac', 'approx_kl', 'pg_loss', 'v_loss', 'entropy']:
@@ -1037,7 +1037,7 @@ def test_every_road_on_one_frontier(runs, run_here):
     assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.3
     assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}
     assert 'groups of' not in runs['roads_rloo'][1] and ', 4 prompts x 4 (rloo)' in runs['roads_rloo'][1]
-    assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']              # the same seed: the same curve
+    assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']  # the same seed: the same curve
     assert 'measured before' in runs['roads_rloo'][1] and 'measured before' not in runs['ppo_again'][1]
     assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.3 for r in dpo['path']) and dpo == json.load(
         open(os.path.join(d, 'dpo_beta0.3.json')))
@@ -1055,7 +1055,7 @@ def test_sample_eval_mode_reproduces_ppo_json(runs):
     m = json.load(open(os.path.join(runs.dirs['out'], 'eval.json')))
     ppo_eval = json.load(open(os.path.join(runs.dirs['out'], 'ppo.json')))['eval']
     assert set(m) == {'reference', 'best_of_16', 'ppo', 'best_of_n', 'best_of_n_at_ppo_kl', 'prompts'}
-    for name in ['reference', 'best_of_16', 'ppo']:                        # the same seeds: the same numbers
+    for name in ['reference', 'best_of_16', 'ppo']:  # the same seeds: the same numbers
         assert {k: m[name][k] for k in ('gold', 'rm', 'kl')} == {k: ppo_eval[name][k] for k in ('gold',
                                                                                                 'rm', 'kl')}
     assert m['best_of_n'] == ppo_eval['best_of_n']
@@ -1076,7 +1076,7 @@ def test_sample_mode_writes_past_the_context_and_says_the_reward_is_uncalibrated
     assert code == 0 and 'Traceback' not in log, log
     assert 'not calibrated' in log and log.count('--- rm') == 2
     texts = log.split('not calibrated\n')[1].split('--- rm')[:2]
-    assert all(len(t.strip('\n')) >= 150 for t in texts)                # the prompt '\n' + 150 characters
+    assert all(len(t.strip('\n')) >= 150 for t in texts)  # the prompt '\n' + 150 characters
 
 
 def chat_answers(log):
@@ -1092,11 +1092,11 @@ def test_chat_mode_answers_whole_turns(runs):
     code, log = runs['chat']
     assert code == 0 and 'Traceback' not in log, log
     answers = chat_answers(log)
-    assert len(answers) == len(CHAT_LINES) - 1 == log.count('[P = ')          # the empty last line ends it
+    assert len(answers) == len(CHAT_LINES) - 1 == log.count('[P = ')  # the empty last line ends it
     assert "knows no '7é'" in log
     for text, notes in answers:
         assert not TAG.search('\n' + text + '\n') and '\n\n' not in text, text
-        if 'cut at 32 characters' in notes:                        # never shown cut mid-word
+        if 'cut at 32 characters' in notes:  # never shown cut mid-word
             assert 'shown to its last whole' in notes or ' ' not in text.strip(), (text, notes)
 
 
@@ -1324,7 +1324,7 @@ def test_size_defaults_follow_the_device(capsys):
         g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
         sized = {k: v for k, v in g.items() if isinstance(v, ByDevice)}
         assert sized or script in ('sft.py', 'sample.py'), script
-        config = configure(g, ['--device=cpu'])                      # as each script starts
+        config = configure(g, ['--device=cpu'])  # as each script starts
         assert all(config[k] == v.cpu for k, v in sized.items()), script
         assert not any(isinstance(v, ByDevice) for v in config.values()), script
     g = runpy.run_path(os.path.join(HERE, 'ppo.py'), run_name='imported')
@@ -1338,7 +1338,7 @@ def test_help_lists_every_option_with_its_default(script, run_here, tmp_path):
     and nothing loaded or written."""
     g = script_globals(script)
     src = open(os.path.join(HERE, script)).read()
-    first = src[:src.index('\n# hyperparameters')].count('\n') + 2        # the block's lines, 1-based
+    first = src[:src.index('\n# hyperparameters')].count('\n') + 2  # the block's lines, 1-based
     last = first + src[src.index('\n# hyperparameters') + 1:].split('\n# ----')[0].count('\n')
     keys = [t.id for node in ast.parse(src).body if isinstance(node, ast.Assign)
             and first <= node.lineno <= last

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import gpt
-from gpt import GPT, GPTConfig, load_gpt
+from configurator import configure, resolve_defaults
+from data import END_OF_TURN, answer_texts, as_turns, encode, end_of_turn, trim_to_whole
 from labeler import all_pairs, gold_score, label, pair_metrics
-from plumbing import (END_OF_TURN, answer_texts, as_turns, checkpoint_path, configure, encode, end_of_turn,
-                      load_checkpoint, resolve_defaults, run_first, whole)
-from reward import load_reward_model, score
-from sample import make_server, reply
+from model import GPT, GPTConfig, load_policy_and_rm, rm_scores
+from plumbing import load_checkpoint
+from sample import checkpoint_path, make_server, reply
 
 CHAT_LINES = [  # what people say to the bard: greetings, questions, orders, verse, prose, one word
     'What light through yonder window breaks?', 'Good morrow, fair lady.', 'Wilt thou be gone?',
@@ -74,12 +74,12 @@ def median_time(fn, repeats):
 
 def treated_as_chat(data, vocab, prompt_len, tau, seed):
     """The held-out comparisons of preferences.pt with every answer as the chat shows it: ended
-    where its turn ends, trimmed to whole lines if it ran out (plumbing.whole), then a turn (text and
+    where its turn ends, trimmed to whole lines if it ran out (data.trim_to_whole), then a turn (text and
     blank line); gold and the labeler's choices drawn again on that text. -> (seqs, lengths, g,
     prefs, the share of answers changed)."""
     P, K, _ = data['seqs'].shape
     texts = answer_texts(data['seqs'].view(P * K, -1)[:, prompt_len:], data['lengths'].flatten(), vocab)
-    shown = [whole(*end_of_turn(t))[0] for t in texts]
+    shown = [trim_to_whole(*end_of_turn(t))[0] for t in texts]
     answers, lengths = as_turns(shown, vocab)  # as reply() scores them
     seqs = torch.cat([data['seqs'].view(P * K, -1)[:, :prompt_len].long(), answers], 1)
     g = torch.tensor([float(gold_score(t)) for t in shown]).view(P, K)
@@ -93,9 +93,9 @@ def chat_check(out_dir, seed):
     """The chat on the trained models: calibration of P on what it shows, how answers end, and
     answers through HTTP (one client, then 4 at once). Writes out_dir/chat_check.json."""
     path = checkpoint_path('ppo', out_dir)
-    model, vocab, _ = load_gpt(path, run_first(path))
-    rm, _, _ = load_reward_model(os.path.join(out_dir, 'reward.pt'))
-    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py')
+    model, vocab, _, rm, _ = load_policy_and_rm(path, os.path.join(out_dir, 'reward.pt'))
+    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py', kind='preference data')
+    score = torch.no_grad()(rm_scores)
     Tp, tau, max_len, val = data['prompt_len'], data['tau'], data['max_answer_len'], data['val']
     P, K, _ = val['seqs'].shape
     r = score(rm, val['seqs'].view(P * K, -1).long(), Tp, val['lengths'].flatten()).view(P, K)

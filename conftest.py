@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
 import torch  # noqa: E402 (after the line above)
 
-from gpt import GPT, GPTConfig
+from model import GPT, GPTConfig
 from plumbing import MinibardError, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,8 +86,8 @@ def finish(job):
 FORKSERVER = (multiprocessing.get_context('forkserver')
               if sys.platform.startswith('linux') and not torch.cuda.is_available() else None)
 if FORKSERVER is not None:
-    FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'gpt', 'sft', 'reward', 'frontier',
-                                       'ppo', 'dpo', 'sample'])
+    FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'plumbing', 'configurator', 'data', 'model',
+                                       'labeler', 'frontier', 'gpt', 'sft', 'reward', 'ppo', 'dpo', 'sample'])
 
 
 def _stage_main(script, args, stdin_path, out_path):

@@ -15,7 +15,7 @@ The recipe (Rafailov et al. 2023), on minibard's data:
     At pi = pi_ref every h is 0 and L = log 2.
  4. AdamW, lr decaying linearly to 0 over `epochs` passes over the prompts, dropout off. Every
     `eval_interval` steps the policy is measured on the held-out prompts ppo.py uses
-    (frontier.policy_point: gold, RM score, exact KL to the reference, length, ended): its path.
+    (frontier.RunPath: gold, RM score, exact KL to the reference, length, ended): its path.
  5. Its known failure modes are logged: the chosen answers' log-ratio h(y_w), which falls in many
     DPO runs although the loss falls (trl #800; the DPO authors' issues #32, #36), the rejected
     ones' h(y_l), and the answers' length (the labeler's gold grows with the words said).
@@ -35,13 +35,13 @@ import time
 
 import torch
 
-from frontier import collect, eval_line, policy_point, print_rows, save_frontier
-from gpt import load_gpt, token_logprobs
+from configurator import ByDevice, configure
+from data import END_OF_TURN, answer_mask, encode, forward_in_chunks, load_splits
+from frontier import RunPath, held_out_prompts, print_rows
 from labeler import all_pairs, pair_metrics
-from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, configure, count, die, encode, eta,
-                      load_checkpoint, load_splits, prepare_out_dir, run_first, save_checkpoint)
-from reward import load_reward_model, pairwise_loss
-from sft import answer_logits, held_out_prompts
+from model import answer_logits, load_policy_and_rm, token_logprobs
+from plumbing import die, eta, load_checkpoint, prepare_out_dir, save_checkpoint, share_done
+from reward import pairwise_loss
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -81,7 +81,8 @@ def dpo_loss(logp, ref_logp, prefs, beta):
 @torch.no_grad()
 def all_logprobs(model, seqs, lengths, prompt_len, chunk):
     """answer_logprobs over many answers (N, Tp + Ta), in chunks cut to their longest answer."""
-    return by_length(lambda s, n: answer_logprobs(model, s, n, prompt_len), seqs, lengths, prompt_len, chunk)
+    return forward_in_chunks(lambda s, n: answer_logprobs(model, s, n, prompt_len), seqs, lengths, prompt_len,
+                             chunk)
 
 
 if __name__ == '__main__':
@@ -89,15 +90,15 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py')
+    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py', kind='preference data')
     if data['policy'] != policy:
         print(f"note: {out_dir}/preferences.pt holds answers of {data['policy']}, and DPO starts from "
               f"{policy}: for one road, give both stages the same --policy", file=sys.stderr)
-    ref, vocab, ref_checkpoint = load_gpt(os.path.join(out_dir, policy), run_first(policy), device)
-    rm, rm_vocab, _ = load_reward_model(os.path.join(out_dir, 'reward.pt'), device)  # measures only
-    if data['vocab'] != vocab or rm_vocab != vocab:
-        die(f'{out_dir}/preferences.pt, reward.pt and {policy} do not share one vocabulary: run python '
-            f'reward.py --policy={policy} again')
+    ref, vocab, ref_checkpoint, rm, _ = load_policy_and_rm(os.path.join(out_dir, policy),
+                                                           os.path.join(out_dir, 'reward.pt'), device)  # RM: measures
+    if data['vocab'] != vocab:
+        die(f'{out_dir}/preferences.pt and {policy} do not share one vocabulary: run python reward.py '
+            f'--policy={policy} again')
     ref.requires_grad_(False)
     model = copy.deepcopy(ref).requires_grad_(True)  # eval(): dropout off, as in PPO
     Tp, train = data['prompt_len'], data['train']
@@ -113,16 +114,9 @@ if __name__ == '__main__':
     print(f"{time.time() - t_start:.1f}s: DPO on {P} prompts x {K} answers of {data['policy']} "
           f"({prefs.numel()} labelled pairs), beta {beta}, {epochs} epoch(s), device {device}")
 
-    path = []
-
-    def evaluate(step):  # the policy on the held-out prompts: one point of its path
-        row, samples = policy_point(model, ref, rm, held_out, vocab, max_len, stop, temperature,
-                                    eval_samples, seed, step, forward_batch_size, method='dpo')
-        path.append({**row, 'beta': beta})
-        print(eval_line(step, row))
-        return samples
-
-    samples = evaluate(0)
+    path = RunPath('dpo', model, ref, rm, held_out, vocab, max_len, stop, temperature, eval_samples, seed,
+                   forward_batch_size, beta=beta)
+    path.add(0)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     gen, t0, run = torch.Generator().manual_seed(seed), time.time(), None
@@ -152,11 +146,11 @@ if __name__ == '__main__':
         stats = torch.tensor([loss.item(), acc.item(), h_w, h_l])
         run = stats if run is None else 0.95 * run + 0.05 * stats
         if (step + 1) % log_interval == 0:
-            print(f'iter {count(step + 1, steps)}: loss {run[0]:.4f}, acc {run[1]:.3f}, '
+            print(f'iter {share_done(step + 1, steps)}: loss {run[0]:.4f}, acc {run[1]:.3f}, '
                   f'chosen h {run[2]:+.2f}, rejected h {run[3]:+.2f}, lr {opt.param_groups[0]["lr"]:.2e}, '
                   f'{eta(step + 1, steps, t0)}')
         if (step + 1) % eval_interval == 0 or step + 1 == steps:
-            samples = evaluate(step + 1)
+            path.add(step + 1)
 
     # the implicit reward beta h on the held-out labelled pairs: how well DPO learnt the labels
     val = data['val']
@@ -165,26 +159,21 @@ if __name__ == '__main__':
     h_val = (all_logprobs(model, vseqs, vlen, Tp, forward_batch_size)
              - all_logprobs(ref, vseqs, vlen, Tp, forward_batch_size)).view(vP, vK).cpu()
     implicit = pair_metrics(beta * h_val, val['g'], val['prefs'], data['tau'])
-    final = path[-1]
+    final = path.rows[-1]
     metrics = {'policy': policy, 'reference': policy, 'beta': beta, 'seed': seed,
                'eval_prompts': eval_prompts, 'steps': steps, 'seconds': round(time.time() - t_start, 1),
                'implicit_val_acc': implicit['val_acc'], 'implicit_gold_acc': implicit['gold_acc'],
                'eval': {'dpo': {**{k: final[k] for k in final if k not in ('method', 'n', 'step')},
-                                'samples': samples}}, 'path': path}
+                                'samples': path.samples}}, 'path': path.rows}
     save_checkpoint({'model': model.state_dict(), 'model_args': ref_checkpoint['model_args'],
                      'config': config, 'vocab': vocab, 'iter_num': steps,
                      'metrics': json.loads(json.dumps(metrics))},
                     os.path.join(out_dir, 'dpo.pt'))
-    for name in ('dpo.json', f'dpo_beta{beta:g}.json'):
-        with open(os.path.join(out_dir, name), 'w') as f:
-            json.dump(metrics, f, indent=2)
-    rows, reference = collect(out_dir)
-    if rows:
-        save_frontier(rows, out_dir, reference)
+    path.save(out_dir, metrics, ['dpo.json', f'dpo_beta{beta:g}.json'])  # and redraw the frontier
     print('-' * 72)
-    print_rows(path)
+    print_rows(path.rows)
     print(f"implicit reward beta h on the held-out labelled pairs: val_acc {implicit['val_acc']:.4f}, "
           f"gold_acc {implicit['gold_acc']:.4f} (reward.json has the reward model's)")
-    for i, s in enumerate(samples):
+    for i, s in enumerate(path.samples):
         print(f'--- held-out prompt {i}: {s!r}')
     print(f"seconds {metrics['seconds']}")

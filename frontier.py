@@ -1,18 +1,19 @@
 """
-frontier.py: gold against KL to the reference policy, for best-of-n and for a policy (Gao et al. 2022).
+frontier.py: the ruler. Gold against KL to the reference policy, for best-of-n and for any policy
+(Gao et al. 2022), on held-out prompts; the table, csv and picture of every run.
 
 Every alignment result of minibard is reported so: on held-out prompts of the validation text,
-the hidden gold score (labeler.py) against the KL from the reference, the policy RL starts from
-(the SFT model on InstructGPT's road, the pretrained GPT on the road without SFT). ppo.py
-measures the reference, best-of-n over it for n = 1, 2, 4, ..., 64 and the PPO policy along its
-run with these functions; sample.py --mode=eval measures them again. Gold is only ever
-measured, never used to pick anything.
+the hidden gold score (labeler.py) against the KL from the reference, the policy a step starts
+from (the SFT model on InstructGPT's road, the pretrained GPT on the road without SFT). Every
+step measures its policies with these functions; sample.py --mode=eval measures them again.
+What is measured is passed in (a policy, a reference, a reward model): this file imports no
+step. Gold is only ever measured, never used to pick anything.
+ - a policy: answers sampled from it, and the exact KL to the reference summed over each answer,
+   from the full next-character distributions (65 characters: exact is cheap; measure_policy).
  - best-of-n: n answers of the reference per prompt, the reward model's favourite kept. Its
    expected gold for every n <= N comes from one pass of N answers per prompt, by the unbiased
    estimator over their order statistics (Nakano et al. 2021, appendix); its KL is the bound
    log n - (n-1)/n.
- - a policy: answers sampled from it, and the exact KL to the reference summed over each answer,
-   from the full next-character distributions (65 characters: exact is cheap; sft.measure_policy).
 
 Run:  python frontier.py    (after ppo.py, and any of ppo.py --advantage=rloo / grpo and dpo.py)
 Writes out/frontier.csv (a row per point, column method: best_of_n, sft, ppo, rloo, grpo, dpo)
@@ -20,18 +21,98 @@ and out/frontier.png: every run found in out_dir, on one frontier; ppo.py and dp
 """
 import csv
 import glob
-import json
 import math
 import os
 import sys
 
 import torch
 
-from plumbing import answer_texts, cached, configure, decode, die, digest, progress, sample_answers
-from reward import score
-from sft import answer_values, mean_se, measure_policy
+from configurator import configure
+from data import (answer_mask, answer_texts, decode, ends_turn, forward_in_chunks, sample_answers, sample_prompts,
+                  turn_starts)
+from labeler import gold_scores
+from model import answer_logits, exact_kl, rm_scores
+from plumbing import cached, die, digest, progress, read_json, write_json
+
+# ----------------------------------------------------------------------------------------
+# hyperparameters (`--key=value` overrides any of them)
+out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
+# ----------------------------------------------------------------------------------------
+FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
+RUNS = ['ppo', 'rloo', 'grpo']  # ppo.py's runs (--advantage): out_dir/<name>.json each
 
 
+# ------------------------------------------------------------------ a policy on held-out prompts
+def held_out_prompts(val_data, vocab, n, prompt_len, seed, device):
+    """The evaluation prompts: n speech starts of the validation text, the same for every step and
+    sample.py at the same seed."""
+    starts = turn_starts(val_data, vocab, prompt_len)
+    return sample_prompts(val_data, starts, n, prompt_len, torch.Generator().manual_seed(seed + 1)).to(device)
+
+
+def answer_values(answers, lengths, vocab, stop):
+    """What is measured of each answer (N, Ta) besides its reward: gold, length, ended."""
+    answers, lengths = answers.cpu(), lengths.cpu()
+    return {'gold': gold_scores(answers, lengths, vocab), 'length': lengths.float(),
+            'ended': ends_turn(answers, lengths, stop).float()}
+
+
+@torch.no_grad()
+def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=32,
+                   batch=256):
+    """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time,
+    and per answer its gold, length, ended and exact KL(pi || pi_ref) summed over its characters
+    (nats), forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
+    gen = torch.Generator(prompts.device).manual_seed(seed)
+    Tp = prompts.size(1)
+    rep = prompts.repeat_interleave(n_samples, 0)  # (P n, Tp)
+    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch)
+    seqs = torch.cat([rep, y], 1)
+    kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
+                       * answer_mask(n, s.size(1) - Tp)).sum(1)  # (b,) nats per answer
+    return seqs, lengths, {**answer_values(y, lengths, vocab, stop),
+                           'kl': forward_in_chunks(kl, seqs, lengths, Tp, chunk).cpu()}
+
+
+def mean_se(x):
+    """(mean, standard error of the mean) of a 1-D tensor of per-prompt values."""
+    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
+
+
+def frontier_row(name, per_prompt, kl, n=None, step=None):
+    """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
+    gold, mean answer length and share of answers that ended on their own, and a KL in nats; n
+    for a point of best-of-n, step (the iteration or step of the run) for a point of a run."""
+    (rm, rm_se), (gold, gold_se) = mean_se(per_prompt['rm']), mean_se(per_prompt['gold'])
+    return {'method': name, 'n': n, 'step': step, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
+            'rm_se': rm_se, 'prob': torch.sigmoid(per_prompt['rm'].float()).mean().item(), 'kl': kl,
+            'length': per_prompt['length'].mean().item(), 'ended': per_prompt['ended'].mean().item()}
+
+
+@torch.no_grad()
+def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
+                 chunk=32, method='ppo'):
+    """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
+    RM score, length and ending, and the exact KL to the reference summed over each answer (nats),
+    averaged (measure_policy). Returns the row and three sample answers."""
+    P, Tp = prompts.shape
+    seqs, lengths, per_answer = measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature,
+                                               n_samples, seed, chunk)
+    per_answer['rm'] = rm_scores(rm, seqs, Tp, lengths, chunk).cpu()
+    kl = per_answer.pop('kl').mean().item()
+    per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
+    first = slice(None, 3 * n_samples, n_samples)  # the first answer to each of 3 prompts
+    row = frontier_row(method, per_prompt, kl, step=it)
+    return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
+
+
+def eval_line(step, row):
+    """The log line of one evaluated point of a run."""
+    return (f"eval {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
+            f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")
+
+
+# ------------------------------------------------------------------ best-of-n
 @torch.no_grad()
 def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batch=1024, top_k=None,
               on_progress=None, chunk=32):
@@ -44,7 +125,7 @@ def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batc
     rep = prompts.repeat_interleave(n, 0)  # (P n, Tp)
     y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k,
                                on_progress)
-    r = score(rm, torch.cat([rep, y], 1), Tp, lengths, chunk).view(P, n)  # (P, n)
+    r = rm_scores(rm, torch.cat([rep, y], 1), Tp, lengths, chunk).view(P, n)  # (P, n)
     best, idx = r.argmax(1), torch.arange(P)
     y, lengths = y.view(P, n, -1), lengths.view(P, n)
     return y[idx, best], lengths[idx, best], r[idx, best], y, lengths, r
@@ -58,29 +139,14 @@ def best_of_n_weights(N, n):
                         dtype=torch.float64)
 
 
-def best_of_n_curve(rm_scores, values, ns):
-    """Expected values of best-of-n, per prompt, from one set of N samples per prompt: rm_scores
+def best_of_n_curve(scores, values, ns):
+    """Expected values of best-of-n, per prompt, from one set of N samples per prompt: RM scores
     (P, N) rank the samples; values: name -> (P, N) per-sample quantities (gold, length, ...).
     -> {n: {'rm': (P,), name: (P,), ...}} for each n in ns (n <= N)."""
-    order = rm_scores.argsort(1)  # rank samples by the RM, lowest first
-    ranked = {'rm': rm_scores, **values}
+    order = scores.argsort(1)  # rank samples by the RM, lowest first
+    ranked = {'rm': scores, **values}
     ranked = {k: v.gather(1, order).double() for k, v in ranked.items()}
-    return {n: {k: v @ best_of_n_weights(rm_scores.size(1), n) for k, v in ranked.items()} for n in ns}
-
-
-def answer_sum(x, mask):
-    """sum_t x_t over each answer's tokens (mask 1), averaged over the answers: x, mask (B, Ta) -> float."""
-    return (x * mask).sum(1).mean().item()
-
-
-def point(name, per_prompt, kl, n=None, step=None):
-    """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
-    gold, mean answer length and share of answers that ended on their own, and a KL in nats; n
-    for a point of best-of-n, step (the iteration or step of the run) for a point of a run."""
-    (rm, rm_se), (gold, gold_se) = mean_se(per_prompt['rm']), mean_se(per_prompt['gold'])
-    return {'method': name, 'n': n, 'step': step, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
-            'rm_se': rm_se, 'prob': torch.sigmoid(per_prompt['rm'].float()).mean().item(), 'kl': kl,
-            'length': per_prompt['length'].mean().item(), 'ended': per_prompt['ended'].mean().item()}
+    return {n: {k: v @ best_of_n_weights(scores.size(1), n) for k, v in ranked.items()} for n in ns}
 
 
 @torch.no_grad()
@@ -98,7 +164,7 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
-    rows = [point('best_of_n', curve[n], math.log(n) - (n - 1) / n, n=n) for n in ns]
+    rows = [frontier_row('best_of_n', curve[n], math.log(n) - (n - 1) / n, n=n) for n in ns]
     first3 = torch.arange(min(3, P))
     best16 = r[first3, :16].argmax(1).cpu()  # best of the first 16 samples
     samples = {'reference': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
@@ -110,43 +176,40 @@ def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, t
                    chunk=32, log=print):
     """best_of_n_frontier(), kept in out_dir/best_of_n.json under the digests of everything it
     depends on (the reference's and the RM's checkpoints, the prompts, the settings): the same
-    curve for ppo, rloo and grpo of one seed is measured once, and read back by the next run."""
+    curve for ppo, rloo and grpo of one seed is measured once, and read back by the next run. A
+    kept curve of another shape is measured again."""
     key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(os.path.join(out_dir,
            'reward.pt')), 'prompts': digest(prompts), 'seed': seed, 'max_answer_len': max_len,
            'temperature': temperature, 'best_of_max': n_max, 'device': prompts.device.type}
-    rows, samples = cached(os.path.join(out_dir, 'best_of_n.json'), key, lambda: best_of_n_frontier(
-        ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=chunk, log=log), log=log)
-    return [as_row(r) for r in rows], samples
+    valid = lambda kept: all(map(is_row, kept[0])) and set(kept[1]) == {'reference', 'best_of_16'}
+    return cached(os.path.join(out_dir, 'best_of_n.json'), key, lambda: best_of_n_frontier(
+        ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=chunk, log=log), valid, log=log)
 
 
-@torch.no_grad()
-def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
-                 chunk=32, method='ppo'):
-    """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
-    RM score, length and ending, and the exact KL to the reference summed over each answer (nats),
-    averaged (sft.measure_policy). Returns the row and three sample answers."""
-    P, Tp = prompts.shape
-    seqs, lengths, per_answer = measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature,
-                                               n_samples, seed, chunk)
-    per_answer['rm'] = score(rm, seqs, Tp, lengths, chunk).cpu()
-    kl = per_answer.pop('kl').mean().item()
-    per_prompt = {k: v.view(P, n_samples).mean(1) for k, v in per_answer.items()}
-    first = slice(None, 3 * n_samples, n_samples)  # the first answer to each of 3 prompts
-    row = point(method, per_prompt, kl, step=it)
-    return row, answer_texts(seqs[first, Tp:], lengths[first], vocab)
+# ------------------------------------------------------------------ a run's path, and the frontier of every run
+class RunPath:
+    """A run's points on the frontier, as PPO and DPO record them: add(step) measures the policy
+    on the held-out prompts (policy_point), keeps the row (with the `extra` columns, DPO's beta)
+    and its sample answers and prints its eval line; save(out_dir, metrics, names) writes the
+    run's json file(s) and then redraws out_dir's frontier from every run there, its own too."""
+    def __init__(self, method, policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed,
+                 chunk=32, **extra):
+        self.measure = lambda step: policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature,
+                                                 n_samples, seed, step, chunk, method)
+        self.rows, self.samples, self.extra = [], [], extra
 
+    def add(self, step):
+        row, self.samples = self.measure(step)
+        self.rows.append({**row, **self.extra})
+        print(eval_line(step, row))
+        return row
 
-def eval_line(step, row):
-    """The log line of one evaluated point of a run."""
-    return (f"eval {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
-            f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")
-
-
-# ----------------------------------------------------------------------------------------
-# hyperparameters (`--key=value` overrides any of them)
-out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
-# ----------------------------------------------------------------------------------------
-FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
+    def save(self, out_dir, metrics, names):
+        for name in names:
+            write_json(metrics, os.path.join(out_dir, name))
+        rows, reference = collect(out_dir)
+        if rows:
+            save_frontier(rows, out_dir, reference)
 
 
 def gold_at_kl(curve, kl):
@@ -157,8 +220,8 @@ def gold_at_kl(curve, kl):
     return a['gold'] + (b['gold'] - a['gold']) * (kl - a['kl']) / (b['kl'] - a['kl']), kl > curve[-1]['kl']
 
 
-def summary(curve, ppo_row, samples, ppo_samples, prompts, vocab):
-    """ppo.json's eval block: reference, best_of_16 and the policy under its method's name (ppo,
+def eval_result(curve, ppo_row, samples, ppo_samples, prompts, vocab):
+    """A run's eval block (ppo.json's 'eval'): reference, best_of_16 and the policy under its method's name (ppo,
     rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole best-of-n curve,
     best-of-n's gold at the policy's KL, and the sample prompts."""
     by_n = {row['n']: row for row in curve}
@@ -191,12 +254,9 @@ def print_samples(result, method='ppo'):
             print(f"{name:>12}: {result[name]['samples'][i]!r}")
 
 
-RUNS = ['ppo', 'rloo', 'grpo']  # ppo.py's runs (--advantage): out_dir/<name>.json each
-
-
-def as_row(row):
-    """A frontier row as this version writes it, from one an older run wrote (one column
-    'n_or_iter' for best-of-n's n and a run's step)."""
+def row_of_older_run(row):
+    """A frontier row as this version writes it, from a row a run before 2026-12-01 wrote (one
+    column 'n_or_iter' for best-of-n's n and a run's step)."""
     if 'n_or_iter' not in row:
         return row
     row = dict(row)
@@ -205,21 +265,33 @@ def as_row(row):
             'step': None if row['method'] == 'best_of_n' else x}
 
 
+def is_row(row):
+    """A frontier row as a run wrote it: a method's name and a number in every measured column."""
+    return (isinstance(row, dict) and isinstance(row.get('method'), str)
+            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:]))
+
+
+def is_run(run):
+    """A run's json as ppo.py and dpo.py write it: its path and eval block, every row readable."""
+    rows = run['path'] + run['eval'].get('best_of_n', [])
+    return len(run['path']) > 0 and all(is_row(r) for r in map(row_of_older_run, rows))
+
+
 def collect(out_dir):
     """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first of
     ppo.py's runs: each run of one seed measures the same curve), the reference itself as 'sft'
     when it is the SFT model, each ppo.py run's path and each DPO run's (dpo_beta*.json, column
-    beta). Runs of another seed or reference than the first are left out, with a note.
-    -> (rows, the reference's name); no ppo.py run yet: ([], None)."""
+    beta). Runs of another seed or reference than the first are left out, with a note, and so is
+    a damaged json (plumbing.read_json). -> (rows, the reference's name); no ppo.py run: ([], None)."""
     dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))  # one for each beta
     names = RUNS + sorted(os.path.basename(f)[:-len('.json')] for f in dpo)
-    runs = {name: json.load(open(os.path.join(out_dir, f'{name}.json'))) for name in names
-            if os.path.exists(os.path.join(out_dir, f'{name}.json'))}
+    runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, f"a run's results") for name in names}
+    runs = {name: run for name, run in runs.items() if run is not None}
     first = next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
     if first is None:
         return [], None
     same = lambda run: tuple(run.get(k) for k in ('reference', 'seed', 'eval_prompts'))
-    curve, reference = [as_row(r) for r in first['eval']['best_of_n']], first.get('reference', 'gpt.pt')
+    curve, reference = [row_of_older_run(r) for r in first['eval']['best_of_n']], first.get('reference', 'gpt.pt')
     rows = [dict(r) for r in curve]
     if reference == 'sft.pt':
         rows.append({**curve[0], 'method': 'sft', 'n': None, 'step': 0})
@@ -228,7 +300,7 @@ def collect(out_dir):
             print(f'note: {name}.json has another reference, seed or eval_prompts than the first run: '
                   'left out', file=sys.stderr)
             continue
-        rows += [{**as_row(r), 'beta': run.get('beta', '')} for r in run['path']]
+        rows += [{**row_of_older_run(r), 'beta': run.get('beta', '')} for r in run['path']]
     return rows, reference
 
 

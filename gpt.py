@@ -1,30 +1,31 @@
 """
-gpt.py: a character-level GPT, pretrained on Tiny Shakespeare. Step 1 of minibard.
+gpt.py: pretrain a character-level GPT on Tiny Shakespeare. Step 1 of minibard (nanoGPT's train.py).
 
-The model every later step imports: `GPT` (pre-norm blocks, rotary positions, a token mix, tied
-embeddings) with `generate` (KV cache, per-token log-probs, an end-of-turn stop). Pretraining,
-nanoGPT's train.py condensed, runs under `if __name__ == '__main__':` and writes out/gpt.pt (the
-best-val checkpoint) and out/gpt.json (val_loss, train_loss, iters, seconds, tokens_per_sec, ...).
+The model is model.GPT. Here: random windows of the training text, AdamW with weight decay on the
+matrices, linear warmup then cosine or linear decay, bf16 autocast on CUDA, gradient accumulation,
+one process or N under torchrun (DistributedDataParallel), the best-val checkpoint kept, resume.
+Writes out/gpt.pt (the best-val checkpoint) and out/gpt.json (val_loss on the whole val split,
+train_loss, iters, seconds, tokens_per_sec, ...).
 
 Run:  python gpt.py                  (a CUDA machine gets the GPU sizes; times and numbers: README)
       python gpt.py --max_iters=200  (any global below can be overridden; --help lists them)
       python gpt.py --init_from=resume --max_iters=8000  (continue: optimizer, iter, data order)
+      torchrun --standalone --nproc_per_node=8 gpt.py    (one micro-batch a process and step)
 """
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (ByDevice, configure, count, decode, die, encode, eta, get_batch, load_checkpoint,
-                      load_model, load_splits, load_weights, lr_at, prepare_out_dir, save_checkpoint)
+from configurator import ByDevice, configure
+from data import decode, encode, load_splits
+from model import GPT, GPTConfig, load_gpt
+from plumbing import die, eta, load_checkpoint, load_weights, prepare_out_dir, save_checkpoint, share_done
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (plain globals; `--key=value` overrides any of them, see configure())
@@ -59,234 +60,26 @@ sample_chars = 500              # in [0, inf): length of the sample printed at t
 compile = False                 # torch.compile (worth it on GPU; CPU compile costs more)
 # ----------------------------------------------------------------------------------------
 
-# ------------------------------------------------------------------ the model
-@dataclass
-class GPTConfig:
-    block_size: int = 128
-    vocab_size: int = 65
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    token_mix: int = 3
-    dropout: float = 0.0
+
+def get_batch(data, block_size, batch_size, generator, device='cpu'):
+    """batch_size random windows of a split (1-D tokens): inputs x and next characters y, (B, T) each."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[i:i + block_size] for i in ix])  # (B, T)
+    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])  # (B, T), shifted by one
+    return x.to(device), y.to(device)
 
 
-def rotary(x, cos, sin):
-    """Rotary position embedding (Su et al. 2021, RoFormer): rotate pairs (x1_i, x2_i) of each
-    head by angle pos * theta_i, so q . k depends only on the distance. x (B, nh, T, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hd/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+def get_lr(it, lr, warmup, total, min_ratio, decay):
+    """The learning rate at iteration it: linear warmup over `warmup` iterations, then 'cosine'
+    or 'linear' decay from lr to lr * min_ratio at iteration `total` (held there after it)."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    ratio = min(1.0, (it - warmup) / max(1, total - warmup))
+    left = 0.5 * (1 + math.cos(math.pi * ratio)) if decay == 'cosine' else 1 - ratio  # 1 -> 0
+    return lr * min_ratio + left * (lr - lr * min_ratio)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer):
-        super().__init__()
-        self.n_head, self.layer, self.dropout = config.n_head, layer, config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.resid_drop = nn.Dropout(config.dropout)
-
-    def forward(self, x, cos, sin, cache=None):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # 3 x (B, nh, T, hd)
-                   for t in self.qkv(x).split(C, dim=2))
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # positions enter here, relative
-        if cache is not None:  # keep this step's k, v; attend over everything cached
-            p = cache.pos
-            assert p == 0 or T == 1, 'prefill from an empty cache, then one token at a time'
-            cache.k[self.layer, :, :, p:p + T] = k
-            cache.v[self.layer, :, :, p:p + T] = v
-            k, v = cache.k[self.layer, :, :, :p + T], cache.v[self.layer, :, :, :p + T]  # (B,nh,p+T,hd)
-        # softmax(q k^T / sqrt(hd)) v, causal: a single new token may see everything cached
-        if T == 1 and cache is not None:  # one query: two small matmuls beat the CPU flash kernel
-            y = torch.softmax((q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5, -1) @ v  # (B, nh, 1, hd)
-        else:  # causal; fp32 even under CPU bf16 autocast (reward.py's), where bf16 is slower (docs/log.md)
-            with torch.autocast('cpu', enabled=False):
-                drop = self.dropout if self.training else 0.0
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=T > 1,
-                                                   dropout_p=drop)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_drop(self.proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x))))  # (B, T, C)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2)."""
-    def __init__(self, config, layer):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd, bias=False)
-        self.ln2 = nn.LayerNorm(config.n_embd, bias=False)
-        self.attn = CausalSelfAttention(config, layer)
-        self.mlp = MLP(config)
-
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.ln1(x), cos, sin, cache)
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.tok_mix = nn.Parameter(torch.zeros(config.token_mix, config.n_embd))  # (m, C): see hidden()
-        self.tok_mix.data[-1] = 1.0  # starts as the plain embedding
-        hd = config.n_embd // config.n_head  # rotary angles pos * 10000^(-2i/hd)
-        theta = 10000 ** (-torch.arange(0, hd, 2).float() / hd)  # (hd/2,)
-        angles = torch.outer(torch.arange(config.block_size).float(), theta)
-        self.register_buffer('cos', angles.cos(), persistent=False)  # (block_size, hd/2)
-        self.register_buffer('sin', angles.sin(), persistent=False)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied input/output embedding (Press & Wolf 2017)
-        for module in self.modules():  # GPT-2's init: N(0, 0.02), residual projections / sqrt(2 L)
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        for name, p in self.named_parameters():
-            if name.endswith('proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-    def hidden(self, idx, cache=None):
-        """Final-norm hidden states (B, T, C): the trunk the reward model and critic reuse."""
-        B, T = idx.shape
-        p = cache.pos if cache is not None else 0
-        assert p + T <= self.config.block_size, f'{p + T} tokens exceed block_size {self.config.block_size}'
-        cos, sin = self.cos[p:p + T], self.sin[p:p + T]  # (T, hd/2): positions p .. p + T - 1
-        e = self.tok_emb(idx)  # (B, T, C)
-        # Token mix (Primer's depthwise convolution, So et al. 2021; RWKV's token shift): x_t =
-        # sum_j w_j e_{t-m+1+j}, a learned per-channel mix of the last m embeddings (e = 0 before
-        # the context), so the first layer's attention need not spend itself on gathering n-grams.
-        m = self.tok_mix.size(0)  # token_mix
-        prev = cache.emb_tail if cache is not None and p > 0 else e.new_zeros(B, m - 1, e.size(2))
-        ep = torch.cat([prev, e], dim=1)  # (B, m - 1 + T, C)
-        if cache is not None:
-            cache.emb_tail = ep[:, T:]  # (B, m - 1, C), for the next token
-        x = self.drop(sum(self.tok_mix[j] * ep[:, j:j + T] for j in range(m)))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.pos += T
-        return self.ln_f(x)  # (B, T, C)
-
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) given."""
-        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, V)
-        loss = None
-        if targets is not None:  # L = -1/(B T) sum_{b,t} log softmax(logits)[b, t, targets[b, t]]
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
-
-    def configure_optimizers(self, weight_decay, **adamw):
-        """AdamW with weight decay on the matrices only, as nanoGPT and GPT-2: not on norms, and
-        not on the token mix, which decay would pull towards 'see no character' instead of the
-        identity it starts as."""
-        decay = {n: p.dim() >= 2 and n != 'tok_mix' for n, p in self.named_parameters()}
-        params = lambda d: [p for n, p in self.named_parameters() if decay[n] == d]
-        groups = [{'params': params(True), 'weight_decay': weight_decay},
-                  {'params': params(False), 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, **adamw)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop=None):
-        """Sample up to max_new_tokens after idx (B, T) -> out (B, T + n), logprobs (B, n), lengths (B,).
-
-        stop: token ids that end a row (END_OF_TURN encoded), part of its answer; after them the
-        row is padded with stop[-1] and log-probability 0; n is the longest row. temperature 0 is
-        argmax; logprobs are log pi(y_t) at the temperature (and top_k) y_t was drawn with. With
-        the KV cache a new token costs one position, not T; finished rows leave the batch once they
-        are a quarter of it. Past block_size the full cache restarts from the last block_size // 2
-        tokens, so every logit is a plain forward over the last block_size / 2 to block_size tokens."""
-        window, B, T = self.config.block_size, idx.size(0), idx.size(1)
-        stop_ids = torch.tensor(stop or [], dtype=idx.dtype, device=idx.device)
-        out = idx.new_full((B, T + max_new_tokens), stop[-1] if stop else 0)
-        out[:, :T] = idx
-        logps = torch.zeros(B, max_new_tokens, device=idx.device)
-        lengths = torch.full((B,), max_new_tokens, device=idx.device)
-        rows = torch.arange(B, device=idx.device)  # batch row -> row of out
-        live = torch.ones(B, dtype=torch.bool, device=idx.device)  # rows still writing
-        cache = KVCache(self.config, B, idx.device, self.tok_emb.weight.dtype,
-                        length=min(window, T + max_new_tokens))
-        logits = self(idx[:, -window:], cache=cache)[0][:, -1]  # prefill the (cropped) prompt
-        for i in range(max_new_tokens):
-            last = logits.float()  # (R, V)
-            if top_k is not None:  # keep the k largest, -inf elsewhere
-                kth = torch.topk(last, min(top_k, last.size(-1))).values[:, [-1]]
-                last = last.masked_fill(last < kth, float('-inf'))
-            if temperature == 0:
-                nxt = last.argmax(-1)  # (R,)
-            else:
-                nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1, generator=generator)[:, 0]
-            out[rows[live], T + i] = nxt[live]
-            logps[rows[live], i] = token_logprobs(last[live], nxt[live], temperature or 1.0)
-            if len(stop_ids) and i + 1 >= len(stop_ids):  # rows whose answer now ends in stop
-                ended = live & (out[rows, T + i + 1 - len(stop_ids):T + i + 1] == stop_ids).all(1)
-                lengths[rows[ended]] = i + 1
-                live &= ~ended
-            if i == max_new_tokens - 1 or not live.any():
-                break
-            if (~live).sum() * 4 >= len(live):  # drop finished rows from the batch
-                rows, nxt, cache = rows[live], nxt[live], cache.select(live)
-                live = live[live]
-            if cache.pos == window:  # full: re-prefill the last half
-                cache.pos = 0
-                logits = self(out[rows, T + i + 1 - window // 2:T + i + 1], cache=cache)[0][:, -1]
-            else:
-                logits = self(nxt[:, None], cache=cache)[0][:, -1]  # one position, O(cache) attention
-        n = int(lengths.max()) if B else 0
-        return out[:, :T + n], logps[:, :n], lengths
-
-
-# ------------------------------------------------------------------ generate()'s cache; log-probs PPO shares
-class KVCache:
-    """Keys and values of every layer for the `pos` tokens seen so far: k, v (n_layer, B, n_head,
-    length <= block_size, head_dim); a forward writes its keys at pos.. and attends over the first
-    pos + T. emb_tail (B, token_mix - 1, C): the last embeddings, for the next token's mix."""
-    def __init__(self, config, B, device, dtype, length=None):
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, B, config.n_head, length or config.block_size, hd)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.emb_tail, self.pos = None, 0
-
-    def select(self, keep):
-        """Keep only the batch rows where keep (B,) is True (finished answers leave the batch)."""
-        shape = self.k.shape[:1] + (int(keep.sum()),) + self.k.shape[2:]
-        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
-        k[..., :self.pos, :] = self.k[:, keep, :, :self.pos]
-        v[..., :self.pos, :] = self.v[:, keep, :, :self.pos]
-        self.k, self.v = k, v
-        self.emb_tail = self.emb_tail[keep] if self.emb_tail is not None else None
-        return self
-
-
-def log_probs(logits, temperature=1.0):
-    """log softmax(logits / temperature) over the characters, in fp32: (..., V) -> (..., V). The
-    one place it is computed: sampling, PPO, the entropy and the exact KL share the math and the
-    temperature (Huang et al., "The N implementation details of RLHF", detail 2)."""
-    return F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
-
-
-def token_logprobs(logits, tokens, temperature=1.0):
-    """log pi(token | context) under softmax(logits / temperature): (B, T, V), (B, T) -> (B, T)."""
-    return log_probs(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-# ------------------------------------------------------------------ evaluation and loading
+# ------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device):
     """Mean loss over the same n_batches random batches of each split at every call: {split: loss}."""
@@ -309,11 +102,6 @@ def split_loss(model, data, batch=64):
     x, y = data[:n * T].view(n, T).to(dev), data[1:n * T + 1].view(n, T).to(dev)  # (n, T) each
     total = sum(model(xb, yb)[1].item() * len(xb) for xb, yb in zip(x.split(batch), y.split(batch)))
     return total / n
-
-
-def load_gpt(path, run_first='python gpt.py', device='cpu'):
-    """(GPT in eval mode, vocab, checkpoint dict) from a checkpoint of gpt.py or ppo.py."""
-    return load_model(path, lambda checkpoint: GPT(GPTConfig(**checkpoint['model_args'])), run_first, device)
 
 
 # ------------------------------------------------------------------ pretraining
@@ -358,7 +146,7 @@ if __name__ == '__main__':
                       n_embd=n_embd, token_mix=token_mix, dropout=dropout)
     iter_num, best_val, checkpoint = 0, float('inf'), None
     if init_from == 'resume':
-        checkpoint = load_checkpoint(ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path, kind='GPT')
         if checkpoint['vocab'] != vocab:
             die(f'{ckpt_path} was trained on another vocabulary than {data_path}')
         model_args = checkpoint['model_args']  # the shape comes from the checkpoint, not the flags
@@ -410,7 +198,7 @@ if __name__ == '__main__':
             break
         t0 = time.time()
         for group in optimizer.param_groups:
-            group['lr'] = lr_at(iter_num, learning_rate, warmup_iters, max_iters, min_lr_ratio, lr_decay)
+            group['lr'] = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr_ratio, lr_decay)
         step_loss = 0.0
         for i, g in enumerate(gens):  # L = 1/accum sum_j L_j over all ranks
             x, y = get_batch(train_data, block_size, batch_size, g, device)  # (B, T) each
@@ -434,7 +222,7 @@ if __name__ == '__main__':
             lossf = float(step_loss)
             if not math.isfinite(lossf):
                 die(f'loss is {lossf} at iter {iter_num}: {diverged}')
-            print(f'iter {count(iter_num, max_iters)}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
+            print(f'iter {share_done(iter_num, max_iters)}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
                   f'{batch_size * accum * block_size / dt:,.0f} tok/s, '
                   f'{eta(iter_num, max_iters, t_loop, start_iter)}')
     if ddp:

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from plumbing import answer_texts
+from data import answer_texts, encode
 
 # The labeler's hidden lexicon: whole words, case-insensitive, all frequent in input.txt.
 POSITIVE = frozenset('''good love true fair noble honour sweet heaven grace friends peace pardon
@@ -95,3 +95,21 @@ def repeated_word(texts, repeats, room, n_max):
         if len(variants) == n_max:
             break
     return variants
+
+
+def repeat_probe(score, prompts, texts, vocab, room, repeats=(1, 2, 4, 8), n_max=200):
+    """A known way to exploit a summed reward, tried on a scorer: the mean score(seqs (N, Tp + Ta),
+    lengths (N,)) of held-out answers (texts, to prompts (N, Tp)) with their one positive word said
+    n times in a row, which the labeler still counts once (repeated_word): ({n: mean score},
+    answers used). room: the most answer characters the scorer reads."""
+    variants = repeated_word(texts[:len(prompts)], repeats, room, n_max)
+    if not variants:  # a tiny run may have none
+        return {n: float('nan') for n in repeats}, 0
+    out = {}
+    for v, n in enumerate(repeats):
+        said = [variant[v] for _, variant in variants]
+        lengths = torch.tensor([len(s) for s in said])
+        answers = [torch.tensor(encode(s, vocab) + [0] * (int(lengths.max()) - len(s))) for s in said]
+        ids = torch.stack([torch.cat([prompts[i], a]) for (i, _), a in zip(variants, answers)])  # (N, Tp+Ta)
+        out[n] = score(ids, lengths).mean().item()
+    return out, len(variants)

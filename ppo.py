@@ -42,19 +42,18 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from frontier import (answer_sum, best_of_n_kept, collect, eval_line, policy_point, print_frontier,
-                      print_samples, save_frontier, summary)
-from gpt import GPT, GPTConfig, log_probs, token_logprobs
+from configurator import ByDevice, configure
+from data import (END_OF_TURN, answer_mask, encode, ends_turn, forward_in_chunks, load_splits, sample_prompts,
+                  turn_starts)
+from frontier import RunPath, best_of_n_kept, eval_result, held_out_prompts, print_frontier, print_samples
 from labeler import gold_scores
-from plumbing import (END_OF_TURN, ByDevice, answer_mask, by_length, configure, count, die, encode, ended,
-                      eta, get_batch, load_splits, prepare_out_dir, sample_prompts,
-                      save_checkpoint, turn_starts)
-from reward import load_for_rl, score
-from sft import answer_logits, exact_kl, held_out_prompts
+from model import GPT, GPTConfig, answer_logits, exact_kl, load_policy_and_rm, log_probs, rm_scores, token_logprobs
+from plumbing import die, eta, prepare_out_dir, save_checkpoint, share_done
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -92,8 +91,6 @@ eval_samples = 2                # in [1, inf): answers per held-out prompt at ea
 eval_interval = 8               # in [1, inf): evaluate the policy every this many iterations
 best_of_max = 64                # in [16, inf): best-of-n for n = 1, 2, 4, ..., this (one pass)
 # ----------------------------------------------------------------------------------------
-_renamed = {'lam': 'gae_lambda', 'ppo_epochs': 'update_epochs', 'grad_clip': 'max_grad_norm',
-            'vf_clip': 'cliprange_value', 'init_beta': 'init_kl_coef'}  # the options' names until Nov 2026
 
 
 class Critic(nn.Module):
@@ -160,6 +157,11 @@ def group_advantages(returns, group_size, scale=False, eps=1e-8):
     return (R - others).flatten()
 
 
+def answer_sum(x, mask):
+    """sum_t x_t over each answer's tokens (mask 1), averaged over the answers: x, mask (B, Ta) -> float."""
+    return (x * mask).sum(1).mean().item()
+
+
 def masked_mean(x, mask):
     """Mean of x over the positions where mask (same shape, 0/1) is 1: padding does not count."""
     return (x * mask).sum() / mask.sum()
@@ -211,7 +213,7 @@ class AdaptiveKLController:
 @torch.no_grad()
 def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature, chunk):
     """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), `chunk` at a
-    time, each cut to its longest answer (plumbing.by_length): log pi, log pi_ref, V (0 without a
+    time, each cut to its longest answer (data.forward_in_chunks): log pi, log pi_ref, V (0 without a
     critic), the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta), 0 past the
     chunk's longest answer."""
     def passes(s, _):
@@ -223,85 +225,82 @@ def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature,
                 critic(s, prompt_len) if critic else logits.new_zeros(logits.shape[:2]),  # V(s_t)
                 exact_kl(logits, ref_logits, temperature),  # KL(pi || pi_ref) at s_t
                 -(logp_all.exp() * logp_all).sum(-1))  # H(pi(.|s_t))
-    return by_length(passes, seqs, lengths, prompt_len, chunk)
+    return forward_in_chunks(passes, seqs, lengths, prompt_len, chunk)
 
 
 LOG_FIELDS = ['iter', 'reward', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
               'approx_kl', 'pg_loss', 'v_loss', 'entropy', 'explained_var', 'time_ms']
 
 
-def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer_len, stop, temperature, seed,
-          max_iters, batch_size, update_epochs, num_minibatches, learning_rate, critic_lr, clip_coef,
-          cliprange_value, vf_coef, ent_coef, ptx_coef, gamma, gae_lambda, init_kl_coef, kl_target,
-          kl_horizon, max_grad_norm, truncation_penalty, forward_batch_size, advantage='gae', group_size=1,
-          gold_fn=None, lm_batch_fn=None, log=print, on_iter=None):
+def train(policy, ref, critic, reward_fn, get_prompts, stop, args, gold_fn=None, lm_batch_fn=None, log=print,
+          on_iter=None):
     """The PPO loop. policy, ref: GPTs; critic(seqs, Tp) -> V (B, Ta), or None for a group baseline
-    (advantage 'rloo' or 'grpo': batch_size / group_size prompts, group_size answers each);
+    (args.advantage 'rloo' or 'grpo': batch_size / group_size prompts, group_size answers each);
     reward_fn(seqs (B, Tp + Ta), lengths (B,)) -> scores (B,); get_prompts(n) -> (n, prompt_len)
-    tokens; stop: the end-of-turn tokens; the rest: this file's hyperparameters. Episodes are
-    whole turns of varying length: everything after an answer's end is masked out. Returns the
-    per-iteration log (list of dicts). A NaN/inf loss raises FloatingPointError before the
-    update, so nothing bad gets saved."""
-    Tp, chunk = prompt_len, forward_batch_size
-    groups = [{'params': list(policy.parameters()), 'lr': learning_rate}]
+    tokens; stop: the end-of-turn tokens; args: this file's hyperparameters as attributes (as
+    cleanrl passes them). Episodes are whole turns of varying length: everything after an
+    answer's end is masked out. Returns the per-iteration log (list of dicts). A NaN/inf loss
+    raises FloatingPointError before the update, so nothing bad gets saved."""
+    Tp, chunk = args.prompt_len, args.forward_batch_size
+    groups = [{'params': list(policy.parameters()), 'lr': args.learning_rate}]
     if critic is not None:
-        groups.append({'params': list(critic.parameters()), 'lr': critic_lr})
+        groups.append({'params': list(critic.parameters()), 'lr': args.critic_lr})
     params = [p for g in groups for p in g['params']]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    kl_ctl = AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
-    gen = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
-    shuffle = torch.Generator().manual_seed(seed)
+    kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
+    gen = torch.Generator(next(policy.parameters()).device).manual_seed(args.seed)
+    shuffle = torch.Generator().manual_seed(args.seed)
     history, t_run = [], time.time()
     policy.eval()  # dropout off during RL
     if critic is not None:
         critic.eval()
-    G = 1 if advantage == 'gae' else group_size
-    for it in range(max_iters):
+    G = 1 if args.advantage == 'gae' else args.group_size
+    for it in range(args.max_iters):
         t0 = time.time()
         # ---- rollout: sample a turn, then score every token under the policy, the reference and the RM
-        prompts = get_prompts(batch_size // G).repeat_interleave(G, 0)  # (B, Tp): G answers a prompt
-        seqs, _, lengths = policy.generate(prompts, max_answer_len, temperature=temperature, generator=gen,
-                                           stop=stop)  # (B, Tp + Ta), (B,)
+        prompts = get_prompts(args.batch_size // G).repeat_interleave(G, 0)  # (B, Tp): G answers a prompt
+        seqs, _, lengths = policy.generate(prompts, args.max_answer_len, temperature=args.temperature,
+                                           generator=gen, stop=stop)  # (B, Tp + Ta), (B,)
         mask = answer_mask(lengths, seqs.size(1) - Tp)  # (B, Ta) 1 up to each answer's end
-        logp, ref_logp, values, kl_exact, entropy = forward_rollout(policy, ref, critic, seqs, lengths, Tp,
-                                                                    temperature, chunk)  # (B, Ta) each
+        logp, ref_logp, values, kl_exact, entropy = forward_rollout(
+            policy, ref, critic, seqs, lengths, Tp, args.temperature, chunk)  # (B, Ta) each
         values = values * mask  # V = 0 after the end (gae)
         scores = reward_fn(seqs, lengths)  # (B,)
-        finished = ended(seqs[:, Tp:], lengths, stop)  # (B,) did the speaker stop?
-        scores = scores - truncation_penalty * (~finished).float()  # a fixed cost for running out
+        finished = ends_turn(seqs[:, Tp:], lengths, stop)  # (B,) did the speaker stop?
+        scores = scores - args.truncation_penalty * (~finished).float()  # a fixed cost for running out
         beta = kl_ctl.beta
         rewards = per_token_rewards(scores, logp, ref_logp, beta, mask)  # (B, Ta)
-        if advantage == 'gae':
-            advantages, returns = gae(rewards, values, gamma, gae_lambda)
+        if args.advantage == 'gae':
+            advantages, returns = gae(rewards, values, args.gamma, args.gae_lambda)
             advantages = whiten(advantages, mask)
         else:  # R_i = sum_t r_t; no critic: V = 0
-            advantages = group_advantages(rewards.sum(1), G, scale=advantage == 'grpo')[:, None] * mask
+            advantages = group_advantages(rewards.sum(1), G, args.advantage == 'grpo')[:, None] * mask
             returns = values
         k1, k3 = kl_estimates(logp, ref_logp)
         kl = answer_sum(kl_exact, mask)  # nats per answer
-        kl_ctl.update(kl, batch_size)
+        kl_ctl.update(kl, args.batch_size)
         # ---- PPO update: epochs x shuffled minibatches of whole episodes
         B = seqs.size(0)
         stats = []
-        for _ in range(update_epochs):
-            for idx in torch.randperm(B, generator=shuffle).chunk(num_minibatches):  # ceil(B / n) each
+        for _ in range(args.update_epochs):
+            for idx in torch.randperm(B, generator=shuffle).chunk(args.num_minibatches):  # ceil(B/n) each
                 logits = answer_logits(policy(seqs[idx])[0], Tp)  # (mb, Ta, V)
                 new_values = critic(seqs[idx], Tp) * mask[idx] if critic else values[idx]  # (mb, Ta)
-                new_logp = token_logprobs(logits, seqs[idx, Tp:], temperature)
+                new_logp = token_logprobs(logits, seqs[idx, Tp:], args.temperature)
                 pg_loss, v_loss, clipfrac, approx_kl = ppo_losses(
                     new_logp, logp[idx], advantages[idx], new_values, values[idx], returns[idx], mask[idx],
-                    clip_coef, cliprange_value)
-                loss = pg_loss + vf_coef * v_loss
-                if ent_coef > 0:  # - c H(pi): a bonus for entropy
-                    logp_all = log_probs(logits, temperature)
-                    loss = loss + ent_coef * masked_mean((logp_all.exp() * logp_all).sum(-1), mask[idx])
-                if ptx_coef > 0 and lm_batch_fn is not None:  # InstructGPT eq. 2: + gamma E[log pi(x)]
-                    loss = loss + ptx_coef * policy(*lm_batch_fn())[1]
+                    args.clip_coef, args.cliprange_value)
+                loss = pg_loss + args.vf_coef * v_loss
+                if args.ent_coef > 0:  # - c H(pi): a bonus for entropy
+                    logp_all = log_probs(logits, args.temperature)
+                    loss = loss + args.ent_coef * masked_mean((logp_all.exp() * logp_all).sum(-1), mask[idx])
+                if args.ptx_coef > 0 and lm_batch_fn is not None:  # InstructGPT eq. 2: + gamma E[log pi(x)]
+                    loss = loss + args.ptx_coef * policy(*lm_batch_fn())[1]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f'PPO loss is {loss.item()} at iter {it}')
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 opt.step()
                 stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), clipfrac, approx_kl]))
         pg, vl, cf, ak = torch.stack(stats).mean(0).tolist()
@@ -314,12 +313,12 @@ def train(policy, ref, critic, reward_fn, get_prompts, *, prompt_len, max_answer
                'explained_var': explained_variance(values, returns, mask),
                'time_ms': (time.time() - t0) * 1000}
         history.append(row)
-        log(f"iter {count(it + 1, max_iters)}: reward {row['reward']:.3f}, gold {row['gold']:.3f}, "
+        log(f"iter {share_done(it + 1, args.max_iters)}: reward {row['reward']:.3f}, gold {row['gold']:.3f}, "
             f"kl {kl:.2f} (k1 {row['kl_k1']:.2f}, k3 {row['kl_k3']:.2f}), beta {beta:.4f}, "
             f"length {row['length']:.0f}, "
             f"ended {row['ended']:.2f}, clipfrac {cf:.3f}, approx_kl {ak:.4f}, pg_loss {pg:.4f}, "
             f"v_loss {vl:.4f}, entropy {row['entropy']:.3f}, explained_var {row['explained_var']:.2f}, "
-            f"time {row['time_ms']:.0f} ms, {eta(it + 1, max_iters, t_run)}")
+            f"time {row['time_ms']:.0f} ms, {eta(it + 1, args.max_iters, t_run)}")
         if on_iter is not None:
             on_iter(it, row)
     return history
@@ -338,7 +337,11 @@ if __name__ == '__main__':
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
     reference = config['reference'] = policy  # PPO's start, and its KL's reference
-    rm, rm_checkpoint, ref, vocab, _ = load_for_rl(out_dir, reference, device)
+    ref, vocab, _, rm, rm_checkpoint = load_policy_and_rm(os.path.join(out_dir, reference),
+                                                          os.path.join(out_dir, 'reward.pt'), device)
+    if rm_checkpoint.get('policy', 'gpt.pt') != reference:  # whose answers the RM learnt from
+        print(f"note: {out_dir}/reward.pt learnt from answers of {rm_checkpoint.get('policy', 'gpt.pt')}, and "
+              f'RL starts from {reference}: for one road, give both stages the same --policy', file=sys.stderr)
     prompt_len = config['prompt_len'] = prompt_len or rm_checkpoint['prompt_len']
     max_answer_len = config['max_answer_len'] = max_answer_len or rm_checkpoint['max_answer_len']
     if prompt_len + max_answer_len > ref.config.block_size:
@@ -348,13 +351,18 @@ if __name__ == '__main__':
     stop = config['stop'] = encode(END_OF_TURN, vocab)
     for p in list(ref.parameters()) + list(rm.parameters()):
         p.requires_grad_(False)  # frozen reference and RM
-    policy = GPT(GPTConfig(**dict(ref.config.__dict__, dropout=0.0))).to(device)
-    policy.load_state_dict(ref.state_dict())
+    model = GPT(GPTConfig(**dict(ref.config.__dict__, dropout=0.0))).to(device)  # the policy PPO trains
+    model.load_state_dict(ref.state_dict())
     prompt_gen = torch.Generator().manual_seed(seed)
     starts = turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
-    ptx_windows = -(-batch_size // num_minibatches)  # ptx: a minibatch's episodes, in windows
-    lm_batch = lambda: get_batch(train_data, ref.config.block_size, ptx_windows, prompt_gen, device)
+    T, ptx_windows = ref.config.block_size, -(-batch_size // num_minibatches)  # ptx: a minibatch's episodes
+
+    def lm_batch():  # PPO-ptx: random windows of the training text and their next characters, (b, T) each
+        ix = torch.randint(len(train_data) - T - 1, (ptx_windows,), generator=prompt_gen)
+        x = torch.stack([train_data[i:i + T + 1] for i in ix]).to(device)  # (b, T + 1)
+        return x[:, :-1], x[:, 1:]
+
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path, 'w', newline='')
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
@@ -369,51 +377,39 @@ if __name__ == '__main__':
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
     curve, samples = best_of_n_kept(out_dir, reference, ref, rm, held_out, vocab, max_answer_len, stop,
                                     temperature, best_of_max, seed, forward_batch_size)
-    path, ppo_samples = [], []
-
-    def evaluate_policy(it):  # the policy on the held-out prompts: one point of its path
-        row, s = policy_point(policy, ref, rm, held_out, vocab, max_answer_len, stop, temperature,
-                              eval_samples, seed, it, forward_batch_size, method=name)
-        path.append(row)
-        ppo_samples[:] = s
-        print(eval_line(it, row))
+    path = RunPath(name, model, ref, rm, held_out, vocab, max_answer_len, stop, temperature, eval_samples, seed,
+                   forward_batch_size)
 
     def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps its log
         writer.writerow(row)
         log_file.flush()
         if (it + 1) % eval_interval == 0 or it + 1 == max_iters:
-            evaluate_policy(it + 1)
+            path.add(it + 1)
 
     groups = '' if advantage == 'gae' else f', {batch_size // group_size} prompts x {group_size} ({name})'
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
           f"chars{groups}, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so reward = RM x "
           f'{gain:.2f}')
-    evaluate_policy(0)
+    path.add(0)
+
+    @torch.no_grad()
+    def reward_fn(s, n):  # the RM's score in units of its std on the reference's answers: (B,)
+        return gain * rm_scores(rm, s, prompt_len, n, forward_batch_size)
+
     try:
-        train(policy, ref, critic, lambda s, n: gain * score(rm, s, prompt_len, n, forward_batch_size),
-              get_prompts, prompt_len=prompt_len, max_answer_len=max_answer_len, stop=stop,
-              temperature=temperature, seed=seed, max_iters=max_iters, batch_size=batch_size,
-              update_epochs=update_epochs, num_minibatches=num_minibatches, learning_rate=learning_rate,
-              critic_lr=critic_lr, clip_coef=clip_coef, cliprange_value=cliprange_value, vf_coef=vf_coef,
-              ent_coef=ent_coef, ptx_coef=ptx_coef, gamma=gamma, gae_lambda=gae_lambda,
-              init_kl_coef=init_kl_coef, kl_target=kl_target, kl_horizon=kl_horizon,
-              max_grad_norm=max_grad_norm, truncation_penalty=truncation_penalty,
-              forward_batch_size=forward_batch_size, advantage=advantage, group_size=group_size,
-              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch,
-              on_iter=on_iter)
+        train(model, ref, critic, reward_fn, get_prompts, stop, SimpleNamespace(**config),
+              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch, on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()
-    result = summary(curve, path[-1], samples, ppo_samples, held_out, vocab)
+    result = eval_result(curve, path.rows[-1], samples, path.samples, held_out, vocab)
     metrics = {'policy': reference, 'reference': reference, 'advantage': advantage, 'seed': seed,
                'eval_prompts': eval_prompts, 'iters': max_iters,
-               'seconds': round(time.time() - t_start, 1), 'eval': result, 'path': path}
-    save_checkpoint({'model': policy.state_dict(), 'critic': critic.state_dict() if critic else None,
-                     'model_args': dict(policy.config.__dict__), 'config': config, 'vocab': vocab,
+               'seconds': round(time.time() - t_start, 1), 'eval': result, 'path': path.rows}
+    save_checkpoint({'model': model.state_dict(), 'critic': critic.state_dict() if critic else None,
+                     'model_args': dict(model.config.__dict__), 'config': config, 'vocab': vocab,
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
-    with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
-        json.dump(metrics, f, indent=2)
-    save_frontier(collect(out_dir)[0], out_dir, reference)  # every run in out_dir, this one too
-    print_frontier(curve, path, result)
+    path.save(out_dir, metrics, [f'{name}.json'])  # and the frontier of every run in out_dir, this one too
+    print_frontier(curve, path.rows, result)
     print_samples(result, name)
     print(f"seconds {metrics['seconds']}")

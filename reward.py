@@ -28,7 +28,6 @@ Writes out/reward.pt (model, config, vocab, norm_bias, shapes, policy), out/rewa
 out/preferences.pt (the labelled answers of the train, dev and val prompts: what dpo.py trains on).
 """
 import copy
-import json
 import math
 import os
 import sys
@@ -36,15 +35,14 @@ import time
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, load_gpt
-from labeler import all_pairs, gold_scores, label, pair_metrics, repeated_word, words
-from plumbing import (END_OF_TURN, ByDevice, MinibardError, answer_mask, answer_texts, by_length, configure,
-                      count, cpu_has_bf16, die, encode, ended, eta, load_model, load_splits, lr_at,
-                      prepare_out_dir, progress, run_first, sample_answers, sample_prompts, save_checkpoint,
-                      turn_starts)
+from configurator import ByDevice, configure
+from data import (END_OF_TURN, answer_texts, encode, ends_turn, load_splits, sample_answers, sample_prompts,
+                  turn_starts)
+from labeler import all_pairs, gold_scores, label, pair_metrics, repeat_probe, words
+from model import GPTConfig, RewardModel, load_gpt, rm_scores
+from plumbing import die, eta, prepare_out_dir, progress, save_checkpoint, share_done, write_json
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -66,7 +64,8 @@ gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (docs/log.md)
 epochs = 3                      # in [1, inf): passes over the pairs (why 3: docs/log.md)
-_bf16 = 'bfloat16' if cpu_has_bf16() else 'float32'  # the CPU's fast dtype for the RM (bf16 units or not)
+_bf16_units = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()  # private; absent: False
+_bf16 = 'bfloat16' if _bf16_units else 'float32'  # the CPU's fast dtype for the RM: bf16 units or not
 dtype = ByDevice(cpu=_bf16, cuda='float32')  # in {'bfloat16', 'float32'}: on CPU, bf16 autocast or not
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
@@ -84,86 +83,6 @@ def pairwise_loss(r, prefs):
     margin = torch.where(prefs > 0.5, d, -d)  # r_w - r_l
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
-
-class RewardModel(nn.Module):
-    """r(x, y) = b + sum_t w . h_t over the answer's characters t: the GPT trunk plus a scalar
-    head on every answer character, summed up to the answer's end. Read after t characters the
-    sum is the score of the answer so far, which PPO's critic reuses.
-
-    Why summed, not InstructGPT's single head on the last token: a word-counting labeler scores a
-    sum over positions, so this head only learns what each stretch of text adds, not also where
-    to look. The RM reads the last `context` characters of the prompt and the answer; an answer
-    longer than the block is read over its last block_size characters. The head starts at zero
-    (r = 0: no preference); the bias b carries the normalisation."""
-    def __init__(self, config, context=0):
-        super().__init__()
-        self.context = context  # prompt characters the RM reads
-        self.trunk = GPT(config)
-        self.head = nn.Linear(config.n_embd, 1, bias=False)
-        nn.init.zeros_(self.head.weight)
-        self.bias = nn.Parameter(torch.zeros(()))  # Bradley-Terry ignores it; set by normalisation
-
-    def contributions(self, seqs, prompt_len):
-        """Each answer character's share c_t = w . h_t: seqs (B, Tp + Ta), a prompt of prompt_len
-        and the answers -> (B, Ta), or (B, block_size) for answers longer than the block."""
-        start = max(0, prompt_len - self.context, seqs.size(1) - self.trunk.config.block_size)
-        h = self.trunk.hidden(seqs[:, start:])  # (B, T', C)
-        with torch.autocast('cpu', enabled=False):  # the head in fp32 under bf16 training: a
-            return self.head(h[:, max(0, prompt_len - start):].float()).squeeze(-1)  # bf16 c_t loses credit
-
-    def forward(self, seqs, prompt_len, lengths=None):
-        """r = b + sum of c_t over each answer up to its length: seqs (B, Tp + Ta), lengths (B,)
-        (None: all Ta characters are answer) -> scores (B,)."""
-        read = seqs.size(1) - max(0, prompt_len - self.context)  # characters the trunk would read
-        if lengths is not None and len(seqs) > 1 and read > self.trunk.config.block_size:
-            # past the block each answer is read over the window before its own end: one row at a
-            # time (only sample mode writes past the block; training and PPO stay within it)
-            return torch.cat([self(seqs[i:i + 1, :prompt_len + int(lengths[i])], prompt_len, lengths[i:i + 1])
-                              for i in range(len(seqs))])
-        c = self.contributions(seqs, prompt_len)  # (B, Ta') the last Ta' answer characters
-        if lengths is not None:  # padding after an answer's end adds nothing
-            c = c * answer_mask(lengths, seqs.size(1) - prompt_len)[:, -c.size(1):]
-        return c.sum(1) + self.bias
-
-
-def rm_scores(rm, seqs, prompt_len, lengths=None, chunk=32):
-    """The RM's scores (N,) of N prompt + answer sequences (N, Tp + Ta) with answer lengths (N,): forwarded
-    shortest first in chunks, each cut to its longest answer (plumbing.by_length). Differentiable;
-    on the RM's device."""
-    device = next(rm.parameters()).device
-    if lengths is None:
-        lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len)
-    forward = lambda s, n: rm(s.to(device), prompt_len, n.to(device))
-    return by_length(forward, seqs, lengths, prompt_len, chunk)
-
-
-@torch.no_grad()
-def score(rm, seqs, prompt_len, lengths=None, chunk=32):
-    """rm_scores() without gradients: for evaluation, best-of-n and PPO's rollouts."""
-    return rm_scores(rm, seqs, prompt_len, lengths, chunk)
-
-
-def load_reward_model(path, device='cpu'):
-    """(RewardModel in eval mode, vocab, checkpoint dict) from out/reward.pt."""
-    build = lambda checkpoint: RewardModel(GPTConfig(**checkpoint['model_args']), checkpoint['rm_context'])
-    return load_model(path, build, 'python reward.py', device, kind='reward model')
-
-
-def load_for_rl(out_dir, policy, device='cpu'):
-    """out_dir/reward.pt and out_dir/<policy>, for RL from that policy: (rm, its checkpoint, the
-    policy GPT, vocab, its checkpoint). The RM's trunk must be the policy's shape and vocabulary
-    (else MinibardError); a note if it learnt from another policy's answers."""
-    rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device)
-    model, vocab, checkpoint = load_gpt(os.path.join(out_dir, policy), run_first(policy), device)
-    shape = lambda c: {**c['model_args'], 'dropout': 0}
-    if rm_vocab != vocab or shape(rm_checkpoint) != shape(checkpoint):
-        raise MinibardError(f'{out_dir}/reward.pt was not trained from this {out_dir}/{policy} (other '
-                            f'vocabulary or shape): run python reward.py --policy={policy} again')
-    labelled = rm_checkpoint.get('policy', 'gpt.pt')  # whose answers the RM learnt from
-    if labelled != policy:
-        print(f'note: {out_dir}/reward.pt learnt from answers of {labelled}, and RL starts from '
-              f'{policy}: for one road, give both stages the same --policy', file=sys.stderr)
-    return rm, rm_checkpoint, model, vocab, checkpoint
 
 # ------------------------------------------------------------------ preference data, training, metrics
 class Preferences(NamedTuple):
@@ -191,10 +110,11 @@ def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, sto
     return Preferences(seqs.cpu(), lengths.view(n_prompts, k).cpu(), g, prefs)
 
 
+@torch.no_grad()
 def evaluate_rm(rm, data, prompt_len, tau):
     """rm on the Preferences `data`: its pairwise loss, pair_metrics, and the mean and std of its scores."""
     P, k, _ = data.seqs.shape
-    r = score(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()  # (P, k)
+    r = rm_scores(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()  # (P, k)
     return {'loss': pairwise_loss(r, data.prefs)[0].item(), **pair_metrics(r, data.g, data.prefs, tau),
             'mean_reward': r.mean().item(), 'std_reward': r.std().item()}
 
@@ -224,7 +144,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
                 best = (m['loss'], copy.deepcopy(rm.state_dict()))
         if step == steps:
             break
-        lr_now = lr_at(step, lr, 0, steps, 0.0, 'linear')  # lr (1 - step / steps)
+        lr_now = lr * (1 - step / steps)  # linear decay to 0
         for group in opt.param_groups:
             group['lr'] = lr_now
         if step % (P // prompts_per_batch or 1) == 0:
@@ -241,7 +161,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
         opt.step()
         run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
         if step % log_interval == 0:
-            log(f'iter {count(step, steps)}: loss {run_loss:.4f}, acc {acc.item():.3f}, lr {lr_now:.2e}, '
+            log(f'iter {share_done(step, steps)}: loss {run_loss:.4f}, acc {acc.item():.3f}, lr {lr_now:.2e}, '
                 f'{eta(step, steps, t0)}')
     rm.load_state_dict(best[1])
     rm.eval()
@@ -298,24 +218,6 @@ def bow_reference(texts, sets, tau, l2_grid=(1e-4, 3e-4, 1e-3, 3e-3)):
             'bow_words': len(index)}
 
 
-@torch.no_grad()
-def repeat_scores(rm, prompts, texts, vocab, repeats=(1, 2, 4, 8), n_max=200):
-    """The RM under repetition, a known way to exploit a summed reward: the mean score of held-out
-    answers (texts, to prompts (N, Tp)) with their one positive word said n times in a row, which
-    the labeler still counts once (labeler.repeated_word): ({n: mean r}, answers used)."""
-    variants = repeated_word(texts[:len(prompts)], repeats, rm.trunk.config.block_size - rm.context, n_max)
-    if not variants:  # a tiny run may have none
-        return {n: float('nan') for n in repeats}, 0
-    out = {}
-    for v, n in enumerate(repeats):
-        said = [variant[v] for _, variant in variants]
-        lengths = torch.tensor([len(s) for s in said])
-        answers = [torch.tensor(encode(s, vocab) + [0] * (int(lengths.max()) - len(s))) for s in said]
-        ids = torch.stack([torch.cat([prompts[i], a]) for (i, _), a in zip(variants, answers)])  # (N, Tp+Ta)
-        out[n] = score(rm, ids, prompts.size(1), lengths).mean().item()
-    return out, len(variants)
-
-
 def print_report(m, n_prompts, k, reps, n_rep):
     """The final block: the Bayes limit, the reference learner and the RM side by side."""
     print('-' * 72 + f"\nheld-out pairs {m['pairs_val']} ({n_prompts} prompts of the validation text x "
@@ -343,7 +245,7 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    model, vocab, _ = load_gpt(os.path.join(out_dir, policy), run_first(policy), device=device)
+    model, vocab, _ = load_gpt(os.path.join(out_dir, policy), device=device)
     if prompt_len + max_answer_len > model.config.block_size:
         die(f'prompt_len + max_answer_len = {prompt_len + max_answer_len} exceeds the GPT block_size '
             f'{model.config.block_size}: lower them')
@@ -365,7 +267,7 @@ if __name__ == '__main__':
     train = sets['train']
     print(f"{time.time() - t_start:.1f}s: {train.prefs.numel()} train, {sets['dev'].prefs.numel()} dev, "
           f"{sets['val'].prefs.numel()} val pairs; answers: {train.lengths.float().mean():.0f} "
-          f"characters on average, {ended(*answers['train'], stop).float().mean():.0%} end on their own; "
+          f"characters on average, {ends_turn(*answers['train'], stop).float().mean():.0%} end on their own; "
           f"gold mean {train.g.mean():.2f}, share non-zero {(train.g != 0).float().mean():.2f}")
 
     labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
@@ -395,18 +297,20 @@ if __name__ == '__main__':
     norm_bias, _ = metrics.pop('mean_reward'), metrics.pop('loss')  # held-out answers -> mean 0
     with torch.no_grad():
         rm.bias -= norm_bias
-    reps, n_rep = repeat_scores(rm, sets['val'].seqs.flatten(0, 1)[:, :prompt_len], texts['val'], vocab)
+    score = torch.no_grad()(lambda seqs, n: rm_scores(rm, seqs, prompt_len, n))
+    reps, n_rep = repeat_probe(score, sets['val'].seqs.flatten(0, 1)[:, :prompt_len], texts['val'], vocab,
+                               rm.trunk.config.block_size - rm.context)
     gain = (reps[8] - reps[1]) / metrics['std_reward'] if n_rep and metrics['std_reward'] > 0 else None
     metrics = {'policy': policy, 'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'),
                **metrics, **bow,
                'answer_len': sets['val'].lengths.float().mean().item(),
-               'ended': ended(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
+               'ended': ends_turn(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
                'repeat_rewards': {str(n): round(r, 4) for n, r in reps.items()}, 'repeat_gain': gain,
                'norm_bias': norm_bias, 'seconds': round(time.time() - t_start, 1)}
     save_checkpoint({'model': rm.state_dict(), 'model_args': args, 'config': config, 'vocab': vocab,
                      'norm_bias': norm_bias, 'prompt_len': prompt_len, 'max_answer_len': max_answer_len,
                      'rm_context': rm_context, 'policy': policy, 'metrics': metrics},
                     os.path.join(out_dir, 'reward.pt'))
-    with open(os.path.join(out_dir, 'reward.json'), 'w') as f:
-        json.dump({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, f, indent=2)
+    write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+               os.path.join(out_dir, 'reward.json'))
     print_report(metrics, val_prompts, K, reps, n_rep)

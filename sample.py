@@ -8,7 +8,7 @@ answer to a typical answer of that policy" (0.5 = as good as it).
 P is calibrated for what the RM was trained on, whole turns of up to max_answer_len characters
 (see ece in out/reward.json). Longer text is scored over the last window the RM can read, and
 the output says so. In both chat modes an answer that runs into that limit is shown to its last
-whole line or sentence (plumbing.whole), and P is the RM's on exactly what is shown.
+whole line or sentence (data.trim_to_whole), and P is the RM's on exactly what is shown.
 
 Run:
     python sample.py                                  # 3 continuations of --start, each with P
@@ -28,14 +28,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from frontier import (as_row, best_of_n, best_of_n_frontier, policy_point, print_frontier, print_samples,
-                      summary)
-from gpt import load_gpt
-from plumbing import (END_OF_TURN, MinibardError, answer_texts, as_turns, checkpoint_path, clean, configure,
-                      die, encode, end_of_turn, format_chat, load_splits, prepare_out_dir, run_first,
-                      sample_answers, whole)
-from reward import load_reward_model, score
-from sft import held_out_prompts
+from configurator import configure
+from data import (END_OF_TURN, answer_texts, as_turns, clean, encode, end_of_turn, format_chat, load_splits,
+                  sample_answers, trim_to_whole)
+from frontier import (best_of_n, best_of_n_frontier, eval_result, held_out_prompts, policy_point,
+                      print_frontier, print_samples, row_of_older_run)
+from model import load_gpt, load_policy_and_rm, rm_scores
+from plumbing import MinibardError, die, prepare_out_dir
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -58,7 +57,22 @@ port = 8000                     # in [0, 65535]: web: the port (0: any free one)
 # ----------------------------------------------------------------------------------------
 
 
-def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
+def checkpoint_path(name, out_dir):
+    """'ppo' | 'sft' | 'gpt' | a path -> the checkpoint path. A missing ppo.pt falls back to the policy
+    before it, sft.pt, then gpt.pt, with a note."""
+    if name not in ('ppo', 'sft', 'gpt'):
+        return name
+    path = os.path.join(out_dir, f'{name}.pt')
+    for fallback in {'ppo': ['sft', 'gpt'], 'sft': ['gpt']}.get(name, []):
+        if os.path.exists(path):
+            break
+        path = os.path.join(out_dir, f'{fallback}.pt')
+        print(f'note: no {out_dir}/{name}.pt yet (run python {name}.py); trying {path}', file=sys.stderr)
+    return path
+
+
+def continuations(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0,
+                  top_k=None):
     """n_answers continuations of one prompt string, each the RM's favourite of best_of, ended by
     the tokens `stop` (None: run to max_len): [(text, RM score r, P)]."""
     dev = next(model.parameters()).device
@@ -70,7 +84,7 @@ def answer(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, t
 
 def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
     """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: best_of
-    answers drawn, each ended where its turn ends (end_of_turn) and shown whole (plumbing.whole), each
+    answers drawn, each ended where its turn ends (end_of_turn) and shown whole (data.trim_to_whole), each
     scored by the RM on exactly what is shown, as a turn of the scene (the text, then the blank
     line); the favourite is kept. -> {'answer', 'p', 'rm' (its RM score r), 'seconds', 'cut', 'note'}."""
     t0, dev = time.time(), next(model.parameters()).device
@@ -79,14 +93,15 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
     for _ in range(5):  # a turn that says nothing: draw again
         y, lengths = sample_answers(model, ids, max_len, stop, temperature, gen, top_k=top_k)
         drawn = [end_of_turn(text) for text in answer_texts(y, lengths, vocab)]
-        shown = [whole(text, ended) for text, ended in drawn]
+        shown = [trim_to_whole(text, finished) for text, finished in drawn]
         if any(text.strip() for text, _ in shown):
             break
     said, n = as_turns([text for text, _ in shown], vocab, dev)  # (n, Ta), (n,)
-    r = score(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()  # (n,) on what is shown
+    with torch.no_grad():
+        r = rm_scores(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()  # (n,) on what is shown
     best = max([i for i, (text, _) in enumerate(shown) if text.strip()] or [0], key=lambda i: r[i])
-    (text, how), (drawn_text, ended_here) = shown[best], drawn[best]
-    cut = not ended_here
+    (text, how), (drawn_text, finished) = shown[best], drawn[best]
+    cut = not finished
     note = '' if not cut else f'cut at {max_len} characters' + (
         f', shown to its last whole {how} ({len(text)} of {len(drawn_text)})' if how != 'none' else '')
     return {'answer': text, 'p': torch.sigmoid(torch.tensor(r[best])).item(), 'rm': r[best],
@@ -213,10 +228,8 @@ if __name__ == '__main__':
         die(f"--best_of={best_of} is for sample and chat modes: eval mode measures best-of-n for every n "
             f"up to ppo.py's --best_of_max")
     path = checkpoint_path(ckpt, out_dir)
-    model, vocab, checkpoint = load_gpt(path, run_first(path), device=device)
-    rm, rm_vocab, rm_checkpoint = load_reward_model(os.path.join(out_dir, 'reward.pt'), device=device)
-    if rm_vocab != vocab:
-        die(f'{path} and {out_dir}/reward.pt use different vocabularies: retrain them from the same gpt.pt')
+    model, vocab, checkpoint, rm, rm_checkpoint = load_policy_and_rm(path, os.path.join(out_dir, 'reward.pt'),
+                                                                     device)
     max_answer_len = rm_checkpoint['max_answer_len']  # the turns the RM was calibrated on
     labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')  # whose answers score 0 on average
     max_new_tokens = max_new_tokens or max_answer_len
@@ -232,7 +245,7 @@ if __name__ == '__main__':
         t0 = time.time()
         c = checkpoint['config']
         reference = c.get('reference', 'gpt.pt')  # the policy PPO started from
-        ref, _, _ = load_gpt(os.path.join(out_dir, reference), run_first(reference), device=device)
+        ref, _, _ = load_gpt(os.path.join(out_dir, reference), device=device)
         _, val_data, _ = load_splits(data_path, vocab)
         held_out = held_out_prompts(val_data, vocab, c['eval_prompts'], c['prompt_len'], c['seed'], device)
         print(f"best-of-n, n = 1..{c['best_of_max']}, on {c['eval_prompts']} held-out prompts ...")
@@ -243,10 +256,10 @@ if __name__ == '__main__':
         final, ppo_samples = policy_point(model, ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
                                           c['temperature'], c['eval_samples'], c['seed'], c['max_iters'],
                                           method=method)
-        result = summary(curve, final, samples, ppo_samples, held_out, vocab)
+        result = eval_result(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        earlier = [as_row(r) for r in checkpoint['metrics']['path'][:-1]]  # also rows older runs wrote
+        earlier = [row_of_older_run(r) for r in checkpoint['metrics']['path'][:-1]]
         print_frontier(curve, earlier + [final], result)
         print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
@@ -268,8 +281,8 @@ if __name__ == '__main__':
         if max_new_tokens > max_answer_len:
             print(f'note: the RM was calibrated on turns of up to {max_answer_len} characters; P below is '
                   f'over the last {min(max_new_tokens, window)} it reads, not calibrated', file=sys.stderr)
-        for text, r, p in answer(model, rm, vocab, prompt, num_samples, max_new_tokens, None, gen, best_of,
-                                  temperature, top_k):
+        for text, r, p in continuations(model, rm, vocab, prompt, num_samples, max_new_tokens, None, gen,
+                                        best_of, temperature, top_k):
             print(prompt + text)
             print(f'--- rm {r:+.3f}, P(preferred to a typical {labelled} answer) = {p:.3f}' +
                   (f' (best of {best_of})' if best_of > 1 else ''))

@@ -19,8 +19,6 @@ demonstrations replaced by labeler.py choosing them from human text:
     over each answer, from the full next-character distributions (as for PPO); the same for the
     pretrained model; and the copy rate: the share of answers that repeat copy_len or more
     characters of a training demonstration verbatim (a small set is easy to memorise).
- The evaluation helpers here (answer_logits, exact_kl, held_out_prompts, measure_policy) are the
- ones frontier.py and ppo.py use for every later policy.
 
 Run:  python sft.py              (after python gpt.py; times and numbers: README)
       python sft.py --min_gold=2 (fewer, better-liked demonstrations)
@@ -28,7 +26,6 @@ Writes out/sft.pt (loadable wherever gpt.pt is) and out/sft.json (demos, val_los
 gold_pretrained, kl_to_pretrained, copy_rate, seconds, ...).
 """
 import copy
-import json
 import math
 import os
 import sys
@@ -36,11 +33,13 @@ import time
 
 import torch
 
-from gpt import load_gpt, log_probs, token_logprobs
+from configurator import configure
+from data import (END_OF_TURN, answer_mask, answer_texts, decode, encode, ends_turn, load_splits,
+                  turn_starts)
+from frontier import held_out_prompts, mean_se, measure_policy
 from labeler import gold_score, gold_scores
-from plumbing import (END_OF_TURN, answer_mask, answer_texts, by_length, configure, count, decode, die,
-                      encode, ended, eta, load_splits, lr_at, prepare_out_dir, sample_answers, sample_prompts,
-                      save_checkpoint, turn_starts)
+from model import answer_logits, load_gpt, token_logprobs
+from plumbing import die, eta, prepare_out_dir, save_checkpoint, share_done, write_json
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -88,12 +87,6 @@ def demonstrations(data, vocab, prompt_len, max_len, min_gold):
     return seqs, lengths
 
 
-def answer_logits(logits, prompt_len):
-    """The logits that predict the answer's tokens: position t - 1 predicts token t.
-    (B, Tp + Ta, V) -> (B, Ta, V)."""
-    return logits[:, prompt_len - 1:-1]
-
-
 def sft_loss(model, seqs, lengths, prompt_len):
     """Cross-entropy on the answer characters only: seqs (B, Tp + Ta), lengths (B,) -> scalar.
     L = -1/N sum_b sum_{t < len_b} log pi(y_{b,t} | prompt, y_{b,<t}), N = sum_b len_b (a mean over
@@ -109,50 +102,6 @@ def demo_loss(model, seqs, lengths, prompt_len, batch=256):
     total = sum(sft_loss(model, s, n, prompt_len).item() * n.sum().item()
                 for s, n in zip(seqs.split(batch), lengths.split(batch)))
     return total / lengths.sum().item()
-
-
-# ------------------------------------------------------------------ measuring a policy on held-out prompts
-def exact_kl(logits_p, logits_q, temperature=1.0):
-    """Per-position KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the whole vocabulary:
-    (..., V) -> (...)."""
-    logp, logq = log_probs(logits_p, temperature), log_probs(logits_q, temperature)
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def held_out_prompts(val_data, vocab, n, prompt_len, seed, device):
-    """The evaluation prompts: n speech starts of the validation text, the same for sft.py, ppo.py
-    and sample.py at the same seed."""
-    starts = turn_starts(val_data, vocab, prompt_len)
-    return sample_prompts(val_data, starts, n, prompt_len, torch.Generator().manual_seed(seed + 1)).to(device)
-
-
-def answer_values(answers, lengths, vocab, stop):
-    """What is measured of each answer (N, Ta) besides its reward: gold, length, ended."""
-    answers, lengths = answers.cpu(), lengths.cpu()
-    return {'gold': gold_scores(answers, lengths, vocab), 'length': lengths.float(),
-            'ended': ended(answers, lengths, stop).float()}
-
-
-@torch.no_grad()
-def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=32,
-                   batch=256):
-    """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time,
-    and per answer its gold, length, ended and exact KL(pi || pi_ref) summed over its characters
-    (nats), forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
-    gen = torch.Generator(prompts.device).manual_seed(seed)
-    Tp = prompts.size(1)
-    rep = prompts.repeat_interleave(n_samples, 0)  # (P n, Tp)
-    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch)
-    seqs = torch.cat([rep, y], 1)
-    kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
-                       * answer_mask(n, s.size(1) - Tp)).sum(1)  # (b,) nats per answer
-    return seqs, lengths, {**answer_values(y, lengths, vocab, stop),
-                           'kl': by_length(kl, seqs, lengths, Tp, chunk).cpu()}
-
-
-def mean_se(x):
-    """(mean, standard error of the mean) of a 1-D tensor of per-prompt values."""
-    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
 
 
 def copy_rate(texts, demos, n):
@@ -183,7 +132,7 @@ if __name__ == '__main__':
     demo_texts = answer_texts(answers, demo_lengths, vocab)  # for the copy rate
     print(f'{len(demos)} demonstrations (gold >= {min_gold}) of the training text, {len(val_demos)} held '
           f'out: {demo_lengths.float().mean():.0f} characters on average, '
-          f'{ended(answers, demo_lengths, stop).float().mean():.0%} end on their own, '
+          f'{ends_turn(answers, demo_lengths, stop).float().mean():.0%} end on their own, '
           f'gold mean {gold_scores(answers, demo_lengths, vocab).mean():.2f}')
 
     model = copy.deepcopy(pretrained).train()  # the policy; the pretrained model stays as it is
@@ -196,8 +145,10 @@ if __name__ == '__main__':
     print(f'step 0: held-out demonstration loss {pretrained_loss:.4f} (the pretrained model)')
     since_best, t0, it, run_loss = 0, time.time(), 0, None
     while it < max_iters and since_best < patience:
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(it, learning_rate, warmup_iters, max_iters, min_lr_ratio, 'linear')
+        ratio = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))  # linear warmup, then
+        for group in optimizer.param_groups:  # linear decay to lr * min_lr_ratio at max_iters
+            group['lr'] = learning_rate * (it + 1) / warmup_iters if it < warmup_iters else \
+                learning_rate * min_lr_ratio + (1 - ratio) * (learning_rate - learning_rate * min_lr_ratio)
         b = torch.randint(len(demos), (batch_size,), generator=gen).to(device)
         n = demo_lengths[b]
         loss = sft_loss(model, demos[b, :prompt_len + int(n.max())], n, prompt_len)  # cut to the longest
@@ -212,7 +163,7 @@ if __name__ == '__main__':
         it += 1
         run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
         if it % log_interval == 0:
-            print(f'iter {count(it, max_iters)}: loss {run_loss:.4f}, {eta(it, max_iters, t0)} at most')
+            print(f'iter {share_done(it, max_iters)}: loss {run_loss:.4f}, {eta(it, max_iters, t0)} at most')
         if it % eval_interval == 0 or it == max_iters:  # early stopping on the held-out demonstrations
             model.eval()
             val_loss = demo_loss(model, val_demos, val_lengths, prompt_len)
@@ -252,8 +203,8 @@ if __name__ == '__main__':
     save_checkpoint({'model': model.state_dict(), 'model_args': gpt_checkpoint['model_args'],
                      'config': config, 'vocab': vocab, 'iter_num': best[1], 'metrics': metrics},
                     os.path.join(out_dir, 'sft.pt'))
-    with open(os.path.join(out_dir, 'sft.json'), 'w') as f:
-        json.dump({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, f, indent=2)
+    write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+               os.path.join(out_dir, 'sft.json'))
     print('-' * 72 + f"\n{eval_prompts} held-out prompts x {eval_samples} answers:\n"
           f"{'':12}{'gold':>7}{'± se':>7}{'KL to pretrained':>18}{'length':>8}{'ended':>7}{'copies':>8}")
     for name, row in rows.items():

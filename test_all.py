@@ -7,8 +7,8 @@ and go on while the in-process tests run; each test that reads one waits for it.
 script's __main__ as `python script args` would, in a process forked from one that has imported
 torch once; torchrun, Ctrl-C and the second pretraining run are fresh `python` processes (that
 one gives the forked run's numbers). Sections follow the modules in the order they import each
-other (plumbing.py, labeler.py, gpt.py, sft.py, reward.py, frontier.py, ppo.py, dpo.py,
-sample.py), then the pipeline end to end, then every script's options, --help and a user's
+other (plumbing.py, configurator.py, data.py, model.py, labeler.py, frontier.py, gpt.py, sft.py,
+reward.py, ppo.py, dpo.py, sample.py), then the pipeline end to end, then every script's options, --help and a user's
 mistakes.
 """
 import ast
@@ -22,34 +22,43 @@ import runpy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ppo
+from configurator import ByDevice, check_option, configure, resolve_defaults
 from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, StubRM, copy_ckpts, save_tiny, tiny_model
+from data import (TAG, answer_mask, decode, encode, end_of_turn, format_chat, load_splits, load_text,
+                  trim_to_whole)
 from dpo import answer_logprobs, dpo_loss
-from frontier import as_row, best_of_n, best_of_n_curve, gold_at_kl
-from gpt import GPT, GPTConfig, KVCache, load_gpt, split_loss, token_logprobs
+from frontier import best_of_n, best_of_n_curve, gold_at_kl, measure_policy, row_of_older_run
+from gpt import get_lr, split_loss
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
-from plumbing import (TAG, ByDevice, MinibardError, answer_mask, check_option, configure, decode, encode,
-                      end_of_turn, format_chat, load_checkpoint, load_splits, load_text, lr_at,
-                      resolve_defaults, save_checkpoint, whole)
+from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, load_reward_model, rm_scores,
+                   token_logprobs)
+from plumbing import MinibardError, load_checkpoint, save_checkpoint
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
                  per_token_rewards, ppo_losses, train as ppo_train, whiten)
-from reward import (Preferences, RewardModel, bow_features, bow_scores, evaluate_rm, fit_bow,
-                    load_reward_model, pairwise_loss, score, train_reward_model)
+from reward import Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss, train_reward_model
 from sample import make_server, reply
-from sft import copy_rate, demonstrations, exact_kl, measure_policy, sft_loss
+from sft import copy_rate, demonstrations, sft_loss
 
 
-# ========== plumbing.py: options, checkpoints, the codec, the schedule, chat turns
-def test_codec_round_trip():
-    s = 'ROMEO:\nO, she doth teach the torches to burn bright!'
-    assert decode(encode(s, VOCAB), VOCAB) == s and len(VOCAB) == 65
+# ========================================================= plumbing.py: checkpoints
+def test_checkpoint_round_trip(tmp_path):
+    m = tiny_model(3)
+    path = str(tmp_path / 'm.pt')
+    save_tiny(m, path)
+    assert os.listdir(tmp_path) == ['m.pt']  # no temp file left behind
+    m2, vocab, _ = load_gpt(path)
+    idx = torch.randint(0, 65, (2, 16))
+    assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
 
 
+# ========================================================= configurator.py: options
 def test_overrides_parse_and_type_check(capsys):
     scope = {'batch_size': 32, 'learning_rate': 1e-3, 'out_dir': 'out', 'compile': False, 'top_k': None,
              '_hidden': 1}
@@ -81,24 +90,10 @@ def test_option_rules_by_hand():
             check_option('opt', value, comment)
 
 
-def test_checkpoint_round_trip(tmp_path):
-    m = tiny_model(3)
-    path = str(tmp_path / 'm.pt')
-    save_tiny(m, path)
-    assert os.listdir(tmp_path) == ['m.pt']  # no temp file left behind
-    m2, vocab, _ = load_gpt(path)
-    idx = torch.randint(0, 65, (2, 16))
-    assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
-
-
-def test_lr_schedule_on_hand_numbers():
-    """Warmup over 10 iterations, then linear or cosine decay over 100 to lr * min_ratio, held there."""
-    assert lr_at(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and lr_at(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
-    assert abs(lr_at(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
-    assert abs(lr_at(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12
-    assert lr_at(110, 1.0, 10, 110, 0.0, 'linear') == 0
-    assert abs(lr_at(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12
-    assert abs(lr_at(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
+# ============================================== data.py: the codec, turns, the chat
+def test_codec_round_trip():
+    s = 'ROMEO:\nO, she doth teach the torches to burn bright!'
+    assert decode(encode(s, VOCAB), VOCAB) == s and len(VOCAB) == 65
 
 
 def test_chat_format_and_trimming():
@@ -116,75 +111,22 @@ def test_chat_format_and_trimming():
 
 
 def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
-    assert whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
-    assert whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
-    assert whole('I am. Thou art not', False) == ('I am.', 'sentence')
-    assert whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
-    assert whole('Nonesuch', False) == ('Nonesuch', 'none')
-    assert whole('Go hence', True) == ('Go hence', '')  # a turn that ended is kept whole
+    assert trim_to_whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
+    assert trim_to_whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
+    assert trim_to_whole('I am. Thou art not', False) == ('I am.', 'sentence')
+    assert trim_to_whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
+    assert trim_to_whole('Nonesuch', False) == ('Nonesuch', 'none')
+    assert trim_to_whole('Go hence', True) == ('Go hence', '')  # a turn that ended is kept whole
     text = open(os.path.join(HERE, 'input.txt')).read()
     for start in range(0, 200000, 997):  # real text cut at 96 characters
         cut = text[start:start + 96]
-        shown, how = whole(cut, False)
+        shown, how = trim_to_whole(cut, False)
         assert cut.startswith(shown) and shown.strip() and how != 'none'
         # whole words
         assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)
 
 
-# ====================================================================== labeler.py
-def test_gold_score_on_hand_written_lines():
-    assert gold_score('O sweet love, my gentle joy!') == 4
-    assert gold_score('Death and blood, thou foul villain.') == -4
-    assert gold_score('love love LOVE, Love.') == 1  # distinct words, any case
-    assert gold_score('A lovely glove; undead.') == 0  # whole words only
-    assert gold_score("Fair Juliet's love is death to me") == 2 - 1
-
-
-def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
-    """The repetition yardstick: answers whose gold is one positive word said once get that word
-    said n times, and gold still counts it once; other answers, and variants past room, are left out."""
-    texts = ['Be merry, sir.', 'O love, sweet love', 'Go hence.', 'Thy death.', 'It is good to know it well']
-    variants = repeated_word(texts, (1, 2, 4), room=45, n_max=10)
-    assert [i for i, _ in variants] == [0, 4]  # one positive word, said once
-    assert variants[0][1] == ['Be merry, sir.', 'Be merry merry, sir.', 'Be merry merry merry merry, sir.']
-    for i, said in variants:
-        assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
-    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]  # 8 goods: 61 > 60
-    assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
-
-
-def test_labeler_choice_frequency_matches_bradley_terry():
-    gen = torch.Generator().manual_seed(0)
-    n = 40000
-    for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
-        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau,
-                     generator=gen).mean().item()
-        p = 1 / (1 + math.exp(-(gi - gj) / tau))
-        assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
-    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3  # a one-word lead wins ~73%
-
-
-def test_all_pairs_once_each():
-    for k in range(2, 8):
-        i, j = all_pairs(k)
-        pairs = list(zip(i.tolist(), j.tolist()))
-        assert len(pairs) == k * (k - 1) // 2 == len(set(pairs)) and all(a < b for a, b in pairs)
-
-
-def test_pair_metrics_on_hand_numbers():
-    """ECE, prob_mae and the val, Bayes and gold accuracies of one prompt's three pairs, by hand."""
-    # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
-    r, g = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
-    y = torch.tensor([[0.0, 1.0, 1.0]])
-    m = pair_metrics(r, g, y, 1.0)
-    s1 = 1 / (1 + math.exp(-1))  # labeler's P for a one-word lead
-    assert abs(m['ece'] - (0.25 + 0.5 + 0.25) / 3) < 1e-6  # one pair per bin: |q - y| each
-    assert abs(m['prob_mae'] - 2 * (0.75 - s1) / 3) < 1e-6  # |0.25 - (1-s1)| + 0 + |0.75 - s1|
-    assert abs(m['val_acc'] - 2 / 3) < 1e-6 and abs(m['bayes_acc'] - (2 * s1 + 0.5) / 3) < 1e-6
-    assert m['gold_acc'] == 1.0  # both gold-different pairs ordered right
-
-
-# ========================================================================== gpt.py
+# ==================================== model.py: the GPT, generate, the reward model
 def test_shapes_and_loss():
     m = tiny_model()
     idx = torch.randint(0, 65, (3, 16))
@@ -319,6 +261,150 @@ def test_weight_decay_on_the_linear_and_embedding_matrices_only():
     assert opt.param_groups[0]['betas'] == (0.9, 0.99) and opt.param_groups[0]['lr'] == 1e-3
 
 
+def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window():
+    rm = RewardModel(TINY, context=2).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    seqs = torch.randint(0, 65, (3, 4 + 9))
+    lengths = torch.tensor([9, 5, 1])
+    padded = [rm(seqs[b:b + 1, :4 + n], 4) for b, n in enumerate(lengths.tolist())]  # each alone, unpadded
+    assert torch.allclose(rm(seqs, 4, lengths), torch.cat(padded), atol=1e-5)
+    long = torch.randint(0, 65, (2, 4 + 40))  # 40 > block_size 16: the last 16 are read
+    assert torch.allclose(rm(long, 4), rm(long[:, -16:], 0), atol=1e-5)
+    mixed = rm(long, 4, torch.tensor([6, 40]))  # a short answer padded beside a long one
+    assert torch.allclose(mixed, torch.cat([rm(long[:1, :4 + 6], 4), rm(long[1:, -16:], 0)]), atol=1e-5)
+
+
+# ======================================================================= labeler.py
+def test_gold_score_on_hand_written_lines():
+    assert gold_score('O sweet love, my gentle joy!') == 4
+    assert gold_score('Death and blood, thou foul villain.') == -4
+    assert gold_score('love love LOVE, Love.') == 1  # distinct words, any case
+    assert gold_score('A lovely glove; undead.') == 0  # whole words only
+    assert gold_score("Fair Juliet's love is death to me") == 2 - 1
+
+
+def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
+    """The repetition yardstick: answers whose gold is one positive word said once get that word
+    said n times, and gold still counts it once; other answers, and variants past room, are left out."""
+    texts = ['Be merry, sir.', 'O love, sweet love', 'Go hence.', 'Thy death.', 'It is good to know it well']
+    variants = repeated_word(texts, (1, 2, 4), room=45, n_max=10)
+    assert [i for i, _ in variants] == [0, 4]  # one positive word, said once
+    assert variants[0][1] == ['Be merry, sir.', 'Be merry merry, sir.', 'Be merry merry merry merry, sir.']
+    for i, said in variants:
+        assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
+    assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]  # 8 goods: 61 > 60
+    assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
+
+
+def test_labeler_choice_frequency_matches_bradley_terry():
+    gen = torch.Generator().manual_seed(0)
+    n = 40000
+    for gi, gj, tau in [(1, 0, 1.0), (0, 0, 1.0), (-1, 1, 1.0), (2, 0, 2.5)]:
+        freq = label(torch.full((n,), float(gi)), torch.full((n,), float(gj)), tau,
+                     generator=gen).mean().item()
+        p = 1 / (1 + math.exp(-(gi - gj) / tau))
+        assert abs(freq - p) < 0.01, (gi, gj, tau, freq, p)
+    assert abs(choice_prob(1, 0).item() - 0.731) < 1e-3  # a one-word lead wins ~73%
+
+
+def test_all_pairs_once_each():
+    for k in range(2, 8):
+        i, j = all_pairs(k)
+        pairs = list(zip(i.tolist(), j.tolist()))
+        assert len(pairs) == k * (k - 1) // 2 == len(set(pairs)) and all(a < b for a, b in pairs)
+
+
+def test_pair_metrics_on_hand_numbers():
+    """ECE, prob_mae and the val, Bayes and gold accuracies of one prompt's three pairs, by hand."""
+    # one prompt, three answers: q = sigmoid(r_i - r_j) = 0.25, 0.5, 0.75 for pairs (0,1), (0,2), (1,2)
+    r, g = torch.tensor([[0.0, math.log(3), 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    y = torch.tensor([[0.0, 1.0, 1.0]])
+    m = pair_metrics(r, g, y, 1.0)
+    s1 = 1 / (1 + math.exp(-1))  # labeler's P for a one-word lead
+    assert abs(m['ece'] - (0.25 + 0.5 + 0.25) / 3) < 1e-6  # one pair per bin: |q - y| each
+    assert abs(m['prob_mae'] - 2 * (0.75 - s1) / 3) < 1e-6  # |0.25 - (1-s1)| + 0 + |0.75 - s1|
+    assert abs(m['val_acc'] - 2 / 3) < 1e-6 and abs(m['bayes_acc'] - (2 * s1 + 0.5) / 3) < 1e-6
+    assert m['gold_acc'] == 1.0  # both gold-different pairs ordered right
+
+
+# ====================================================================== frontier.py
+def test_a_policy_measured_against_itself_has_zero_kl():
+    """measure_policy's KL is the exact sum over each answer of KL(pi || pi_ref) at every position:
+    0 against itself, and against another model the sum worked out from the full distributions."""
+    policy, ref, Tp = tiny_model(1), tiny_model(2), 4
+    prompts = torch.randint(0, 65, (3, Tp), generator=torch.Generator().manual_seed(0))
+    _, _, same = measure_policy(policy, policy, prompts, VOCAB, 6, [0], 1.0, 2, seed=0)
+    assert torch.equal(same['kl'], torch.zeros(6))
+    seqs, lengths, other = measure_policy(policy, ref, prompts, VOCAB, 6, [0], 1.0, 2, seed=0)
+    for b in range(6):
+        p, q = F.softmax(policy(seqs[b:b + 1])[0][0], -1), F.softmax(ref(seqs[b:b + 1])[0][0], -1)
+        brute = sum((p[t] * (p[t] / q[t]).log()).sum() for t in range(Tp - 1, Tp - 1 + lengths[b]))
+        assert abs(other['kl'][b].item() - brute.item()) < 1e-4
+    assert set(other) == {'gold', 'length', 'ended', 'kl'} and torch.equal(other['length'], lengths.float())
+
+
+def test_best_of_n_returns_the_reward_models_argmax():
+    m = tiny_model()
+    prompts = torch.randint(0, 65, (5, 4))
+    stop = [VOCAB.index('e')]  # answers end at their first 'e'
+    best, best_len, best_r, all_y, all_len, all_r = best_of_n(m, StubRM(), prompts, 8, 6, stop, 1.0,
+                                                              torch.Generator().manual_seed(0))
+    assert all_y.shape[:2] == (5, 8) and all_r.shape == (5, 8) and all_len.max() <= 6
+    assert (all_len < 6).any() and (all_len == 6).any()  # some answers ended early, some ran out
+    for p in range(5):
+        k = all_r[p].argmax()
+        assert torch.equal(best[p], all_y[p,
+                                          k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
+        # each scored on its prompt + answer to its own end
+        for k in range(8):
+            last = all_y[p, k, all_len[p, k] - 1]
+            assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last + 1e-3 * all_len[p, k])) < 2e-5
+
+
+def test_best_of_n_estimator_against_enumeration():
+    """The order-statistics estimator equals the average, over every n-subset of the N samples,
+    of the gold of the subset's RM favourite."""
+    gen = torch.Generator().manual_seed(0)
+    r, gold = torch.randn(3, 7, generator=gen), torch.randint(-2, 3, (3, 7), generator=gen).float()
+    curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
+    for n, point in curve.items():
+        rm_n, gold_n = point['rm'], point['gold']
+        for p in range(3):
+            subsets = list(combinations(range(7), n))
+            best = [max(s, key=lambda i: r[p, i].item()) for s in subsets]
+            assert abs(gold_n[p].item() - sum(gold[p, i].item() for i in best) / len(subsets)) < 1e-9
+            assert abs(rm_n[p].item() - sum(r[p, i].item() for i in best) / len(subsets)) < 1e-6
+    assert torch.allclose(curve[1]['gold'], gold.double().mean(1))
+    assert torch.allclose(curve[7]['rm'], r.double().max(1).values)
+
+
+def test_gold_at_kl_interpolates_and_flags_extrapolation():
+    curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
+    assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
+    assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
+    assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
+
+
+def test_frontier_rows_of_older_runs_read_as_n_and_step():
+    """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
+    old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
+           {'method': 'ppo', 'n_or_iter': 8, 'gold': 2.0}]
+    assert [row_of_older_run(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
+                                        {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
+    assert row_of_older_run({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
+
+
+# =========================================================================== gpt.py
+def test_lr_schedule_on_hand_numbers():
+    """Warmup over 10 iterations, then linear or cosine decay over 100 to lr * min_ratio, held there."""
+    assert get_lr(0, 1.0, 10, 110, 0.0, 'linear') == 0.1 and get_lr(9, 1.0, 10, 110, 0.0, 'linear') == 1.0
+    assert abs(get_lr(60, 1.0, 10, 110, 0.0, 'linear') - 0.5) < 1e-12
+    assert abs(get_lr(35, 1.0, 10, 110, 0.0, 'linear') - 0.75) < 1e-12
+    assert get_lr(110, 1.0, 10, 110, 0.0, 'linear') == 0
+    assert abs(get_lr(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12
+    assert abs(get_lr(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
+
+
 def test_split_loss_weights_uneven_batches():
     """The whole-split loss is the mean over all windows, whatever the batches' sizes."""
     class MeanModel:  # "loss" = mean token id of the batch
@@ -333,7 +419,7 @@ def test_split_loss_weights_uneven_batches():
     assert abs(split_loss(MeanModel(), data, batch=3) - data[:40].float().mean().item()) < 1e-9
 
 
-# ========================================================================== sft.py
+# =========================================================================== sft.py
 def test_sft_loss_counts_the_answer_characters_only():
     """The masked cross-entropy against a loop over the answer positions by hand: the prompt's
     characters and the padding after each answer's end count for nothing."""
@@ -369,21 +455,6 @@ def test_demonstrations_are_real_turns_the_labeler_likes():
     assert len(demonstrations(data, VOCAB, 16, 96, 99)[0]) == 0  # none is that well liked
 
 
-def test_a_policy_measured_against_itself_has_zero_kl():
-    """measure_policy's KL is the exact sum over each answer of KL(pi || pi_ref) at every position:
-    0 against itself, and against another model the sum worked out from the full distributions."""
-    policy, ref, Tp = tiny_model(1), tiny_model(2), 4
-    prompts = torch.randint(0, 65, (3, Tp), generator=torch.Generator().manual_seed(0))
-    _, _, same = measure_policy(policy, policy, prompts, VOCAB, 6, [0], 1.0, 2, seed=0)
-    assert torch.equal(same['kl'], torch.zeros(6))
-    seqs, lengths, other = measure_policy(policy, ref, prompts, VOCAB, 6, [0], 1.0, 2, seed=0)
-    for b in range(6):
-        p, q = F.softmax(policy(seqs[b:b + 1])[0][0], -1), F.softmax(ref(seqs[b:b + 1])[0][0], -1)
-        brute = sum((p[t] * (p[t] / q[t]).log()).sum() for t in range(Tp - 1, Tp - 1 + lengths[b]))
-        assert abs(other['kl'][b].item() - brute.item()) < 1e-4
-    assert set(other) == {'gold', 'length', 'ended', 'kl'} and torch.equal(other['length'], lengths.float())
-
-
 def test_copy_rate_by_hand():
     demos = ['To be, or not to be: that is the question', 'O Romeo, Romeo!']
     texts = ['I say: or not to be: that is all', 'O Romeo, wherefore', 'Romeo!', '']
@@ -391,7 +462,7 @@ def test_copy_rate_by_hand():
     assert copy_rate(texts, demos, 6) == 3 / 4 and copy_rate(texts, demos, 40) == 0
 
 
-# ======================================================================= reward.py
+# ======================================================================== reward.py
 def test_pairwise_loss_matches_hand_computation():
     r = torch.tensor([[1.0, 0.0, 2.0]])  # pairs (0,1), (0,2), (1,2)
     prefs = torch.tensor([[1.0, 0.0, 1.0]])  # winners: 0, 2, 1
@@ -413,19 +484,6 @@ def test_evaluate_bayes_limit_on_hand_case():
     assert m['gold_acc'] == 1.0  # r orders all 5 differing pairs like g
     # the (1,2) tie: r1 == r2 -> says j; label said i
     assert abs(m['val_acc'] - 5 / 6) < 1e-6
-
-
-def test_reward_model_ignores_padding_and_reads_long_answers_in_its_last_window():
-    rm = RewardModel(TINY, context=2).eval()
-    torch.nn.init.normal_(rm.head.weight, std=0.3)
-    seqs = torch.randint(0, 65, (3, 4 + 9))
-    lengths = torch.tensor([9, 5, 1])
-    padded = [rm(seqs[b:b + 1, :4 + n], 4) for b, n in enumerate(lengths.tolist())]  # each alone, unpadded
-    assert torch.allclose(rm(seqs, 4, lengths), torch.cat(padded), atol=1e-5)
-    long = torch.randint(0, 65, (2, 4 + 40))  # 40 > block_size 16: the last 16 are read
-    assert torch.allclose(rm(long, 4), rm(long[:, -16:], 0), atol=1e-5)
-    mixed = rm(long, 4, torch.tensor([6, 40]))  # a short answer padded beside a long one
-    assert torch.allclose(mixed, torch.cat([rm(long[:1, :4 + 6], 4), rm(long[1:, -16:], 0)]), atol=1e-5)
 
 
 def test_bf16_training_keeps_attention_and_head_in_fp32():
@@ -540,59 +598,7 @@ def test_early_stopping_keeps_the_best_dev_checkpoint():
     assert abs(evaluate_rm(rm, dev, 1, 0.5)['loss'] - losses[0]) < 1e-6  # the kept state is that one
 
 
-# ===================================================================== frontier.py
-def test_best_of_n_returns_the_reward_models_argmax():
-    m = tiny_model()
-    prompts = torch.randint(0, 65, (5, 4))
-    stop = [VOCAB.index('e')]  # answers end at their first 'e'
-    best, best_len, best_r, all_y, all_len, all_r = best_of_n(m, StubRM(), prompts, 8, 6, stop, 1.0,
-                                                              torch.Generator().manual_seed(0))
-    assert all_y.shape[:2] == (5, 8) and all_r.shape == (5, 8) and all_len.max() <= 6
-    assert (all_len < 6).any() and (all_len == 6).any()  # some answers ended early, some ran out
-    for p in range(5):
-        k = all_r[p].argmax()
-        assert torch.equal(best[p], all_y[p,
-                                          k]) and best_r[p] == all_r[p].max() and best_len[p] == all_len[p, k]
-        # each scored on its prompt + answer to its own end
-        for k in range(8):
-            last = all_y[p, k, all_len[p, k] - 1]
-            assert abs(all_r[p, k] - (prompts[p, -1] + 0.01 * last + 1e-3 * all_len[p, k])) < 2e-5
-
-
-def test_best_of_n_estimator_against_enumeration():
-    """The order-statistics estimator equals the average, over every n-subset of the N samples,
-    of the gold of the subset's RM favourite."""
-    gen = torch.Generator().manual_seed(0)
-    r, gold = torch.randn(3, 7, generator=gen), torch.randint(-2, 3, (3, 7), generator=gen).float()
-    curve = best_of_n_curve(r, {'gold': gold}, [1, 2, 3, 5, 7])
-    for n, point in curve.items():
-        rm_n, gold_n = point['rm'], point['gold']
-        for p in range(3):
-            subsets = list(combinations(range(7), n))
-            best = [max(s, key=lambda i: r[p, i].item()) for s in subsets]
-            assert abs(gold_n[p].item() - sum(gold[p, i].item() for i in best) / len(subsets)) < 1e-9
-            assert abs(rm_n[p].item() - sum(r[p, i].item() for i in best) / len(subsets)) < 1e-6
-    assert torch.allclose(curve[1]['gold'], gold.double().mean(1))
-    assert torch.allclose(curve[7]['rm'], r.double().max(1).values)
-
-
-def test_gold_at_kl_interpolates_and_flags_extrapolation():
-    curve = [{'kl': 0.0, 'gold': 0.1}, {'kl': 1.0, 'gold': 0.5}, {'kl': 2.0, 'gold': 0.7}]
-    assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
-    assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
-    assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
-
-
-def test_frontier_rows_of_older_runs_read_as_n_and_step():
-    """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
-    old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
-           {'method': 'ppo', 'n_or_iter': 8, 'gold': 2.0}]
-    assert [as_row(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
-                                        {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
-    assert as_row({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
-
-
-# ========================================================================== ppo.py
+# =========================================================================== ppo.py
 def test_gae_matches_naive_double_loop():
     torch.manual_seed(0)
     for _ in range(5):
@@ -752,8 +758,8 @@ def test_exact_kl_and_sampled_estimators():
     assert abs(k3.mean().item() - brute) < 0.03 * brute + 0.01 and (k3 >= 0).all()
 
 
-TINY_PPO_OPTIONS = dict(  # ppo.train's keyword arguments for a tiny in-process run
-    prompt_len=4, max_answer_len=12, stop=[VOCAB.index(':')], truncation_penalty=0.0, temperature=1.0,
+TINY_PPO_OPTIONS = dict(  # ppo.train's args for a tiny in-process run
+    prompt_len=4, max_answer_len=12, truncation_penalty=0.0, temperature=1.0, advantage='gae', group_size=1,
     learning_rate=3e-3, critic_lr=1e-4, init_kl_coef=0.01, kl_target=0.0, kl_horizon=10000, seed=0,
     max_iters=25,
     batch_size=64, forward_batch_size=64, gamma=1.0, gae_lambda=0.95, update_epochs=2, num_minibatches=2,
@@ -771,7 +777,7 @@ def test_tiny_ppo_raises_a_toy_reward():
                                                                           seqs.size(1) - 4)).sum(1) / n * 10
     gen = torch.Generator().manual_seed(0)
     hist = ppo_train(policy, ref, critic, reward_fn, lambda b: torch.randint(0, 65, (b, 4), generator=gen),
-                     **TINY_PPO_OPTIONS, log=lambda s: None)
+                     [VOCAB.index(':')], SimpleNamespace(**TINY_PPO_OPTIONS), log=lambda s: None)
     first, last = hist[0]['reward'], sum(h['reward'] for h in hist[-3:]) / 3
     assert last > 3 * first and last > 1.0, (first, last)
     assert all(math.isfinite(h['kl']) and h['kl'] >= 0 for h in hist) and 0.05 < hist[0]['ended'] < 1
@@ -794,8 +800,8 @@ def test_ppo_ptx_adds_the_language_model_loss():
                    # only the LM loss moves the policy
                    forward_batch_size=8, vf_coef=0.0, ptx_coef=1.0)
     ppo_train(policy, ref, Critic(RewardModel(TINY, context=4)), lambda s, n: torch.zeros(len(s)),
-              lambda b: torch.randint(0, 65, (b, 4), generator=gen), **options, lm_batch_fn=lm_batch,
-              log=lambda s: None)
+              lambda b: torch.randint(0, 65, (b, 4), generator=gen), [VOCAB.index(':')],
+              SimpleNamespace(**options), lm_batch_fn=lm_batch, log=lambda s: None)
     assert len(calls) == 3 * 2 * 2 and p_e() > before + 0.1, (len(calls), before, p_e())
 
 
@@ -821,7 +827,7 @@ def test_rm_initialised_critic_gives_each_character_its_share():
     assert torch.allclose(adv, (prefix[:, 1:] - prefix[:, :12]) * mask, atol=1e-5)
 
 
-# ========================================================================== dpo.py
+# =========================================================================== dpo.py
 def test_dpo_loss_by_hand_and_log_2_at_the_reference():
     logp, ref = torch.tensor([[-10.0, -12.0, -11.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
     # pairs (0,1) 0 won, (0,2) 2 won, (1,2) 2 won
@@ -842,7 +848,7 @@ def test_dpo_loss_by_hand_and_log_2_at_the_reference():
     assert torch.allclose(answer_logprobs(model, seqs, lengths, Tp), torch.stack(hand), atol=1e-5)
 
 
-# ======================================================================= sample.py
+# ======================================================================== sample.py
 def chat_models():
     """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
     config = GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=2, n_embd=32)
@@ -860,7 +866,8 @@ def test_reply_scores_exactly_what_it_shows():
         a = reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, torch.Generator().manual_seed(best_of),
                   best_of)
         prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
-        r = score(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
+        with torch.no_grad():
+            r = rm_scores(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
         assert a['rm'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
         assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
         assert not a['cut'] or a['note'].startswith('cut at 12 characters')
@@ -1190,6 +1197,9 @@ def test_stages_run_out_of_order(run_here, tmp_path):
     assert_one_clear_line(*run_here('reward.py', f'--out_dir={tmp_path}/gpt_only'), 'sft.pt',
                           'run python sft.py first')
     assert_one_clear_line(*run_here('sample.py', f'--out_dir={tmp_path}'), 'run python gpt.py first')
+    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={tmp_path}/gpt_only'), 'sft.pt',
+                          'run python sft.py first')  # the first step of the chain not yet run
+    save_tiny(tiny_model(), tmp_path / 'gpt_only' / 'sft.pt')
     assert_one_clear_line(*run_here('ppo.py', f'--out_dir={tmp_path}/gpt_only'), 'reward.pt',
                           'run python reward.py first')
 
@@ -1219,7 +1229,7 @@ def test_bad_overrides(run_here, tmp_path):
                           '--max_iters=0 from scratch trains nothing')
     assert_one_clear_line(*run_here('ppo.py', safe, '--best_of_max=8'), '--best_of_max=8 is out of range',
                           '[16, inf)')
-    assert_one_clear_line(*run_here('ppo.py', safe, '--lam=0.9'), '--lam is now --gae_lambda')
+    assert_one_clear_line(*run_here('ppo.py', safe, '--lam=0.9'), 'did you mean --gae_lambda')  # a part of it
     assert_one_clear_line(*run_here('sample.py', safe, '--mode=eval', '--best_of=4'),
                           '--best_of=4 is for sample and chat')
 
@@ -1262,7 +1272,7 @@ def test_checkpoints_of_another_shape(runs, run_here, tmp_path):
     args = dict(ck['model_args'], n_embd=32)
     save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'vocab': ck['vocab']},
                     os.path.join(other, 'sft.pt'))
-    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}'), 'not trained from this',
+    assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}'), 'reward.pt was not trained from',
                           'python reward.py')
 
 

@@ -1,19 +1,15 @@
 """
-frontier.py: the ruler. Gold against KL to the reference policy, for best-of-n and for any policy
-(Gao et al. 2022), on held-out prompts; the table, csv and picture of every run.
+frontier.py: the ruler. Gold against KL to the reference policy (Gao et al. 2022), for any policy
+and for best-of-n, on held-out prompts of the validation text; the table, csv and picture.
 
-Every alignment result of minibard is reported so: on held-out prompts of the validation text,
-the hidden gold score (labeler.py) against the KL from the reference, the policy a step starts
-from (the SFT model on InstructGPT's road, the pretrained GPT on the road without SFT). Every
-step measures its policies with these functions; sample.py --mode=eval measures them again.
-What is measured is passed in (a policy, a reference, a reward model): this file imports no
-step. Gold is only ever measured, never used to pick anything.
+The reference is the policy a step starts from (the SFT model on InstructGPT's road, the
+pretrained GPT on the road without SFT). What is measured is passed in (policy, reference,
+reward model): this file imports no step. Gold is only ever measured, never used to pick.
  - a policy: answers sampled from it, and the exact KL to the reference summed over each answer,
    from the full next-character distributions (65 characters: exact is cheap; measure_policy).
- - best-of-n: n answers of the reference per prompt, the reward model's favourite kept. Its
-   expected gold for every n <= N comes from one pass of N answers per prompt, by the unbiased
-   estimator over their order statistics (Nakano et al. 2021, appendix); its KL is the bound
-   log n - (n-1)/n.
+ - best-of-n: n answers of the reference per prompt, the RM's favourite kept. Its expected gold
+   for every n <= N comes from one pass of N answers per prompt, by the unbiased estimator over
+   their order statistics (Nakano et al. 2021, appendix); its KL is the bound log n - (n-1)/n.
 
 Run:  python frontier.py    (after ppo.py, and any of ppo.py --advantage=rloo / grpo and dpo.py)
 Writes out/frontier.csv (a row per point, column method: best_of_n, sft, ppo, rloo, grpo, dpo)
@@ -221,9 +217,9 @@ def gold_at_kl(curve, kl):
 
 
 def eval_result(curve, ppo_row, samples, ppo_samples, prompts, vocab):
-    """A run's eval block (ppo.json's 'eval'): reference, best_of_16 and the policy under its method's name (ppo,
-    rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole best-of-n curve,
-    best-of-n's gold at the policy's KL, and the sample prompts."""
+    """A run's eval block (ppo.json's 'eval'): reference, best_of_16 and the policy under its
+    method's name (ppo, rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole
+    best-of-n curve, best-of-n's gold at the policy's KL, and the sample prompts."""
     by_n = {row['n']: row for row in curve}
     keep = lambda row, s: {**{k: row[k] for k in FIELDS[3:]}, 'samples': s}
     same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
@@ -254,27 +250,18 @@ def print_samples(result, method='ppo'):
             print(f"{name:>12}: {result[name]['samples'][i]!r}")
 
 
-def row_of_older_run(row):
-    """A frontier row as this version writes it, from a row a run before 2026-12-01 wrote (one
-    column 'n_or_iter' for best-of-n's n and a run's step)."""
-    if 'n_or_iter' not in row:
-        return row
-    row = dict(row)
-    x = row.pop('n_or_iter')
-    return {**row, 'n': x if row['method'] == 'best_of_n' else None,
-            'step': None if row['method'] == 'best_of_n' else x}
-
-
 def is_row(row):
-    """A frontier row as a run wrote it: a method's name and a number in every measured column."""
+    """A frontier row as a run writes it: a method's name, n and step (whole numbers or None), a
+    number in every measured column."""
     return (isinstance(row, dict) and isinstance(row.get('method'), str)
-            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:]))
+            and all(type(row.get(k, 0.5)) in (int, type(None)) for k in ('n', 'step'))
+            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:] + ['beta'] * ('beta' in row)))
 
 
 def is_run(run):
     """A run's json as ppo.py and dpo.py write it: its path and eval block, every row readable."""
     rows = run['path'] + run['eval'].get('best_of_n', [])
-    return len(run['path']) > 0 and all(is_row(r) for r in map(row_of_older_run, rows))
+    return len(run['path']) > 0 and all(map(is_row, rows)) and type(run.get('beta', 0.0)) in (int, float)
 
 
 def collect(out_dir):
@@ -285,13 +272,13 @@ def collect(out_dir):
     a damaged json (plumbing.read_json). -> (rows, the reference's name); no ppo.py run: ([], None)."""
     dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))  # one for each beta
     names = RUNS + sorted(os.path.basename(f)[:-len('.json')] for f in dpo)
-    runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, f"a run's results") for name in names}
+    runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, "a run's results") for name in names}
     runs = {name: run for name, run in runs.items() if run is not None}
     first = next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
     if first is None:
         return [], None
     same = lambda run: tuple(run.get(k) for k in ('reference', 'seed', 'eval_prompts'))
-    curve, reference = [row_of_older_run(r) for r in first['eval']['best_of_n']], first.get('reference', 'gpt.pt')
+    curve, reference = first['eval']['best_of_n'], first.get('reference', 'gpt.pt')
     rows = [dict(r) for r in curve]
     if reference == 'sft.pt':
         rows.append({**curve[0], 'method': 'sft', 'n': None, 'step': 0})
@@ -300,7 +287,7 @@ def collect(out_dir):
             print(f'note: {name}.json has another reference, seed or eval_prompts than the first run: '
                   'left out', file=sys.stderr)
             continue
-        rows += [{**row_of_older_run(r), 'beta': run.get('beta', '')} for r in run['path']]
+        rows += [{**r, 'beta': run.get('beta', '')} for r in run['path']]
     return rows, reference
 
 

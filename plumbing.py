@@ -1,14 +1,7 @@
 """
-plumbing.py: what every minibard script needs and none of them is about.
-
- - errors: MinibardError, a mistake a user can fix, and its one `error:` line instead of a
-   traceback (also for Ctrl-C, running out of memory and a full disk);
- - progress: where a run is and its ETA;
- - checkpoints: saved atomically, read with weights_only=True, checked for the kind and keys a
-   stage expects;
- - kept results: json files written atomically and read back checked (a damaged one is named,
-   not a traceback), and results kept for as long as what they depend on is unchanged (cached).
-It imports only torch, so every file can import it first.
+plumbing.py: what every minibard script needs and none of them is about: errors in one line
+(MinibardError), progress and ETA, checkpoints saved atomically and read back checked, json
+results read back checked and kept while what they depend on is unchanged. Imports only torch.
 """
 import errno
 import hashlib
@@ -22,9 +15,8 @@ import torch
 
 # ------------------------------------------------------------------ errors
 class MinibardError(ValueError):
-    """A mistake a user can fix (a bad option, a missing or wrong file, a character the model does
-    not know): its message is one line that says what to do. Library code raises it; a script
-    that called configurator.configure() turns it into that `error:` line and exit code 1."""
+    """A mistake a user can fix (a bad option, a missing or wrong file): its message is one line that
+    says what to do. Library code raises it; a script's excepthook prints it as that `error:` line."""
 
 
 def die(msg):

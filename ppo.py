@@ -1,9 +1,8 @@
 """
 ppo.py: align the GPT with the reward model by PPO. Step 3 of minibard (InstructGPT's RL step).
 
-The algorithm, as the references do it (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et
-al. 2022; Huang et al., "The N Implementation Details of RLHF with PPO"); the reasons for each
-choice, at length: docs/ppo.md.
+As the references do it (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022; Huang et
+al., "The N Implementation Details of RLHF with PPO"); the reasons for each choice: docs/ppo.md.
  1. Rollouts: `batch_size` prompts (speech starts, as reward.py draws them), one whole turn each
     from the current policy (up to its blank line, or `max_answer_len` characters). Everything
     after an answer's end is padding, masked out of every sum and mean below.
@@ -21,14 +20,13 @@ choice, at length: docs/ppo.md.
     loss (cliprange_value), global grad-norm clip; optional entropy bonus and PPO-ptx (off).
  7. The critic: a trainable copy of the RM (InstructGPT), which sums a per-character head, so its
     running sum is a value from the first iteration (class Critic).
- 8. KL to the reference in nats per answer, three ways: k1, k3 (Schulman's estimator) at the
-    sampled tokens, and exact over all 65 characters.
+ 8. KL to the reference in nats per answer: k1, k3 (Schulman's estimator) at the sampled tokens,
+    and exact over all 65 characters.
  9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max
-    (kept in out/best_of_n.json for the next run of the same seed), and the policy every
-    `eval_interval` iterations: gold, RM score, exact KL. Gold is only ever measured.
- Left out: per-batch reward whitening. Option names: cleanrl's, and TRL's where cleanrl has none
- (cliprange_value, init_kl_coef; kl_target and kl_horizon are TRL's adaptive controller's target
- and horizon, not cleanrl's target_kl, which stops an update early); beta is the KL coefficient.
+    (kept in out/best_of_n.json), and the policy every `eval_interval` iterations: gold, RM
+    score, exact KL. Gold is only ever measured.
+ Left out: per-batch reward whitening. Option names: cleanrl's, else TRL's (kl_target, kl_horizon:
+ TRL's adaptive controller, not cleanrl's target_kl, which stops an update early).
 
 Run:  python ppo.py                   (after sft.py and reward.py; times and numbers: README)
       python ppo.py --seed=1          (other prompts, rollouts, held-out prompts; same checkpoints)
@@ -157,6 +155,10 @@ def group_advantages(returns, group_size, scale=False, eps=1e-8):
     return (R - others).flatten()
 
 
+LOG_FIELDS = ['iter', 'reward', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
+              'approx_kl', 'pg_loss', 'v_loss', 'entropy', 'explained_var', 'time_ms']  # ppo_log.csv
+
+
 def answer_sum(x, mask):
     """sum_t x_t over each answer's tokens (mask 1), averaged over the answers: x, mask (B, Ta) -> float."""
     return (x * mask).sum(1).mean().item()
@@ -212,10 +214,9 @@ class AdaptiveKLController:
 
 @torch.no_grad()
 def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature, chunk):
-    """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), `chunk` at a
-    time, each cut to its longest answer (data.forward_in_chunks): log pi, log pi_ref, V (0 without a
-    critic), the exact per-token KL(pi || pi_ref) and the entropy of pi, each (B, Ta), 0 past the
-    chunk's longest answer."""
+    """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), in chunks (data.
+    forward_in_chunks): log pi, log pi_ref, V (0 without a critic), the exact per-token KL(pi ||
+    pi_ref) and the entropy of pi, each (B, Ta), 0 past each chunk's longest answer."""
     def passes(s, _):
         logits = answer_logits(policy(s)[0], prompt_len)  # (b, t, V)
         ref_logits = answer_logits(ref(s)[0], prompt_len)
@@ -226,10 +227,6 @@ def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature,
                 exact_kl(logits, ref_logits, temperature),  # KL(pi || pi_ref) at s_t
                 -(logp_all.exp() * logp_all).sum(-1))  # H(pi(.|s_t))
     return forward_in_chunks(passes, seqs, lengths, prompt_len, chunk)
-
-
-LOG_FIELDS = ['iter', 'reward', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
-              'approx_kl', 'pg_loss', 'v_loss', 'entropy', 'explained_var', 'time_ms']
 
 
 def train(policy, ref, critic, reward_fn, get_prompts, stop, args, gold_fn=None, lm_batch_fn=None, log=print,
@@ -327,8 +324,7 @@ def train(policy, ref, critic, reward_fn, get_prompts, stop, args, gold_fn=None,
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     if num_minibatches > batch_size:
-        die(f'--batch_size={batch_size} must be at least --num_minibatches={num_minibatches} '
-            '(episodes per minibatch)')
+        die(f'--batch_size={batch_size} must be at least --num_minibatches={num_minibatches}')
     if advantage != 'gae' and batch_size % group_size:
         die(f'--batch_size={batch_size} must be a multiple of --group_size={group_size} ({advantage}: '
             'whole groups of answers to a prompt)')
@@ -339,9 +335,9 @@ if __name__ == '__main__':
     reference = config['reference'] = policy  # PPO's start, and its KL's reference
     ref, vocab, _, rm, rm_checkpoint = load_policy_and_rm(os.path.join(out_dir, reference),
                                                           os.path.join(out_dir, 'reward.pt'), device)
-    if rm_checkpoint.get('policy', 'gpt.pt') != reference:  # whose answers the RM learnt from
-        print(f"note: {out_dir}/reward.pt learnt from answers of {rm_checkpoint.get('policy', 'gpt.pt')}, and "
-              f'RL starts from {reference}: for one road, give both stages the same --policy', file=sys.stderr)
+    if rm_checkpoint.get('policy') != reference:  # whose answers the RM learnt from
+        print(f"note: reward.pt learnt from answers of {rm_checkpoint.get('policy')}, and RL starts from "
+              f'{reference}: for one road, give both stages the same --policy', file=sys.stderr)
     prompt_len = config['prompt_len'] = prompt_len or rm_checkpoint['prompt_len']
     max_answer_len = config['max_answer_len'] = max_answer_len or rm_checkpoint['max_answer_len']
     if prompt_len + max_answer_len > ref.config.block_size:
@@ -349,12 +345,10 @@ if __name__ == '__main__':
             f'{ref.config.block_size}')
     train_data, val_data, _ = load_splits(data_path, vocab)
     stop = config['stop'] = encode(END_OF_TURN, vocab)
-    for p in list(ref.parameters()) + list(rm.parameters()):
-        p.requires_grad_(False)  # frozen reference and RM
+    ref.requires_grad_(False), rm.requires_grad_(False)  # frozen
     model = GPT(GPTConfig(**dict(ref.config.__dict__, dropout=0.0))).to(device)  # the policy PPO trains
     model.load_state_dict(ref.state_dict())
-    prompt_gen = torch.Generator().manual_seed(seed)
-    starts = turn_starts(train_data, vocab, prompt_len)
+    prompt_gen, starts = torch.Generator().manual_seed(seed), turn_starts(train_data, vocab, prompt_len)
     get_prompts = lambda b: sample_prompts(train_data, starts, b, prompt_len, prompt_gen).to(device)
     T, ptx_windows = ref.config.block_size, -(-batch_size // num_minibatches)  # ptx: a minibatch's episodes
 
@@ -363,15 +357,11 @@ if __name__ == '__main__':
         x = torch.stack([train_data[i:i + T + 1] for i in ix]).to(device)  # (b, T + 1)
         return x[:, :-1], x[:, 1:]
 
-    log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
-    log_file = open(log_path, 'w', newline='')
-    writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-
-    with torch.no_grad():  # the RM's std on the reference's answers -> rewards of unit scale (Ziegler et al.)
-        seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,  # 256 answers
+    with torch.no_grad():  # the RM's std on 256 answers of the reference -> rewards of unit scale (Ziegler)
+        seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
         gain = 1.0 / rm(seqs0, prompt_len, n0).std().clamp_min(1e-6).item()
+    reward_fn = torch.no_grad()(lambda s, n: gain * rm_scores(rm, s, prompt_len, n, forward_batch_size))
     critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
@@ -379,8 +369,12 @@ if __name__ == '__main__':
                                     temperature, best_of_max, seed, forward_batch_size)
     path = RunPath(name, model, ref, rm, held_out, vocab, max_answer_len, stop, temperature, eval_samples, seed,
                    forward_batch_size)
+    log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
+    log_file = open(log_path + '.part', 'w', newline='')  # <name>_log.csv at the end: a stopped run
+    writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)  # leaves the last run's log as it was
+    writer.writeheader()
 
-    def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps its log
+    def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps what it logged
         writer.writerow(row)
         log_file.flush()
         if (it + 1) % eval_interval == 0 or it + 1 == max_iters:
@@ -388,14 +382,8 @@ if __name__ == '__main__':
 
     groups = '' if advantage == 'gae' else f', {batch_size // group_size} prompts x {group_size} ({name})'
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
-          f"chars{groups}, device {device}; RM std on {reference}'s answers {1 / gain:.4f}, so reward = RM x "
-          f'{gain:.2f}')
+          f"chars{groups}, device {device}; reward = RM x {gain:.2f} (1 / its std on {reference}'s answers)")
     path.add(0)
-
-    @torch.no_grad()
-    def reward_fn(s, n):  # the RM's score in units of its std on the reference's answers: (B,)
-        return gain * rm_scores(rm, s, prompt_len, n, forward_batch_size)
-
     try:
         train(model, ref, critic, reward_fn, get_prompts, stop, SimpleNamespace(**config),
               gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch, on_iter=on_iter)
@@ -409,6 +397,7 @@ if __name__ == '__main__':
     save_checkpoint({'model': model.state_dict(), 'critic': critic.state_dict() if critic else None,
                      'model_args': dict(model.config.__dict__), 'config': config, 'vocab': vocab,
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
+    os.replace(log_path + '.part', log_path)
     path.save(out_dir, metrics, [f'{name}.json'])  # and the frontier of every run in out_dir, this one too
     print_frontier(curve, path.rows, result)
     print_samples(result, name)

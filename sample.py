@@ -32,7 +32,7 @@ from configurator import configure
 from data import (END_OF_TURN, answer_texts, as_turns, clean, encode, end_of_turn, format_chat, load_splits,
                   sample_answers, trim_to_whole)
 from frontier import (best_of_n, best_of_n_frontier, eval_result, held_out_prompts, policy_point,
-                      print_frontier, print_samples, row_of_older_run)
+                      print_frontier, print_samples)
 from model import load_gpt, load_policy_and_rm, rm_scores
 from plumbing import MinibardError, die, prepare_out_dir
 
@@ -259,7 +259,7 @@ if __name__ == '__main__':
         result = eval_result(curve, final, samples, ppo_samples, held_out, vocab)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        earlier = [row_of_older_run(r) for r in checkpoint['metrics']['path'][:-1]]
+        earlier = checkpoint['metrics']['path'][:-1]
         print_frontier(curve, earlier + [final], result)
         print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '

@@ -34,7 +34,7 @@ from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, StubRM, copy_ckpts
 from data import (TAG, answer_mask, decode, encode, end_of_turn, format_chat, load_splits, load_text,
                   trim_to_whole)
 from dpo import answer_logprobs, dpo_loss
-from frontier import best_of_n, best_of_n_curve, gold_at_kl, measure_policy, row_of_older_run
+from frontier import best_of_n, best_of_n_curve, gold_at_kl, measure_policy
 from gpt import get_lr, split_loss
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
 from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, load_reward_model, rm_scores,
@@ -45,6 +45,38 @@ from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_ad
 from reward import Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss, train_reward_model
 from sample import make_server, reply
 from sft import copy_rate, demonstrations, sft_loss
+
+
+# ================================================ the house: which file imports which
+HOUSE = ['plumbing', 'configurator', 'data', 'model', 'labeler', 'frontier',  # in DESIGN.md's order
+         'gpt', 'sft', 'reward', 'ppo', 'dpo', 'sample']
+STEPS = {'gpt', 'sft', 'reward', 'ppo', 'dpo', 'sample'}
+STEP_IMPORTS = {('dpo', 'reward'): {'pairwise_loss'}}  # DPO is reward.py's Bradley-Terry loss on log-ratios
+
+
+def project_imports(module):
+    """{imported project module: the names taken from it} of HERE/<module>.py, every import in it."""
+    tree = ast.parse(open(os.path.join(HERE, f'{module}.py'), encoding='utf-8').read())
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in HOUSE:
+            found.setdefault(node.module, set()).update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in HOUSE:
+                    found.setdefault(a.name, set()).add('*')
+    return found
+
+
+def test_files_import_earlier_files_and_no_step_another():
+    """Later files import earlier ones, never the other way; a step imports no other step but for
+    dpo.py's Bradley-Terry loss; frontier.py (the ruler) imports no step."""
+    for i, module in enumerate(HOUSE):
+        for other, names in project_imports(module).items():
+            assert HOUSE.index(other) < i, f'{module}.py imports the later {other}.py'
+            if module in STEPS and other in STEPS:
+                assert names <= STEP_IMPORTS.get((module, other), set()), f'{module}.py imports {names} of {other}.py'
+    assert not set(project_imports('frontier')) & STEPS
 
 
 # ========================================================= plumbing.py: checkpoints
@@ -383,15 +415,6 @@ def test_gold_at_kl_interpolates_and_flags_extrapolation():
     assert abs(gold_at_kl(curve, 0.5)[0] - 0.3) < 1e-12 and not gold_at_kl(curve, 0.5)[1]
     assert abs(gold_at_kl(curve, 1.5)[0] - 0.6) < 1e-12 and not gold_at_kl(curve, 1.5)[1]
     assert abs(gold_at_kl(curve, 3.0)[0] - 0.9) < 1e-12 and gold_at_kl(curve, 3.0)[1]
-
-
-def test_frontier_rows_of_older_runs_read_as_n_and_step():
-    """Runs written before a frontier row had n and step (one column n_or_iter) still read."""
-    old = [{'method': 'best_of_n', 'n_or_iter': 4, 'gold': 1.0},
-           {'method': 'ppo', 'n_or_iter': 8, 'gold': 2.0}]
-    assert [row_of_older_run(r) for r in old] == [{'method': 'best_of_n', 'n': 4, 'step': None, 'gold': 1.0},
-                                        {'method': 'ppo', 'n': None, 'step': 8, 'gold': 2.0}]
-    assert row_of_older_run({'method': 'dpo', 'n': None, 'step': 3}) == {'method': 'dpo', 'n': None, 'step': 3}
 
 
 # =========================================================================== gpt.py

@@ -94,7 +94,8 @@ def chat_check(out_dir, seed):
     answers through HTTP (one client, then 4 at once). Writes out_dir/chat_check.json."""
     path = checkpoint_path('ppo', out_dir)
     model, vocab, _, rm, _ = load_policy_and_rm(path, os.path.join(out_dir, 'reward.pt'))
-    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py', kind='preference data')
+    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py',
+                           kind='preference data')
     score = torch.no_grad()(rm_scores)
     Tp, tau, max_len, val = data['prompt_len'], data['tau'], data['max_answer_len'], data['val']
     P, K, _ = val['seqs'].shape

@@ -86,8 +86,9 @@ def finish(job):
 FORKSERVER = (multiprocessing.get_context('forkserver')
               if sys.platform.startswith('linux') and not torch.cuda.is_available() else None)
 if FORKSERVER is not None:
-    FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'plumbing', 'configurator', 'data', 'model',
-                                       'labeler', 'frontier', 'gpt', 'sft', 'reward', 'ppo', 'dpo', 'sample'])
+    FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'plumbing', 'configurator', 'data',
+                                       'model', 'labeler', 'frontier', 'gpt', 'sft', 'reward', 'ppo', 'dpo',
+                                       'sample'])
 
 
 def _stage_main(script, args, stdin_path, out_path):

@@ -90,12 +90,13 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir)
     torch.manual_seed(seed)
-    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py', kind='preference data')
+    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py',
+                           kind='preference data')
     if data['policy'] != policy:
         print(f"note: {out_dir}/preferences.pt holds answers of {data['policy']}, and DPO starts from "
               f"{policy}: for one road, give both stages the same --policy", file=sys.stderr)
-    ref, vocab, ref_checkpoint, rm, _ = load_policy_and_rm(os.path.join(out_dir, policy),
-                                                           os.path.join(out_dir, 'reward.pt'), device)  # RM: measures
+    ref, vocab, ref_checkpoint, rm, _ = load_policy_and_rm(  # the RM only measures
+        os.path.join(out_dir, policy), os.path.join(out_dir, 'reward.pt'), device)
     if data['vocab'] != vocab:
         die(f'{out_dir}/preferences.pt and {policy} do not share one vocabulary: run python reward.py '
             f'--policy={policy} again')

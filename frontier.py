@@ -24,8 +24,8 @@ import sys
 import torch
 
 from configurator import configure
-from data import (answer_mask, answer_texts, decode, ends_turn, forward_in_chunks, sample_answers, sample_prompts,
-                  turn_starts)
+from data import (answer_mask, answer_texts, decode, ends_turn, forward_in_chunks, sample_answers,
+                  sample_prompts, turn_starts)
 from labeler import gold_scores
 from model import answer_logits, exact_kl, rm_scores
 from plumbing import cached, die, digest, progress, read_json, write_json
@@ -178,11 +178,12 @@ def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, t
            'reward.pt')), 'prompts': digest(prompts), 'seed': seed, 'max_answer_len': max_len,
            'temperature': temperature, 'best_of_max': n_max, 'device': prompts.device.type}
     valid = lambda kept: all(map(is_row, kept[0])) and set(kept[1]) == {'reference', 'best_of_16'}
-    return cached(os.path.join(out_dir, 'best_of_n.json'), key, lambda: best_of_n_frontier(
-        ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, chunk=chunk, log=log), valid, log=log)
+    measure = lambda: best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed,
+                                         chunk=chunk, log=log)
+    return cached(os.path.join(out_dir, 'best_of_n.json'), key, measure, valid, log=log)
 
 
-# ------------------------------------------------------------------ a run's path, and the frontier of every run
+# ------------------------------------------------------------------ a run's path; every run's frontier
 class RunPath:
     """A run's points on the frontier, as PPO and DPO record them: add(step) measures the policy
     on the held-out prompts (policy_point), keeps the row (with the `extra` columns, DPO's beta)
@@ -272,7 +273,8 @@ def collect(out_dir):
     a damaged json (plumbing.read_json). -> (rows, the reference's name); no ppo.py run: ([], None)."""
     dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))  # one for each beta
     names = RUNS + sorted(os.path.basename(f)[:-len('.json')] for f in dpo)
-    runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, "a run's results") for name in names}
+    runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, "a run's results")
+            for name in names}
     runs = {name: run for name, run in runs.items() if run is not None}
     first = next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
     if first is None:

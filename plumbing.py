@@ -100,8 +100,8 @@ def writer_of(name):
 KINDS = {'GPT': (('model', 'model_args', 'vocab'), 'gpt.py, sft.py, ppo.py or dpo.py'),
          'reward model': (('model', 'model_args', 'vocab', 'rm_context', 'norm_bias', 'prompt_len',
                            'max_answer_len'), 'reward.py'),
-         'preference data': (('train', 'dev', 'val', 'vocab', 'policy', 'prompt_len', 'max_answer_len', 'tau'),
-                             "reward.py (preferences.pt)")}
+         'preference data': (('train', 'dev', 'val', 'vocab', 'policy', 'prompt_len', 'max_answer_len',
+                              'tau'), 'reward.py (preferences.pt)')}
 
 
 def load_checkpoint(path, writer='python gpt.py', kind=None):

@@ -50,7 +50,8 @@ from data import (END_OF_TURN, answer_mask, encode, ends_turn, forward_in_chunks
                   turn_starts)
 from frontier import RunPath, best_of_n_kept, eval_result, held_out_prompts, print_frontier, print_samples
 from labeler import gold_scores
-from model import GPT, GPTConfig, answer_logits, exact_kl, load_policy_and_rm, log_probs, rm_scores, token_logprobs
+from model import (GPT, GPTConfig, answer_logits, exact_kl, load_policy_and_rm, log_probs, rm_scores,
+                   token_logprobs)
 from plumbing import die, eta, prepare_out_dir, save_checkpoint, share_done
 
 # ----------------------------------------------------------------------------------------
@@ -367,8 +368,8 @@ if __name__ == '__main__':
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
     curve, samples = best_of_n_kept(out_dir, reference, ref, rm, held_out, vocab, max_answer_len, stop,
                                     temperature, best_of_max, seed, forward_batch_size)
-    path = RunPath(name, model, ref, rm, held_out, vocab, max_answer_len, stop, temperature, eval_samples, seed,
-                   forward_batch_size)
+    path = RunPath(name, model, ref, rm, held_out, vocab, max_answer_len, stop, temperature, eval_samples,
+                   seed, forward_batch_size)
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path + '.part', 'w', newline='')  # <name>_log.csv at the end: a stopped run
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)  # leaves the last run's log as it was
@@ -385,8 +386,8 @@ if __name__ == '__main__':
           f"chars{groups}, device {device}; reward = RM x {gain:.2f} (1 / its std on {reference}'s answers)")
     path.add(0)
     try:
-        train(model, ref, critic, reward_fn, get_prompts, stop, SimpleNamespace(**config),
-              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch, on_iter=on_iter)
+        train(model, ref, critic, reward_fn, get_prompts, stop, SimpleNamespace(**config), on_iter=on_iter,
+              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()

@@ -114,7 +114,7 @@ def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, sto
 def evaluate_rm(rm, data, prompt_len, tau):
     """rm on the Preferences `data`: its pairwise loss, pair_metrics, and the mean and std of its scores."""
     P, k, _ = data.seqs.shape
-    r = rm_scores(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()  # (P, k)
+    r = rm_scores(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()
     return {'loss': pairwise_loss(r, data.prefs)[0].item(), **pair_metrics(r, data.g, data.prefs, tau),
             'mean_reward': r.mean().item(), 'std_reward': r.std().item()}
 
@@ -161,7 +161,8 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
         opt.step()
         run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
         if step % log_interval == 0:
-            log(f'iter {share_done(step, steps)}: loss {run_loss:.4f}, acc {acc.item():.3f}, lr {lr_now:.2e}, '
+            log(f'iter {share_done(step, steps)}: loss {run_loss:.4f}, acc {acc.item():.3f}, '
+                f'lr {lr_now:.2e}, '
                 f'{eta(step, steps, t0)}')
     rm.load_state_dict(best[1])
     rm.eval()

@@ -8,8 +8,8 @@ script's __main__ as `python script args` would, in a process forked from one th
 torch once; torchrun, Ctrl-C and the second pretraining run are fresh `python` processes (that
 one gives the forked run's numbers). Sections follow the modules in the order they import each
 other (plumbing.py, configurator.py, data.py, model.py, labeler.py, frontier.py, gpt.py, sft.py,
-reward.py, ppo.py, dpo.py, sample.py), then the pipeline end to end, then every script's options, --help and a user's
-mistakes.
+reward.py, ppo.py, dpo.py, sample.py), then the pipeline end to end, then every script's options,
+--help and a user's mistakes.
 """
 import ast
 import csv
@@ -42,7 +42,8 @@ from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, loa
 from plumbing import MinibardError, load_checkpoint, save_checkpoint
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
                  per_token_rewards, ppo_losses, train as ppo_train, whiten)
-from reward import Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss, train_reward_model
+from reward import (Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss,
+                    train_reward_model)
 from sample import make_server, reply
 from sft import copy_rate, demonstrations, sft_loss
 
@@ -75,7 +76,7 @@ def test_files_import_earlier_files_and_no_step_another():
         for other, names in project_imports(module).items():
             assert HOUSE.index(other) < i, f'{module}.py imports the later {other}.py'
             if module in STEPS and other in STEPS:
-                assert names <= STEP_IMPORTS.get((module, other), set()), f'{module}.py imports {names} of {other}.py'
+                assert names <= STEP_IMPORTS.get((module, other), set()), (module, other, names)
     assert not set(project_imports('frontier')) & STEPS
 
 
@@ -146,7 +147,8 @@ def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
     assert trim_to_whole('Ay, my lord.\nGo hence', False) == ('Ay, my lord.', 'sentence')
     assert trim_to_whole('Ay, my lord,\nGo hence', False) == ('Ay, my lord,', 'line')
     assert trim_to_whole('I am. Thou art not', False) == ('I am.', 'sentence')
-    assert trim_to_whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and', 'word')
+    assert trim_to_whole('Come hither, good my lord, and tell', False) == ('Come hither, good my lord, and',
+                                                                          'word')
     assert trim_to_whole('Nonesuch', False) == ('Nonesuch', 'none')
     assert trim_to_whole('Go hence', True) == ('Go hence', '')  # a turn that ended is kept whole
     text = open(os.path.join(HERE, 'input.txt')).read()
@@ -890,7 +892,8 @@ def test_reply_scores_exactly_what_it_shows():
                   best_of)
         prompt = format_chat(turns, 'JULIET', 64 - 12 - 2)
         with torch.no_grad():
-            r = rm_scores(rm, torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)]), len(prompt)).item()
+            said = torch.tensor([encode(prompt + a['answer'] + '\n\n', VOCAB)])
+            r = rm_scores(rm, said, len(prompt)).item()
         assert a['rm'] == pytest.approx(r, abs=1e-5) and a['p'] == pytest.approx(1 / (1 + math.exp(-r)))
         assert '\n\n' not in a['answer'] and a['cut'] == bool(a['note']) and a['answer'].strip()
         assert not a['cut'] or a['note'].startswith('cut at 12 characters')

@@ -40,18 +40,21 @@ def resolve_defaults(scope, device):
             scope[k] = v.cuda if gpu else v.cpu
 
 
-def configure(scope, argv):
+def configure(scope, argv, torchrun=False):
     """Apply `--key=value` overrides to a script's globals `scope`; return the options as a dict.
 
     The options are the names of the script's hyperparameter block (see option_block; a dict
     without a __file__: its plain values). The value is read as a Python literal (`--lr=3e-4`,
     `--top_k=None`, `--start='ROMEO:'`), falling back to the raw string. Its type must match the
     default's (an int is accepted for a float); a default of None accepts anything. An unknown key
-    names the closest one. The --device
-    override comes first: the defaults that depend on it (ByDevice) follow it. -h / --help prints
-    the options (as on the device given) and exits.
+    names the closest one. The --device override comes first: the defaults that depend on it
+    (ByDevice) follow it. -h / --help prints the options (as on the device given) and exits. A
+    script started by torchrun in several processes must say it runs so (torchrun=True).
     """
     sys.excepthook = exit_in_one_line
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torchrun:
+        name = os.path.basename(scope.get('__file__', 'this script'))
+        raise MinibardError(f'{name} runs in one process: start it with python {name} (torchrun is for gpt.py)')
     block = option_block(scope['__file__']) if '__file__' in scope else None
     if block is not None:
         keys = [n for names, _ in block for n in names]

@@ -40,7 +40,8 @@ from data import END_OF_TURN, answer_mask, encode, forward_in_chunks, load_split
 from frontier import RunPath, held_out_prompts, print_rows
 from labeler import all_pairs, pair_metrics
 from model import answer_logits, load_policy_and_rm, token_logprobs
-from plumbing import die, eta, load_checkpoint, prepare_out_dir, save_checkpoint, share_done
+from plumbing import (die, eta, load_checkpoint, made_from, prepare_out_dir, refuse_to_replace, save_checkpoint,
+                      share_done)
 from reward import pairwise_loss
 
 # ----------------------------------------------------------------------------------------
@@ -61,6 +62,7 @@ eval_samples = 2                # in [1, inf): answers per held-out prompt at ea
 eval_interval = 125             # in [1, inf): measure the policy every this many steps
 temperature = 1.0               # in (0, inf): of the measured answers and of the KL
 log_interval = 25               # in [1, inf)
+allow_stale = False             # go on from checkpoints made from older ones than those there now
 # ----------------------------------------------------------------------------------------
 
 def answer_logprobs(model, seqs, lengths, prompt_len):
@@ -88,22 +90,29 @@ def all_logprobs(model, seqs, lengths, prompt_len, chunk):
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     t_start = time.time()
-    prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir, 'dpo')
     torch.manual_seed(seed)
-    data = load_checkpoint(os.path.join(out_dir, 'preferences.pt'), 'python reward.py',
-                           kind='preference data')
+    parents = os.path.join(out_dir, 'preferences.pt'), os.path.join(out_dir, policy)
+    data = load_checkpoint(parents[0], 'python reward.py', 'preference data', allow_stale)
+    try:  # K answers to P prompts (V held out) and all their pairs, as reward.py writes them
+        (P, K, T), (V, K_val, _) = data['train']['seqs'].shape, data['val']['seqs'].shape
+        shapes = [data[s][k].shape for s in ('train', 'val') for k in ('lengths', 'prefs', 'g')]
+        assert shapes == [(P, K), (P, K * (K - 1) // 2), (P, K), (V, K_val), (V, K_val * (K_val - 1) // 2),
+                          (V, K_val)] and min(P, V, K - 1, K_val - 1) > 0
+    except (KeyError, TypeError, ValueError, AttributeError, AssertionError):
+        die(f'{parents[0]} is not preference data as reward.py writes it: run python reward.py again')
+    refuse_to_replace(os.path.join(out_dir, 'dpo.pt'), epochs * P * K * (K - 1) // 2, 'labelled pairs')
     if data['policy'] != policy:
         print(f"note: {out_dir}/preferences.pt holds answers of {data['policy']}, and DPO starts from "
               f"{policy}: for one road, give both stages the same --policy", file=sys.stderr)
     ref, vocab, ref_checkpoint, rm, _ = load_policy_and_rm(  # the RM only measures
-        os.path.join(out_dir, policy), os.path.join(out_dir, 'reward.pt'), device)
+        parents[1], os.path.join(out_dir, 'reward.pt'), device, allow_stale)
     if data['vocab'] != vocab:
         die(f'{out_dir}/preferences.pt and {policy} do not share one vocabulary: run python reward.py '
             f'--policy={policy} again')
     ref.requires_grad_(False)
     model = copy.deepcopy(ref).requires_grad_(True)  # eval(): dropout off, as in PPO
     Tp, train = data['prompt_len'], data['train']
-    P, K, T = train['seqs'].shape
     seqs = train['seqs'].long().view(P * K, T).to(device)  # (P K, Tp + Ta)
     lengths = train['lengths'].flatten().to(device)  # (P K,)
     prefs = train['prefs'].to(device)  # (P, K(K-1)/2)
@@ -133,8 +142,8 @@ if __name__ == '__main__':
         logp = answer_logprobs(model, seqs[rows, :Tp + int(n.max())], n, Tp).view(len(b), K)  # (b, K)
         loss, acc = dpo_loss(logp, ref_logp[b], prefs[b], beta)
         if not math.isfinite(loss.item()):
-            die(f'DPO loss is {loss.item()} at step {step}: try a lower --learning_rate; {out_dir}/dpo.pt '
-                'was not written')
+            die(f'DPO loss is {loss.item()} at step {step}: try a lower --learning_rate or --beta (now '
+                f'{learning_rate:g}, {beta:g}); {out_dir}/dpo.pt was not written')
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -167,8 +176,8 @@ if __name__ == '__main__':
                'eval': {'dpo': {**{k: final[k] for k in final if k not in ('method', 'n', 'step')},
                                 'samples': path.samples}}, 'path': path.rows}
     save_checkpoint({'model': model.state_dict(), 'model_args': ref_checkpoint['model_args'],
-                     'config': config, 'vocab': vocab, 'iter_num': steps,
-                     'metrics': json.loads(json.dumps(metrics))},
+                     'config': config, 'vocab': vocab, 'iter_num': steps, 'metrics': json.loads(json.dumps(metrics)),
+                     'budget': epochs * P * K * (K - 1) // 2, 'made_from': made_from(*parents)},
                     os.path.join(out_dir, 'dpo.pt'))
     path.save(out_dir, metrics, ['dpo.json', f'dpo_beta{beta:g}.json'])  # and redraw the frontier
     print('-' * 72)

@@ -55,14 +55,16 @@ def answer_values(answers, lengths, vocab, stop):
 
 @torch.no_grad()
 def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=32,
-                   batch=256):
-    """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time,
-    and per answer its gold, length, ended and exact KL(pi || pi_ref) summed over its characters
-    (nats), forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
+                   batch=256, log=None):
+    """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time
+    (log, if given, gets a progress line every 8 batches), and per answer its gold, length, ended
+    and exact KL(pi || pi_ref) summed over its characters (nats), forwarded `chunk` at a time.
+    -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     Tp = prompts.size(1)
     rep = prompts.repeat_interleave(n_samples, 0)  # (P n, Tp)
-    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch)
+    advance = progress('answers', len(rep), 8 * batch, log) if log else None
+    y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch, on_progress=advance)
     seqs = torch.cat([rep, y], 1)
     kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
                        * answer_mask(n, s.size(1) - Tp)).sum(1)  # (b,) nats per answer

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import ByDevice, configure
 from data import decode, encode, load_splits
 from model import GPT, GPTConfig, load_gpt
-from plumbing import die, eta, load_checkpoint, load_weights, prepare_out_dir, save_checkpoint, share_done
+from plumbing import (MinibardError, die, eta, load_checkpoint, load_weights, prepare_out_dir, refuse_to_replace,
+                      save_checkpoint, share_done, write_json)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (plain globals; `--key=value` overrides any of them, see configure())
@@ -66,7 +68,27 @@ def get_batch(data, block_size, batch_size, generator, device='cpu'):
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
     x = torch.stack([data[i:i + block_size] for i in ix])  # (B, T)
     y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])  # (B, T), shifted by one
+    if torch.device(device).type == 'cuda':  # from pinned memory, the copy overlaps the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def start_processes(seed, device):
+    """One process, or N under torchrun (it sets RANK, LOCAL_RANK and WORLD_SIZE): then one GPU
+    each (NCCL), or CPU processes (gloo). Seeds torch with seed + rank, as nanoGPT: each rank draws
+    its own dropout masks (DDP gives every rank rank 0's initial weights). -> (rank, world, device)."""
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if 'RANK' in os.environ:
+        local = int(os.environ.get('LOCAL_RANK', rank))
+        if torch.device(device).type == 'cuda':
+            if local >= torch.cuda.device_count():
+                raise MinibardError(f'torchrun started {world} processes, one a GPU, and this machine has '
+                                    f'{torch.cuda.device_count()}: give --nproc_per_node at most that')
+            device = f'cuda:{local}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(seed + rank)
+    return rank, world, device
 
 
 def get_lr(it, lr, warmup, total, min_ratio, decay):
@@ -81,14 +103,16 @@ def get_lr(it, lr, warmup, total, min_ratio, decay):
 
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device):
-    """Mean loss over the same n_batches random batches of each split at every call: {split: loss}."""
+def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device, ctx=nullcontext()):
+    """Mean loss over the same n_batches random batches of each split at every call, under ctx
+    (training's autocast): {split: loss}."""
     model.eval()
     out = {}
     for name, data in splits.items():
         gen = torch.Generator().manual_seed(seed + 1)
-        losses = [model(*get_batch(data, block_size, batch_size, gen, device))[1].item()
-                  for _ in range(n_batches)]
+        with ctx:
+            losses = torch.stack([model(*get_batch(data, block_size, batch_size, gen, device))[1]
+                                  for _ in range(n_batches)]).tolist()  # one copy back to the host
         out[name] = sum(losses) / len(losses)
     model.train()
     return out
@@ -106,38 +130,37 @@ def split_loss(model, data, batch=64):
 
 # ------------------------------------------------------------------ pretraining
 if __name__ == '__main__':
-    # One process, or N under torchrun (it sets RANK and WORLD_SIZE): DistributedDataParallel, as
-    # nanoGPT's train.py. Each rank trains on its own micro-batches, the gradients are averaged over
-    # the ranks after the last one; every rank evaluates (the same numbers), rank 0 writes and logs.
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, 'w')  # one log, rank 0's
-    config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
+    # One process, or N under torchrun: DistributedDataParallel, as nanoGPT's train.py. Each rank
+    # trains on its own micro-batches, the gradients are averaged over the ranks after the last one;
+    # every rank evaluates, rank 0's numbers count, rank 0 writes and logs.
+    config = configure(globals(), sys.argv[1:], torchrun=True)  # each option against its rule, then:
     if max_iters == 0 and init_from == 'scratch':
         die('--max_iters=0 from scratch trains nothing: give it some iterations, or add '
             '--init_from=resume to re-measure out_dir/gpt.pt')
     if n_embd % n_head or (n_embd // n_head) % 2:
         die(f'--n_embd={n_embd} must split into --n_head={n_head} heads of an even size (rotary pairs)')
+    ddp, world = 'RANK' in os.environ, int(os.environ.get('WORLD_SIZE', 1))
     accum = gradient_accumulation_steps or world  # micro-batches a step, all ranks
     if accum % world:
         die(f'--gradient_accumulation_steps={accum} must be a multiple of the {world} processes (each takes '
             'an equal share of every step)')
-    cuda = torch.device(device).type == 'cuda'  # also 'cuda:1'; CPU: fp32
-    if ddp:
-        if cuda:  # one GPU a process
-            device = config['device'] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if cuda else 'gloo')
+    ckpt_path = os.path.join(out_dir, 'gpt.pt')
+    tokens_per_iter = batch_size * accum * block_size
+    if init_from == 'scratch':  # a quick try never replaces a longer-trained gpt.pt
+        refuse_to_replace(ckpt_path, max_iters * tokens_per_iter, 'characters')
+    rank, world, device = start_processes(seed, device)
+    config['device'], master = device, rank == 0
+    if not master:
+        sys.stdout = open(os.devnull, 'w')  # one log, rank 0's
+    cuda = device.startswith('cuda')  # CPU: fp32
+    if cuda:  # TF32 matmuls where fp32 remains (nanoGPT)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t_start = time.time()
-    prepare_out_dir(out_dir)
-    torch.manual_seed(seed)
+    prepare_out_dir(out_dir, 'gpt' if master else None)
     train_data, val_data, vocab = load_splits(data_path)
     splits = {'train': train_data, 'val': val_data}
     if block_size >= len(val_data):
         die(f'--block_size={block_size} is not shorter than the validation text ({len(val_data):,} chars)')
-    ckpt_path = os.path.join(out_dir, 'gpt.pt')
     # micro-batch j of every step comes from data stream j (seed + j): the same windows whether one
     # process takes them all or N ranks take accum / N each; this rank's streams are `mine`
     mine = range(rank * accum // world, (rank + 1) * accum // world)
@@ -147,14 +170,21 @@ if __name__ == '__main__':
     iter_num, best_val, checkpoint = 0, float('inf'), None
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path, kind='GPT')
+        if not {'optimizer', 'iter_num', 'best_val_loss'} <= set(checkpoint):
+            die(f'{ckpt_path} was not written by gpt.py (it has no optimizer state: a model of a later step?): '
+                '--init_from=resume continues a run of python gpt.py')
         if checkpoint['vocab'] != vocab:
             die(f'{ckpt_path} was trained on another vocabulary than {data_path}')
-        model_args = checkpoint['model_args']  # the shape comes from the checkpoint, not the flags
+        given = {a[2:].split('=')[0] for a in sys.argv[1:]} & set(model_args) - {'vocab_size'}
+        if any(model_args[k] != checkpoint['model_args'].get(k) for k in given):
+            die(f'{ckpt_path} has {checkpoint["model_args"]}: a resumed model keeps its shape; drop '
+                + ', '.join(f'--{k}' for k in sorted(given)) + ', or train from scratch in another --out_dir')
+        model_args = checkpoint['model_args']  # the shape comes from the checkpoint
         iter_num, best_val = checkpoint['iter_num'], checkpoint['best_val_loss']
-        states = checkpoint.get('rng_states') or [checkpoint['rng_state']]  # one per data stream
-        if len(states) != accum:
+        states = checkpoint.get('rng_states') or [checkpoint['rng_state']]  # (before 2026-12-01: one)
+        if len(states) != accum:  # one per data stream
             die(f'{ckpt_path} was trained with {len(states)} micro-batches a step: resume with '
-                f'--gradient_accumulation_steps={len(states)}')
+                f'--gradient_accumulation_steps={len(states)} (with a number of processes that divides it)')
         for g, j in zip(gens, mine):
             g.set_state(states[j])
     model = GPT(GPTConfig(**model_args)).to(device)
@@ -165,7 +195,7 @@ if __name__ == '__main__':
         print(f'resuming from {ckpt_path} at iter {iter_num} (best val loss {best_val:.4f})')
     fwd = torch.compile(model) if compile else model  # evaluation: this rank alone
     step_fwd = DDP(fwd) if ddp else fwd  # training: gradients averaged
-    ctx = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16, enabled=cuda)
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()  # bf16 on the GPU
     print(f'{model.num_params() / 1e6:.2f}M parameters, {len(train_data):,} train / '
           f'{len(val_data):,} val chars, device {device}'
           + (f', {world} processes x {accum // world} micro-batch(es) of {batch_size}' if ddp else '')
@@ -176,7 +206,12 @@ if __name__ == '__main__':
     t_loop, start_iter = time.time(), iter_num  # the pace for the eta
     while True:
         if iter_num % eval_interval == 0 or iter_num == max_iters:
-            losses = estimate_loss(fwd, splits, block_size, batch_size, eval_iters, seed, device)
+            losses = estimate_loss(fwd, splits, block_size, batch_size, eval_iters, seed, device, ctx)
+            states = [g.get_state() for g in gens]  # every stream, for a resume
+            if ddp:  # every rank makes every collective call; rank 0's losses decide for all
+                everyone = [None] * world
+                dist.all_gather_object(everyone, (losses, states))
+                losses, states = everyone[0][0], [s for _, rank_states in everyone for s in rank_states]
             last_train = losses['train']
             print(f'step {iter_num}: train loss {losses["train"]:.4f}, val loss {losses["val"]:.4f}'
                   + (f', {eta(iter_num, max_iters, t_loop, start_iter)}' if iter_num > start_iter else ''))
@@ -184,16 +219,11 @@ if __name__ == '__main__':
                 die(f'val loss is {losses["val"]} at iter {iter_num}: {diverged}')
             if losses['val'] < best_val:
                 best_val = losses['val']
-                states = [g.get_state() for g in gens]  # every stream, for a resume
-                if ddp:
-                    everyone = [None] * world
-                    dist.all_gather_object(everyone, states)
-                    states = [s for rank_states in everyone for s in rank_states]
                 if iter_num > 0 and master:
                     save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                      'model_args': model_args, 'config': config, 'vocab': vocab,
-                                     'iter_num': iter_num, 'best_val_loss': best_val,
-                                     'train_loss': last_train, 'rng_states': states}, ckpt_path)
+                                     'iter_num': iter_num, 'best_val_loss': best_val, 'train_loss': last_train,
+                                     'rng_states': states, 'budget': iter_num * tokens_per_iter}, ckpt_path)
         if iter_num >= max_iters:
             break
         t0 = time.time()
@@ -223,8 +253,7 @@ if __name__ == '__main__':
             if not math.isfinite(lossf):
                 die(f'loss is {lossf} at iter {iter_num}: {diverged}')
             print(f'iter {share_done(iter_num, max_iters)}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
-                  f'{batch_size * accum * block_size / dt:,.0f} tok/s, '
-                  f'{eta(iter_num, max_iters, t_loop, start_iter)}')
+                  f'{tokens_per_iter / dt:,.0f} tok/s, {eta(iter_num, max_iters, t_loop, start_iter)}')
     if ddp:
         dist.destroy_process_group()
     if not master:
@@ -232,16 +261,15 @@ if __name__ == '__main__':
 
     seconds = time.time() - t_start
     model, _, best = load_gpt(ckpt_path, device=device)  # the best checkpoint:
-    val_loss = split_loss(model, val_data)  # its loss on the whole val split
+    with ctx:
+        val_loss = split_loss(model, val_data)  # its loss on the whole val split
     print(f'best checkpoint (iter {best["iter_num"]}): val loss {val_loss:.4f} on all {len(val_data):,} '
           'val chars')
     start_ids = torch.tensor([encode('\n', vocab)], device=device)
     sample = model.generate(start_ids, sample_chars, generator=torch.Generator(device).manual_seed(seed))[0]
     print('-' * 80 + '\n' + decode(sample[0, 1:], vocab) + '\n' + '-' * 80)
-    tokens = (iter_num - start_iter) * batch_size * accum * block_size
     metrics = {'val_loss': round(val_loss, 4), 'train_loss': round(best['train_loss'], 4), 'iters': iter_num,
-               'seconds': round(seconds, 1), 'params': model.num_params(),
-               'tokens_per_sec': round(tokens / max(train_time, 1e-9)), 'device': device, 'processes': world}
-    with open(os.path.join(out_dir, 'gpt.json'), 'w') as f:
-        json.dump(metrics, f, indent=2)
+               'seconds': round(seconds, 1), 'params': model.num_params(), 'device': device, 'processes': world,
+               'tokens_per_sec': round((iter_num - start_iter) * tokens_per_iter / max(train_time, 1e-9))}
+    write_json(metrics, os.path.join(out_dir, 'gpt.json'))
     print(json.dumps(metrics))

@@ -194,15 +194,17 @@ class GPT(nn.Module):
                 nxt = last.argmax(-1)  # (R,)
             else:
                 nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1, generator=generator)[:, 0]
-            out[rows[live], T + i] = nxt[live]
-            logps[rows[live], i] = token_logprobs(last[live], nxt[live], temperature or 1.0)
+            # where, not boolean indexing: nothing here waits for the GPU
+            out[rows, T + i] = torch.where(live, nxt, out[rows, T + i])  # a finished row keeps its pad
+            logps[rows, i] = torch.where(live, token_logprobs(last, nxt, temperature or 1.0), 0.0)
             if len(stop_ids) and i + 1 >= len(stop_ids):  # rows whose answer now ends in stop
                 ended = live & (out[rows, T + i + 1 - len(stop_ids):T + i + 1] == stop_ids).all(1)
-                lengths[rows[ended]] = i + 1
+                lengths[rows] = torch.where(ended, i + 1, lengths[rows])
                 live &= ~ended
-            if i == max_new_tokens - 1 or not live.any():
+            look = not live.is_cuda or i % 8 == 7  # on a GPU each look waits for it: every 8th token
+            if i == max_new_tokens - 1 or look and not live.any():
                 break
-            if (~live).sum() * 4 >= len(live):  # drop finished rows from the batch
+            if look and (~live).sum() * 4 >= len(live):  # drop finished rows from the batch
                 rows, nxt, cache = rows[live], nxt[live], cache.select(live)
                 live = live[live]
             if cache.pos == window:  # full: re-prefill the last half
@@ -317,29 +319,37 @@ def rm_scores(rm, seqs, prompt_len, lengths=None, chunk=32):
 
 
 # ------------------------------------------------------------------ loading
-def load_gpt(path, writer=None, device='cpu'):
+def load_gpt(path, writer=None, device='cpu', stale_ok=False):
     """(GPT in eval mode, vocab, checkpoint dict) from a checkpoint of gpt.py, sft.py, ppo.py or dpo.py."""
     writer = writer or writer_of(path)
-    checkpoint = load_checkpoint(path, writer, kind='GPT')
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    load_weights(model, checkpoint['model'], path, writer)
+    checkpoint = load_checkpoint(path, writer, 'GPT', stale_ok)
+    model = build(GPT, checkpoint, path, writer)
     return model.to(device).eval(), checkpoint['vocab'], checkpoint
 
 
-def load_reward_model(path, device='cpu'):
+def build(kind, checkpoint, path, writer, *args):
+    """kind(GPTConfig(**model_args), *args) with the checkpoint's weights in it, else MinibardError."""
+    try:
+        model = kind(GPTConfig(**checkpoint['model_args']), *args)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise MinibardError(f'{path} has settings no model can be built from ({e}): {writer} writes it anew')
+    load_weights(model, checkpoint['model'], path, writer)
+    return model
+
+
+def load_reward_model(path, device='cpu', stale_ok=False):
     """(RewardModel in eval mode, vocab, checkpoint dict) from out/reward.pt."""
-    checkpoint = load_checkpoint(path, 'python reward.py', kind='reward model')
-    rm = RewardModel(GPTConfig(**checkpoint['model_args']), checkpoint['rm_context'])
-    load_weights(rm, checkpoint['model'], path, 'python reward.py')
+    checkpoint = load_checkpoint(path, 'python reward.py', 'reward model', stale_ok)
+    rm = build(RewardModel, checkpoint, path, 'python reward.py', checkpoint['rm_context'])
     return rm.to(device).eval(), checkpoint['vocab'], checkpoint
 
 
-def load_policy_and_rm(path, rm_path, device='cpu'):
+def load_policy_and_rm(path, rm_path, device='cpu', stale_ok=False):
     """A policy GPT and the reward model that scores it, as the RL steps, DPO and the chat start:
     (model, vocab, its checkpoint, rm, its checkpoint). The RM's trunk must be the policy's shape
     and vocabulary, else MinibardError."""
-    model, vocab, checkpoint = load_gpt(path, device=device)
-    rm, rm_vocab, rm_checkpoint = load_reward_model(rm_path, device)
+    model, vocab, checkpoint = load_gpt(path, device=device, stale_ok=stale_ok)
+    rm, rm_vocab, rm_checkpoint = load_reward_model(rm_path, device, stale_ok)
     shape = lambda c: {**c['model_args'], 'dropout': 0}
     if rm_vocab != vocab or shape(rm_checkpoint) != shape(checkpoint):
         raise MinibardError(f'{rm_path} was not trained from {path} (another vocabulary or shape): run '

@@ -7,10 +7,17 @@ import errno
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
 import torch
+
+try:
+    import fcntl  # a lock that ends with its process, however it ends (not on Windows)
+except ImportError:
+    fcntl = None
+MASTER = os.environ.get('RANK', '0') == '0'  # under torchrun, rank 0 alone says what went wrong
 
 
 # ------------------------------------------------------------------ errors
@@ -22,7 +29,8 @@ class MinibardError(ValueError):
 def die(msg):
     """For a script's own checks, under `if __name__ == '__main__':` only: one line saying what to
     do, non-zero exit, no traceback. (Imported code raises MinibardError instead.)"""
-    print(f'error: {msg}', file=sys.stderr)
+    if MASTER:
+        print(f'error: {msg}', file=sys.stderr)
     sys.exit(1)
 
 
@@ -38,7 +46,7 @@ def exit_in_one_line(kind, value, tb, default=sys.excepthook):
     if issubclass(kind, BrokenPipeError):  # `python gpt.py --help | head`
         os._exit(141)
     if issubclass(kind, MinibardError):
-        return print(f'error: {value}', file=sys.stderr)
+        return print(f'error: {value}', file=sys.stderr) if MASTER else None
     if issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT):
         return print(f'error: the disk is full ({value.filename or "writing"}): free some space; {intact}',
                      file=sys.stderr)
@@ -78,16 +86,25 @@ def progress(name, total, every, log=print):
 
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(obj, path):
-    """Atomic save: write a temp file beside `path`, then os.replace, so a crash or Ctrl-C
-    mid-write leaves the previous good checkpoint untouched (and no temp file behind)."""
+    """Atomic save: write a temp file beside `path`, then os.replace, so a crash, Ctrl-C or a full
+    disk mid-write leaves the previous good checkpoint untouched (and no temp file behind)."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch says a full disk as a RuntimeError
+        raise MinibardError(f'cannot write {path} ({" ".join(str(e).split())[:120]}): is the disk full? '
+                            f'{path} is as it was') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def made_from(*paths):
+    """{file name: digest} of the checkpoints a stage starts from, kept in the one it writes, so that
+    a later stage can tell a chain that changed under it (load_checkpoint)."""
+    return {os.path.basename(p): digest(p) for p in paths}
 
 
 def writer_of(name):
@@ -104,9 +121,10 @@ KINDS = {'GPT': (('model', 'model_args', 'vocab'), 'gpt.py, sft.py, ppo.py or dp
                               'tau'), 'reward.py (preferences.pt)')}
 
 
-def load_checkpoint(path, writer='python gpt.py', kind=None):
+def load_checkpoint(path, writer='python gpt.py', kind=None, stale_ok=False):
     """A checkpoint dict, read with weights_only=True (a pickle could run code; ours never needs to);
-    with `kind` (a key of KINDS), one of that kind with all its keys, else MinibardError."""
+    with `kind` (a key of KINDS), one of that kind with all its keys, made from the checkpoints
+    beside it as they are now (its made_from, unless stale_ok), else MinibardError."""
     if not os.path.exists(path):
         raise MinibardError(f'no {path}: run {writer} first')
     try:
@@ -127,7 +145,24 @@ def load_checkpoint(path, writer='python gpt.py', kind=None):
     if missing:
         raise MinibardError(f'{path} lacks {", ".join(missing)}: it was edited, or written by another '
                             f'version of minibard; {writer} writes it anew')
+    for name, was in checkpoint.get('made_from', {}).items():
+        parent = os.path.join(os.path.dirname(path), name)
+        if not stale_ok and os.path.exists(parent) and digest(parent) != was:
+            raise MinibardError(f'{path} was made from another {parent} than the one there now (written '
+                                f'again since): {writer} makes it anew, or add --allow_stale=True to go on')
     return checkpoint
+
+
+def refuse_to_replace(path, budget, what):
+    """MinibardError where `path` holds a checkpoint trained on more than this run's `budget` (its
+    'budget': tokens, demonstrations, pairs or episodes, `what`): a quick try never replaces it."""
+    try:
+        old = torch.load(path, map_location='cpu', weights_only=True).get('budget', 0)
+    except Exception:  # missing or unreadable: nothing trained to keep
+        return
+    if old > budget:
+        raise MinibardError(f'{path} was trained on {old:,} {what}, this run will train on {budget:,}: '
+                            f'give a try its own --out_dir, or delete {path} to replace it')
 
 
 def load_weights(module, state, path, writer):
@@ -140,16 +175,43 @@ def load_weights(module, state, path, writer):
                             f'version of minibard; {writer} writes it anew') from None
 
 
-def prepare_out_dir(out_dir):
-    """Make sure out_dir exists and is writable before any work is done."""
+LOCKS = {}  # lock file -> its open descriptor: held by this process until it ends
+
+
+def prepare_out_dir(out_dir, stage=None):
+    """Before any work: out_dir exists and is writable, temp files of saves that were killed are
+    gone, and this process holds out_dir/.<stage>.lock, so that a second run of the same stage on
+    the same folder is refused instead of writing its files between this one's."""
+    path = os.path.join(out_dir, f'.{stage}.lock' if stage else f'.write_test{os.getpid()}')
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f'.write_test{os.getpid()}'), 'w'):
-            pass
-        os.remove(os.path.join(out_dir, f'.write_test{os.getpid()}'))
+        lock = LOCKS.get(path) or os.open(path, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise MinibardError(f'cannot write to out_dir {out_dir!r} ({e.strerror}): choose another with '
                             '--out_dir=...') from None
+    if stage is None or fcntl is None:
+        return os.close(lock) if stage else (os.close(lock), os.remove(path))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise MinibardError(f'another python {stage}.py is writing to {out_dir}: wait for it to end, or '
+                            'give this run another --out_dir') from None
+    LOCKS[path] = lock
+    for name in os.listdir(out_dir):  # a save killed mid-write leaves <file>.tmp<its pid>
+        pid = re.search(r'\.tmp(\d+)$', name)
+        if pid and not alive(int(pid.group(1))):
+            os.remove(os.path.join(out_dir, name))
+
+
+def alive(pid):
+    """Whether a process of this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's
+        pass
+    return True
 
 
 # ------------------------------------------------------------------ kept results

@@ -52,7 +52,7 @@ from frontier import RunPath, best_of_n_kept, eval_result, held_out_prompts, pri
 from labeler import gold_scores
 from model import (GPT, GPTConfig, answer_logits, exact_kl, load_policy_and_rm, log_probs, rm_scores,
                    token_logprobs)
-from plumbing import die, eta, prepare_out_dir, save_checkpoint, share_done
+from plumbing import die, eta, made_from, prepare_out_dir, refuse_to_replace, save_checkpoint, share_done
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -89,6 +89,7 @@ eval_prompts = 256              # in [1, inf): held-out prompts for every report
 eval_samples = 2                # in [1, inf): answers per held-out prompt at each PPO point
 eval_interval = 8               # in [1, inf): evaluate the policy every this many iterations
 best_of_max = 64                # in [16, inf): best-of-n for n = 1, 2, 4, ..., this (one pass)
+allow_stale = False             # go on from checkpoints made from older ones than those there now
 # ----------------------------------------------------------------------------------------
 
 
@@ -331,11 +332,13 @@ if __name__ == '__main__':
             'whole groups of answers to a prompt)')
     name = 'ppo' if advantage == 'gae' else advantage  # ppo.*, rloo.*, grpo.*: side by side
     t_start = time.time()
-    prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir, name)
+    log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
+    refuse_to_replace(ckpt_path, max_iters * batch_size, 'episodes')
     torch.manual_seed(seed)
     reference = config['reference'] = policy  # PPO's start, and its KL's reference
-    ref, vocab, _, rm, rm_checkpoint = load_policy_and_rm(os.path.join(out_dir, reference),
-                                                          os.path.join(out_dir, 'reward.pt'), device)
+    parents = os.path.join(out_dir, reference), os.path.join(out_dir, 'reward.pt')
+    ref, vocab, _, rm, rm_checkpoint = load_policy_and_rm(*parents, device, allow_stale)
     if rm_checkpoint.get('policy') != reference:  # whose answers the RM learnt from
         print(f"note: reward.pt learnt from answers of {rm_checkpoint.get('policy')}, and RL starts from "
               f'{reference}: for one road, give both stages the same --policy', file=sys.stderr)
@@ -370,7 +373,6 @@ if __name__ == '__main__':
                                     temperature, best_of_max, seed, forward_batch_size)
     path = RunPath(name, model, ref, rm, held_out, vocab, max_answer_len, stop, temperature, eval_samples,
                    seed, forward_batch_size)
-    log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
     log_file = open(log_path + '.part', 'w', newline='')  # <name>_log.csv at the end: a stopped run
     writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)  # leaves the last run's log as it was
     writer.writeheader()
@@ -397,7 +399,8 @@ if __name__ == '__main__':
                'seconds': round(time.time() - t_start, 1), 'eval': result, 'path': path.rows}
     save_checkpoint({'model': model.state_dict(), 'critic': critic.state_dict() if critic else None,
                      'model_args': dict(model.config.__dict__), 'config': config, 'vocab': vocab,
-                     'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics))}, ckpt_path)
+                     'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics)),
+                     'budget': max_iters * batch_size, 'made_from': made_from(*parents)}, ckpt_path)
     os.replace(log_path + '.part', log_path)
     path.save(out_dir, metrics, [f'{name}.json'])  # and the frontier of every run in out_dir, this one too
     print_frontier(curve, path.rows, result)

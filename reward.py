@@ -42,7 +42,8 @@ from data import (END_OF_TURN, answer_texts, encode, ends_turn, load_splits, sam
                   turn_starts)
 from labeler import all_pairs, gold_scores, label, pair_metrics, repeat_probe, words
 from model import GPTConfig, RewardModel, load_gpt, rm_scores
-from plumbing import die, eta, prepare_out_dir, progress, save_checkpoint, share_done, write_json
+from plumbing import (die, eta, made_from, prepare_out_dir, progress, refuse_to_replace, save_checkpoint,
+                      share_done, write_json)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -70,6 +71,7 @@ dtype = ByDevice(cpu=_bf16, cuda='float32')  # in {'bfloat16', 'float32'}: on CP
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
 log_interval = 50               # in [1, inf)
+allow_stale = False             # go on from a <policy> made from an older checkpoint than the one there now
 # ----------------------------------------------------------------------------------------
 
 
@@ -127,7 +129,8 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
     Returns [(step, dev metrics)]. A NaN loss raises FloatingPointError."""
     P, k, T = train.seqs.shape
     device = next(rm.parameters()).device
-    chunk = 32 if dtype == 'bfloat16' else 8  # answers a forward (bf16: fewer, bigger calls win)
+    chunk = 8 if dtype == 'float32' and device.type == 'cpu' else 32  # answers a forward: on 2 fp32 CPU
+    # cores 8 stay in the cache; bf16 and the GPU win with fewer, bigger calls
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     eval_at = {round(steps * (e + 1) / evals) for e in range(evals)}
@@ -244,9 +247,12 @@ if __name__ == '__main__':
     if dtype == 'bfloat16' and device != 'cpu':
         die(f"--dtype=bfloat16 is CPU bf16 autocast; on --device={device!r} the RM trains in fp32: drop it")
     t_start = time.time()
-    prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir, 'reward')
+    budget = epochs * train_prompts * K * (K - 1) // 2  # labelled pairs the RM trains on
+    refuse_to_replace(os.path.join(out_dir, 'reward.pt'), budget, 'labelled pairs')
     torch.manual_seed(seed)
-    model, vocab, _ = load_gpt(os.path.join(out_dir, policy), device=device)
+    policy_path = os.path.join(out_dir, policy)
+    model, vocab, _ = load_gpt(policy_path, device=device, stale_ok=allow_stale)
     if prompt_len + max_answer_len > model.config.block_size:
         die(f'prompt_len + max_answer_len = {prompt_len + max_answer_len} exceeds the GPT block_size '
             f'{model.config.block_size}: lower them')
@@ -273,7 +279,8 @@ if __name__ == '__main__':
 
     labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
     save_checkpoint({'policy': policy, 'vocab': vocab, 'prompt_len': prompt_len, 'seed': seed, 'tau': tau,
-                     'max_answer_len': max_answer_len, **labelled},  # for dpo.py, which never reads g
+                     'max_answer_len': max_answer_len, 'made_from': made_from(policy_path),
+                     **labelled},  # for dpo.py, which never reads g
                     os.path.join(out_dir, 'preferences.pt'))
 
     # the reference learner: bag of words on the same pairs
@@ -310,7 +317,8 @@ if __name__ == '__main__':
                'norm_bias': norm_bias, 'seconds': round(time.time() - t_start, 1)}
     save_checkpoint({'model': rm.state_dict(), 'model_args': args, 'config': config, 'vocab': vocab,
                      'norm_bias': norm_bias, 'prompt_len': prompt_len, 'max_answer_len': max_answer_len,
-                     'rm_context': rm_context, 'policy': policy, 'metrics': metrics},
+                     'rm_context': rm_context, 'policy': policy, 'metrics': metrics, 'budget': budget,
+                     'made_from': made_from(policy_path)},
                     os.path.join(out_dir, 'reward.pt'))
     write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
                os.path.join(out_dir, 'reward.json'))

@@ -34,7 +34,7 @@ from data import (END_OF_TURN, answer_texts, as_turns, clean, encode, end_of_tur
 from frontier import (best_of_n, best_of_n_frontier, eval_result, held_out_prompts, policy_point,
                       print_frontier, print_samples)
 from model import load_gpt, load_policy_and_rm, rm_scores
-from plumbing import MinibardError, die, prepare_out_dir
+from plumbing import MinibardError, die, prepare_out_dir, progress, write_json
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -44,23 +44,24 @@ data_path = 'input.txt'         # eval mode: held-out prompts come from its vali
 ckpt = 'ppo'                    # 'ppo', 'sft', 'gpt', or a path to any checkpoint; ppo falls back to sft, gpt
 mode = 'sample'                 # in {'sample', 'chat', 'web', 'eval'}: web: the chat as a local page
 start = '\n'                    # sample mode's prompt, or 'FILE:path' to read it from a file
-num_samples = 3                 # in [1, inf): continuations printed in sample mode
+num_samples = 3                 # in [1, 1000]: continuations printed in sample mode
 max_new_tokens = None           # int in [1, inf) or None: sample mode's length; None = the RM's
 temperature = 1.0               # in [0, inf): the PPO policy was trained at 1.0
 top_k = None                    # int in [1, inf) or None: only the k likeliest characters (None: all)
-best_of = 1                     # in [1, inf): draw n answers, keep the RM's favourite (1 = plain sampling)
+best_of = 1                     # in [1, 4096]: draw n answers, keep the RM's favourite (1 = plain sampling)
 seed = 1337                     # in [0, inf)
 you = 'ROMEO'                   # chat: the character you speak as
 bard = 'JULIET'                 # chat: the character the model answers as; a whole turn each time
 host = '127.0.0.1'              # web: the address to listen on (127.0.0.1: this machine only)
 port = 8000                     # in [0, 65535]: web: the port (0: any free one)
+allow_stale = False             # go on with checkpoints made from older ones than those there now
 # ----------------------------------------------------------------------------------------
 
 
 def checkpoint_path(name, out_dir):
-    """'ppo' | 'sft' | 'gpt' | a path -> the checkpoint path. A missing ppo.pt falls back to the policy
-    before it, sft.pt, then gpt.pt, with a note."""
-    if name not in ('ppo', 'sft', 'gpt'):
+    """A stage's name ('ppo', 'sft', 'dpo', 'rloo', ...) -> out_dir/<name>.pt, or a path as it is. A
+    missing ppo.pt falls back to the policy before it, sft.pt, then gpt.pt, with a note."""
+    if not name.isidentifier():
         return name
     path = os.path.join(out_dir, f'{name}.pt')
     for fallback in {'ppo': ['sft', 'gpt'], 'sft': ['gpt']}.get(name, []):
@@ -74,10 +75,13 @@ def checkpoint_path(name, out_dir):
 def continuations(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0,
                   top_k=None):
     """n_answers continuations of one prompt string, each the RM's favourite of best_of, ended by
-    the tokens `stop` (None: run to max_len): [(text, RM score r, P)]."""
+    the tokens `stop` (None: run to max_len): [(text, RM score r, P)]. Many answers: progress lines."""
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(n_answers, 1)  # (n, T)
-    y, lengths, r, *_ = best_of_n(model, rm, ids, best_of, max_len, stop, temperature, gen, top_k=top_k)
+    total = n_answers * best_of
+    advance = progress('answers', total, 1024, lambda s: print(s, file=sys.stderr)) if total > 1024 else None
+    y, lengths, r, *_ = best_of_n(model, rm, ids, best_of, max_len, stop, temperature, gen, top_k=top_k,
+                                  on_progress=advance)
     texts = answer_texts(y, lengths, vocab)
     return [(text, r[i].item(), torch.sigmoid(r[i]).item()) for i, text in enumerate(texts)]
 
@@ -126,7 +130,7 @@ def read_chat_request(body, vocab, you, bard):
     BadRequest. Characters the bard does not know are left out, with a note, as in chat mode."""
     try:
         request = json.loads(body.decode('utf-8'))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # (RecursionError: nested too deep)
         raise BadRequest(400, 'the body is not JSON: send {"history": [...], "line": "...", "best_of": 1}')
     if not isinstance(request, dict) or not isinstance(request.get('line'), str):
         raise BadRequest(400, 'the JSON needs a "line": the text you say, as a string')
@@ -156,13 +160,18 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
     best_of) -> reply()'s dict). One answer at a time (a lock: one model, one generator); the page
     keeps the scene, so the server holds nothing between requests. Nothing is read from disk. The
     page names the model and the policy P compares with (`typical`); names go in as JSON, '<' escaped.
-    Each request is logged in one line to stderr unless quiet."""
+    Every request it reads gets a status and one line; a request's Host must name this machine's
+    loopback (or `host`), so that no page elsewhere can drive it through DNS rebinding. Each request
+    is logged in one line to stderr unless quiet."""
     lock = threading.Lock()
     names = json.dumps({'you': you, 'bard': bard, 'model': model, 'typical': typical}).replace('<', '\\u003c')
     with open(PAGE_PATH, encoding='utf-8') as f:
         page = f.read().replace('NAMES_JSON', names)  # all inline: nothing is fetched
+    hosts = None if host in ('', '0.0.0.0', '::') else {'127.0.0.1', 'localhost', '::1', host.lower()}
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a request may take to arrive: a client that stops sending frees its thread
+
         def send(self, status, body, kind='application/json'):
             data = body.encode('utf-8') if isinstance(body, str) else json.dumps(body).encode('utf-8')
             self.send_response(status)
@@ -176,7 +185,22 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
             if self.command != 'HEAD':
                 self.wfile.write(data)
 
+        def send_error(self, code, message=None, explain=None):  # http.server's own: a JSON line too
+            self.close_connection, self.request_version = True, 'HTTP/1.0'  # a status line, always
+            if code == 501:  # a method http.server has no do_ for
+                return self.not_allowed()
+            self.send(code, {'error': message or 'the request cannot be read'})
+
+        def refused(self):  # a Host that is not this machine's: a page elsewhere, through DNS rebinding
+            name = self.headers.get('Host', '')
+            name = name[1:name.find(']')] if name.startswith('[') else name.split(':')[0]
+            if hosts is not None and name and name.lower() not in hosts:
+                return self.send(403, {'error': f'Host {name[:60]!r} is not this server: open '
+                                                f'http://127.0.0.1:{self.server.server_address[1]}/'})
+
         def do_GET(self):
+            if self.refused():
+                return
             if self.path.split('?')[0] != '/':
                 return self.send(404, {'error': f'no page {self.path[:80]!r} here: the chat is at /'})
             self.send(200, page, 'text/html')
@@ -184,6 +208,8 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
         do_HEAD = do_GET
 
         def do_POST(self):
+            if self.refused():
+                return
             if self.path != '/chat':
                 return self.send(404, {'error': f'nothing to POST to at {self.path[:80]!r}: use /chat'})
             try:
@@ -194,22 +220,32 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
                 self.close_connection = True  # the body stays unread
                 return self.send(413, {'error': f'the request is {size} bytes; at most {MAX_BODY}'})
             try:
-                turns, line, best_of, note = read_chat_request(self.rfile.read(size), vocab, you, bard)
+                body = self.rfile.read(size)
+            except OSError:  # a timeout: the body never came
+                self.close_connection = True
+                return self.send(408, {'error': f'the body did not come within {self.timeout} s'})
+            try:
+                turns, line, best_of, note = read_chat_request(body, vocab, you, bard)
             except BadRequest as e:
                 return self.send(e.status, {'error': str(e)})
-            with lock:
-                answer = chat(turns, best_of)
+            try:
+                with lock:
+                    answer = chat(turns, best_of)
+            except Exception as e:  # noqa: BLE001 (the server answers, whatever broke)
+                return self.send(500, {'error': f'the bard could not answer ({type(e).__name__}: {e})'[:300]})
             answer['note'] = '; '.join(n for n in (note, answer['note']) if n)
             self.send(200, {**answer, 'line': line})
 
         def not_allowed(self):
-            self.send(405, {'error': f'{self.command} is not answered here: GET / for the page, POST /chat'})
+            self.send(405, {'error': f'{str(self.command)[:20]} is not answered here: GET / for the page, '
+                                     'POST /chat'})
 
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = not_allowed
 
         def log_message(self, fmt, *args):  # one short line a request
             if not quiet:
-                print(f'{self.command} {self.path[:40]} {args[1] if len(args) > 1 else ""}', file=sys.stderr)
+                what = f'{self.command} {getattr(self, "path", "")[:40]}' if self.command else 'unreadable request'
+                print(f'{what} {args[1] if len(args) > 1 else ""}', file=sys.stderr)
 
     try:
         server = ThreadingHTTPServer((host, port), Handler)
@@ -227,9 +263,12 @@ if __name__ == '__main__':
     if mode == 'eval' and best_of != 1:
         die(f"--best_of={best_of} is for sample and chat modes: eval mode measures best-of-n for every n "
             f"up to ppo.py's --best_of_max")
+    if mode == 'sample' and num_samples * best_of > 65536:
+        die(f'--num_samples={num_samples} x --best_of={best_of} is {num_samples * best_of:,} answers: at most '
+            '65,536 at once')
     path = checkpoint_path(ckpt, out_dir)
     model, vocab, checkpoint, rm, rm_checkpoint = load_policy_and_rm(path, os.path.join(out_dir, 'reward.pt'),
-                                                                     device)
+                                                                     device, allow_stale)
     max_answer_len = rm_checkpoint['max_answer_len']  # the turns the RM was calibrated on
     labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')  # whose answers score 0 on average
     max_new_tokens = max_new_tokens or max_answer_len
@@ -238,10 +277,14 @@ if __name__ == '__main__':
     if mode in ('chat', 'web'):
         encode(you + bard, vocab)  # names any character the model lacks
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
-        if 'best_of_n' not in checkpoint.get('metrics', {}).get('eval', {}):
+        run = checkpoint.get('metrics', {}).get('eval', {})
+        if 'dpo' in run:
+            die(f'eval mode measures a run of ppo.py again; {path} is a run of dpo.py, whose points are in '
+                f'{out_dir}/dpo.json: python frontier.py draws them with the others')
+        if 'best_of_n' not in run:
             die(f'eval mode measures a run of ppo.py again (PPO, or --advantage=rloo or grpo): {path} is '
                 'not one; run python ppo.py first')
-        prepare_out_dir(out_dir)  # eval.json goes there
+        prepare_out_dir(out_dir, 'eval')  # eval.json goes there
         t0 = time.time()
         c = checkpoint['config']
         reference = c.get('reference', 'gpt.pt')  # the policy PPO started from
@@ -257,8 +300,7 @@ if __name__ == '__main__':
                                           c['temperature'], c['eval_samples'], c['seed'], c['max_iters'],
                                           method=method)
         result = eval_result(curve, final, samples, ppo_samples, held_out, vocab)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump(result, f, indent=2)
+        write_json(result, os.path.join(out_dir, 'eval.json'))
         earlier = checkpoint['metrics']['path'][:-1]
         print_frontier(curve, earlier + [final], result)
         print_samples(result, method)
@@ -289,6 +331,7 @@ if __name__ == '__main__':
 
     elif mode == 'chat':  # a whole turn each time, up to the blank line (or max_answer_len characters)
         turns = []
+        sys.stdin.reconfigure(errors='replace')  # a byte that is no UTF-8: a character the bard drops
         print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.',
               file=sys.stderr)
         while True:

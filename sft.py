@@ -38,8 +38,9 @@ from data import (END_OF_TURN, answer_mask, answer_texts, decode, encode, ends_t
                   turn_starts)
 from frontier import held_out_prompts, mean_se, measure_policy
 from labeler import gold_score, gold_scores
-from model import answer_logits, load_gpt, token_logprobs
-from plumbing import die, eta, prepare_out_dir, save_checkpoint, share_done, write_json
+from model import GPT, GPTConfig, answer_logits, load_gpt, token_logprobs
+from plumbing import (die, eta, made_from, prepare_out_dir, progress, refuse_to_replace, save_checkpoint, share_done,
+                      write_json)
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
@@ -52,6 +53,7 @@ max_answer_len = 96             # in [2, inf): as reward.py: a turn ends at its 
 min_gold = 1                    # in [-100, 100]: the labeler keeps turns it scores at least this
 batch_size = 32                 # in [1, inf): demonstrations a step
 learning_rate = 2e-4            # in (0, inf): AdamW, peak; each step moves away from the pretrained model
+dropout = 0.0                   # in [0, 1): SFT's own (the recipe was tuned at 0), whatever gpt.pt's was
 warmup_iters = 10               # in [0, inf): linear warmup
 min_lr_ratio = 0.0              # in [0, 1]: then linear decay to lr * this at max_iters (1: constant)
 weight_decay = 0.0              # in [0, inf): on matrices
@@ -114,7 +116,8 @@ def copy_rate(texts, demos, n):
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])  # each option against its rule, then:
     t_start = time.time()
-    prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir, 'sft')
+    refuse_to_replace(os.path.join(out_dir, 'sft.pt'), max_iters * batch_size, 'demonstrations')
     torch.manual_seed(seed)
     gpt_path = os.path.join(out_dir, 'gpt.pt')
     pretrained, vocab, gpt_checkpoint = load_gpt(gpt_path, device=device)
@@ -135,7 +138,9 @@ if __name__ == '__main__':
           f'{ends_turn(answers, demo_lengths, stop).float().mean():.0%} end on their own, '
           f'gold mean {gold_scores(answers, demo_lengths, vocab).mean():.2f}')
 
-    model = copy.deepcopy(pretrained).train()  # the policy; the pretrained model stays as it is
+    model_args = dict(gpt_checkpoint['model_args'], dropout=dropout)  # the policy; pretrained stays as is
+    model = GPT(GPTConfig(**model_args)).to(device).train()
+    model.load_state_dict(pretrained.state_dict())
     optimizer = model.configure_optimizers(weight_decay, lr=learning_rate)  # gpt.py's decay rule
     gen = torch.Generator().manual_seed(seed)  # batches
     demos, demo_lengths, val_demos, val_lengths = (t.to(device) for t in (demos, demo_lengths, val_demos,
@@ -168,6 +173,9 @@ if __name__ == '__main__':
             model.eval()
             val_loss = demo_loss(model, val_demos, val_lengths, prompt_len)
             model.train()
+            if not math.isfinite(val_loss):
+                die(f'held-out loss is {val_loss} at step {it}: training diverged; try a lower --learning_rate; '
+                    f'{out_dir}/sft.pt was not written')
             since_best = 0 if val_loss < best[0] else since_best + 1
             if since_best == 0:
                 best = (val_loss, it, copy.deepcopy(model.state_dict()))
@@ -177,13 +185,16 @@ if __name__ == '__main__':
     model.load_state_dict(best[2])
     model.eval()
     train_seconds = time.time() - t_start
+    if best[1] == 0:
+        print(f'note: no step lowered the pretrained model\'s held-out loss ({pretrained_loss:.4f}): sft.pt is '
+              'the pretrained model; a lower --learning_rate may help', file=sys.stderr)
 
     # the SFT model and the pretrained one on the held-out prompts every later step measures on
     prompts = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     rows = {}
     for name, policy in (('pretrained', pretrained), ('sft', model)):
         seqs, lengths, values = measure_policy(policy, pretrained, prompts, vocab, max_answer_len, stop,
-                                               temperature, eval_samples, seed)
+                                               temperature, eval_samples, seed, log=print)
         per_prompt = {k: v.view(eval_prompts, eval_samples).mean(1) for k, v in values.items()}
         texts = answer_texts(seqs[:, prompt_len:], lengths, vocab)
         rows[name] = {**dict(zip(('gold', 'gold_se'), mean_se(per_prompt['gold']))),
@@ -200,9 +211,9 @@ if __name__ == '__main__':
                'copy_rate': sft['copy_rate'], 'copy_rate_pretrained': pre['copy_rate'],
                'eval_prompts': eval_prompts, 'train_seconds': round(train_seconds, 1),
                'seconds': round(time.time() - t_start, 1)}
-    save_checkpoint({'model': model.state_dict(), 'model_args': gpt_checkpoint['model_args'],
-                     'config': config, 'vocab': vocab, 'iter_num': best[1], 'metrics': metrics},
-                    os.path.join(out_dir, 'sft.pt'))
+    save_checkpoint({'model': model.state_dict(), 'model_args': model_args, 'config': config, 'vocab': vocab,
+                     'iter_num': best[1], 'metrics': metrics, 'budget': best[1] * batch_size,
+                     'made_from': made_from(gpt_path)}, os.path.join(out_dir, 'sft.pt'))
     write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
                os.path.join(out_dir, 'sft.json'))
     print('-' * 72 + f"\n{eval_prompts} held-out prompts x {eval_samples} answers:\n"

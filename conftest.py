@@ -1,6 +1,7 @@
 """pytest's shared setup for test_all.py: the paths, a tiny model, the stage runners, and the run
 graph of tiny stages that start in the background with the first test (fixture `runs`), each as
 soon as the checkpoints it needs exist, so they go side by side with the in-process tests."""
+import json
 import multiprocessing
 import os
 import runpy
@@ -29,6 +30,11 @@ TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 # sees each line when it is printed
 torch.set_num_threads(1)
 CHILD_ENV = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+# Every stage run of the suite says --device=cpu, so the suite runs alike on a GPU machine. In the
+# stage's process CUDA then looks present but with no GPU: a stage that chose its device by itself
+# would pick 'cuda' and end in an error, on any machine (test_stages_choose_the_cpu_themselves).
+NO_GPU = 'import torch; torch.cuda.is_available = lambda: True; torch.cuda.device_count = lambda: 0'
+AS_MAIN = 'import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")'
 
 
 class StubRM(torch.nn.Module):
@@ -64,7 +70,8 @@ def save_tiny(model, path):
 def start(script, *args, stdin=None):
     """Start a stage as a user would, in the background (runs go side by side to keep the suite fast)."""
     env = dict(os.environ, **CHILD_ENV)
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+    p = subprocess.Popen([sys.executable, '-c', f'{NO_GPU}; {AS_MAIN}', os.path.join(HERE, script), *args],
+                         cwd=HERE, env=env,
                          stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     STARTED.append(p)
@@ -74,8 +81,9 @@ def start(script, *args, stdin=None):
 def finish(job):
     """(exit code, stdout + stderr) of a started stage."""
     p, stdin = job
-    out = p.communicate(stdin, timeout=300)[0]
-    return p.returncode, out
+    out = p.communicate(stdin.encode('utf-8') if isinstance(stdin, str) and not p.text_mode else stdin,
+                        timeout=300)[0]
+    return p.returncode, out.decode('utf-8', 'replace') if isinstance(out, bytes) else out
 
 
 # A fresh `python` imports torch and, where an optimizer is built, torch._dynamo (torch.optim
@@ -104,6 +112,7 @@ def _stage_main(script, args, stdin_path, out_path):
     os.chdir(HERE)
     path = os.path.join(HERE, script)
     sys.argv, sys.path[0] = [path, *args], HERE
+    exec(NO_GPU)
     code = 0
     try:
         runpy.run_path(path, run_name='__main__')
@@ -129,10 +138,10 @@ def run(script, *args, stdin=None):
         return run_python(script, *args, stdin=stdin)
     with tempfile.TemporaryDirectory() as tmp:
         out_path, stdin_path = os.path.join(tmp, 'out'), None
-        if stdin is not None:
+        if stdin is not None:  # text, or bytes as they come (not all of them UTF-8)
             stdin_path = os.path.join(tmp, 'in')
-            with open(stdin_path, 'w', encoding='utf-8') as f:
-                f.write(stdin)
+            with open(stdin_path, 'wb') as f:
+                f.write(stdin if isinstance(stdin, bytes) else stdin.encode('utf-8'))
         p = FORKSERVER.Process(target=_stage_main, args=(script, args, stdin_path, out_path))
         p.start()
         STARTED.append(p)
@@ -156,7 +165,7 @@ CHAT_LINES = [  # what a user might say to the bard (README: the real model's an
     "Thy tears are salt; wipe them, and be merry.", 'Farewell, farewell; one kiss, and I will descend.',
     'Is the day so young?', 'Come, come, you talk greedily.', 'Peace, peace!' * 12, 'Good night.', '']
 
-TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8',
+TINY_GPT = ['--n_layer=2', '--n_head=2', '--n_embd=48', '--block_size=64', '--batch_size=8', '--dropout=0.1',
             '--max_iters=80', '--eval_interval=40', '--eval_iters=4', '--log_interval=1',
             '--learning_rate=3e-3', '--warmup_iters=10', '--sample_chars=50']
 TINY_RM = ['--prompt_len=16', '--max_answer_len=32', '--K=4', '--train_prompts=64', '--dev_prompts=16',
@@ -170,7 +179,7 @@ TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_m
             '--eval_interval=2']
 SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']  # the road without SFT
 SMALL_PPO = [*TINY_PPO, '--max_iters=1', '--eval_interval=1']
-DDP_GPT = [*TINY_GPT, '--n_embd=32', '--block_size=32', '--batch_size=4', '--max_iters=12',
+DDP_GPT = [*TINY_GPT, '--dropout=0.0', '--n_embd=32', '--block_size=32', '--batch_size=4', '--max_iters=12',
            '--eval_interval=6',
            '--eval_iters=2', '--log_interval=3', '--sample_chars=10']
 
@@ -195,7 +204,8 @@ class Runs:
                 self.dirs[name] = copy_ckpts(self.dirs['out'], self.root / name, *own)
             if beside:
                 self.dirs[name] = self.dirs[after]
-            return job(script, f'--out_dir={self.dirs.get(name, self.dirs["out"])}', *args, stdin=stdin)
+            cpu = ['--device=cpu'] if script != 'frontier.py' else []  # the suite's runs: on the CPU
+            return job(script, f'--out_dir={self.dirs.get(name, self.dirs["out"])}', *cpu, *args, stdin=stdin)
         self.jobs[name] = self.pool.submit(work)
 
     def __getitem__(self, name):
@@ -220,19 +230,50 @@ def with_sft_as_gpt(script, out_dir_arg, *args, stdin=None):
 def torchrun(script, *args, stdin=None):
     """Run a stage as N = 2 CPU processes under torchrun (gloo), as a user with two GPUs would run it."""
     env = dict(os.environ, **CHILD_ENV)
+    path = script if os.path.isabs(script) else os.path.join(HERE, script)
     p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(HERE, script), *args], cwd=HERE, text=True, env=env,
+                          path, *args], cwd=HERE, text=True, env=env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     STARTED.append(p)
     return finish((p, None))
+
+
+DRAW_MASK = """import hashlib, sys, torch
+sys.path.insert(0, sys.argv[1])
+from gpt import start_processes
+rank, world, device = start_processes(1337, 'cpu')  # as gpt.py starts
+mask = torch.nn.Dropout(0.2).train()(torch.ones(4096)) != 0  # what a dropout layer draws next
+print(f'rank {rank} of {world}: mask', hashlib.sha256(bytes(mask.tolist())).hexdigest()[:12], flush=True)
+"""
+
+
+def ranks_masks(script, out_dir_arg, *args, stdin=None):
+    """Two gloo processes started as gpt.py starts them (gpt.start_processes), each drawing a dropout mask."""
+    path = os.path.join(out_dir_arg.split('=', 1)[1], 'draw_mask.py')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(DRAW_MASK)
+    return torchrun(path, HERE)
+
+
+def with_damaged_results(script, out_dir_arg, *args, stdin=None):
+    """Run a stage beside kept results that are damaged: a best_of_n.json of another shape, a run's json
+    cut short, one that is not UTF-8 and one that parses but is no run (as a careless copy leaves them)."""
+    out = out_dir_arg.split('=', 1)[1]
+    with open(os.path.join(out, 'best_of_n.json')) as f:  # the same keys, each kept curve of another shape
+        kept = {key: [[{'method': 'best_of_n', 'gold': 'high'}], {}] for key in json.load(f)}
+    for name, data in [('best_of_n.json', json.dumps(kept).encode()), ('dpo_beta9.json', b'\xff\xfe{}'),
+                       ('grpo.json', b'{"eval": {"best_of_n": [{"gold'), ('dpo_beta7.json', b'{"path": 3}')]:
+        with open(os.path.join(out, name), 'wb') as f:
+            f.write(data)
+    return run(script, out_dir_arg, *args, stdin=stdin)
 
 
 def interrupted(script, *args, stdin=None):
     """Start a long gpt.py run, press Ctrl-C once it is training: (exit code, what it printed after).
     The child gets Ctrl-C's default handler back first, as at a terminal: a suite started in the
     background (`cmd &`) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt."""
-    run_it = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
-              'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+    run_it = f'import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {NO_GPU}; {AS_MAIN}'
     env = dict(os.environ, **CHILD_ENV)
     long_run = [*args, '--max_iters=100000', '--eval_interval=20']
     p = subprocess.Popen([sys.executable, '-c', run_it, os.path.join(HERE, script), *long_run], cwd=HERE,
@@ -245,6 +286,12 @@ def interrupted(script, *args, stdin=None):
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=60)[0]
     return p.returncode, out
+
+
+@pytest.fixture(autouse=True)
+def cpu_machine(monkeypatch):
+    """In-process tests see a machine without CUDA: the scripts' defaults are the CPU ones anywhere."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -271,15 +318,20 @@ def runs(tmp_path_factory):
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
     r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)  # 2 processes, 1 micro-batch each
+    r.add('ddp_masks', 'gpt.py', own=[], job=ranks_masks)  # 2 gloo processes, each a dropout mask
+    r.add('sft_torchrun', 'sft.py', *TINY_SFT, after='gpt', own=['gpt.pt'], job=torchrun)  # one process only
+    r.add('sft_diverged', 'sft.py', *TINY_SFT, '--learning_rate=1e6', after='gpt', own=['gpt.pt'])
     r.add('ppo', 'ppo.py', *TINY_PPO, after='reward')
     r.add('ppo_again', 'ppo.py', *TINY_PPO, after='reward', own=['sft.pt', 'reward.pt', 'preferences.pt'])
     r.add('ppo_nan', 'ppo.py', *TINY_PPO, '--learning_rate=1e30', after='ppo', own=['sft.pt', 'reward.pt',
-                                                                                    'ppo.pt'])
+                                                                                    'ppo.pt', 'ppo_log.csv'])
     r.add('eval', 'sample.py', '--mode=eval', after='ppo')
-    r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True)
+    r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True,
+          job=with_damaged_results)
     r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)  # beside RLOO, at once
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
-    r.add('chat', 'sample.py', '--mode=chat', after='ppo', stdin='\n'.join(CHAT_LINES) + '\n')
+    r.add('chat', 'sample.py', '--mode=chat', after='ppo',  # and a line that is not UTF-8 (Latin-1 'Café')
+          stdin='\n'.join(CHAT_LINES[:-1]).encode() + b'\nCaf\xe9 au lait\n\n')
     r.add('sample_long', 'sample.py', '--max_new_tokens=150', '--num_samples=2', after='ppo')
     yield r
     # a stopped or failed session: stop the rest

@@ -79,12 +79,12 @@ def start_processes(seed, device):
     its own dropout masks (DDP gives every rank rank 0's initial weights). -> (rank, world, device)."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     if 'RANK' in os.environ:
-        local = int(os.environ.get('LOCAL_RANK', rank))
+        here = int(os.environ.get('LOCAL_WORLD_SIZE', world))  # processes on this machine: every rank knows
         if torch.device(device).type == 'cuda':
-            if local >= torch.cuda.device_count():
-                raise MinibardError(f'torchrun started {world} processes, one a GPU, and this machine has '
+            if here > torch.cuda.device_count():
+                raise MinibardError(f'torchrun started {here} processes, one a GPU, and this machine has '
                                     f'{torch.cuda.device_count()}: give --nproc_per_node at most that')
-            device = f'cuda:{local}'
+            device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     torch.manual_seed(seed + rank)
@@ -169,7 +169,7 @@ if __name__ == '__main__':
                       n_embd=n_embd, token_mix=token_mix, dropout=dropout)
     iter_num, best_val, checkpoint = 0, float('inf'), None
     if init_from == 'resume':
-        checkpoint = load_checkpoint(ckpt_path, kind='GPT')
+        checkpoint = load_checkpoint(ckpt_path, kind='GPT', stale_ok=True)  # (pretraining has no parent)
         if not {'optimizer', 'iter_num', 'best_val_loss'} <= set(checkpoint):
             die(f'{ckpt_path} was not written by gpt.py (it has no optimizer state: a model of a later step?): '
                 '--init_from=resume continues a run of python gpt.py')

@@ -250,7 +250,7 @@ def read_json(path, check=lambda x: True, what='a result minibard wrote'):
         if check(value):
             return value
         why = 'not the shape of ' + what
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
         why = f'{type(e).__name__}: not {what}'
     print(f'note: {path} is damaged ({why}): skipped; the run that writes it writes it anew', file=sys.stderr)
     return None
@@ -271,6 +271,8 @@ def cached(path, key, compute, check=lambda x: True, log=print):
         log(f'(measured before with the same models, prompts and settings: read from {path}; '
             'delete it to measure again)')
         return store[key]
+    if key in store:
+        log(f'note: what {path} kept for these settings is of another shape: measured again')
     store[key] = json.loads(json.dumps(compute()))  # tuples -> lists, as read back
     write_json(store, path)
     return store[key]

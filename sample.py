@@ -155,7 +155,8 @@ def read_chat_request(body, vocab, you, bard):
     return turns + [(you, line)], line, best_of, note
 
 
-def make_server(host, port, chat, vocab, you, bard, model='the model', typical='the policy', quiet=False):
+def make_server(host, port, chat, vocab, you, bard, model='the model', typical='the policy', quiet=False,
+                wait=10):
     """A threading HTTP server for the chat: GET / the page, POST /chat an answer (chat(turns,
     best_of) -> reply()'s dict). One answer at a time (a lock: one model, one generator); the page
     keeps the scene, so the server holds nothing between requests. Nothing is read from disk. The
@@ -170,7 +171,7 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
     hosts = None if host in ('', '0.0.0.0', '::') else {'127.0.0.1', 'localhost', '::1', host.lower()}
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 10  # seconds a request may take to arrive: a client that stops sending frees its thread
+        timeout = wait  # seconds a request may take to arrive: a client that stops sending frees its thread
 
         def send(self, status, body, kind='application/json'):
             data = body.encode('utf-8') if isinstance(body, str) else json.dumps(body).encode('utf-8')
@@ -195,8 +196,9 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
             name = self.headers.get('Host', '')
             name = name[1:name.find(']')] if name.startswith('[') else name.split(':')[0]
             if hosts is not None and name and name.lower() not in hosts:
-                return self.send(403, {'error': f'Host {name[:60]!r} is not this server: open '
-                                                f'http://127.0.0.1:{self.server.server_address[1]}/'})
+                self.send(403, {'error': f'Host {name[:60]!r} is not this server: open '
+                                         f'http://127.0.0.1:{self.server.server_address[1]}/'})
+                return True
 
         def do_GET(self):
             if self.refused():

@@ -19,6 +19,8 @@ import math
 import os
 import re
 import runpy
+import shutil
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
@@ -28,18 +30,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import plumbing
 import ppo
 from configurator import ByDevice, check_option, configure, resolve_defaults
-from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, StubRM, copy_ckpts, save_tiny, tiny_model
+from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, StubRM, copy_ckpts, run, save_tiny, tiny_model
 from data import (TAG, answer_mask, decode, encode, end_of_turn, format_chat, load_splits, load_text,
                   trim_to_whole)
 from dpo import answer_logprobs, dpo_loss
 from frontier import best_of_n, best_of_n_curve, gold_at_kl, measure_policy
-from gpt import get_lr, split_loss
+from gpt import get_lr, split_loss, start_processes
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
 from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, load_reward_model, rm_scores,
                    token_logprobs)
-from plumbing import MinibardError, load_checkpoint, save_checkpoint
+from plumbing import MinibardError, cached, load_checkpoint, prepare_out_dir, read_json, save_checkpoint, write_json
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
                  per_token_rewards, ppo_losses, train as ppo_train, whiten)
 from reward import (Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss,
@@ -89,6 +92,61 @@ def test_checkpoint_round_trip(tmp_path):
     m2, vocab, _ = load_gpt(path)
     idx = torch.randint(0, 65, (2, 16))
     assert vocab == VOCAB and torch.equal(m(idx)[0], m2(idx)[0])
+
+
+def test_a_full_disk_while_saving_keeps_the_saved_checkpoint(tmp_path, monkeypatch):
+    """torch.save failing mid-write, as on a full disk (torch says so as a RuntimeError): one line, the
+    checkpoint there before is intact and no temp file is left."""
+    path = str(tmp_path / 'gpt.pt')
+    save_tiny(tiny_model(), path)
+    before = open(path, 'rb').read()
+
+    def full(obj, f):
+        open(f, 'wb').write(b'half a checkpoint')
+        raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(MinibardError, match='is the disk full'):
+        save_checkpoint({'model': {}}, path)
+    assert open(path, 'rb').read() == before and os.listdir(tmp_path) == ['gpt.pt']
+
+
+def test_damaged_results_are_named_and_skipped(tmp_path, capsys):
+    """A kept json cut short, empty, not UTF-8, of another shape or missing: None and one note that
+    names the file (never a traceback); a kept result of another shape is computed again."""
+    damaged = {'cut.json': b'{"path": [{"gold', 'empty.json': b'', 'latin1.json': b'{"a": "\xe9"}',
+               'shape.json': b'[1, 2]', 'nested.json': b'[' * 100000 + b']' * 100000}
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        assert read_json(str(tmp_path / name), lambda x: isinstance(x, dict)) is None
+        err = capsys.readouterr().err
+        assert f'{name} is damaged' in err and err.count('\n') == 1, err
+    assert read_json(str(tmp_path / 'none.json')) is None and capsys.readouterr().err == ''
+    key = {'model': 'abc'}
+    write_json({json.dumps(key): {'rows': 'of another shape'}}, str(tmp_path / 'kept.json'))
+    kept = cached(str(tmp_path / 'kept.json'), key, lambda: {'rows': [1, 2]}, lambda r: isinstance(r['rows'], list))
+    assert kept == {'rows': [1, 2]} and 'another shape: measured again' in capsys.readouterr().out
+    assert cached(str(tmp_path / 'kept.json'), key, lambda: 1 / 0) == {'rows': [1, 2]}  # read back
+
+
+@pytest.mark.skipif(plumbing.fcntl is None or not hasattr(os, 'fork'), reason='no file locks here')
+def test_one_run_of_a_stage_a_folder_and_no_temp_files_of_killed_saves(tmp_path):
+    """prepare_out_dir: a temp file a killed save left (its process gone) is removed, a live one's
+    stays; the stage's lock is held, so a second process of the same stage on the folder is refused."""
+    (tmp_path / 'ppo.pt.tmp999999999').write_bytes(b'half')
+    (tmp_path / f'ppo.json.tmp{os.getpid()}').write_bytes(b'being written')
+    prepare_out_dir(str(tmp_path), 'ppo')
+    assert sorted(os.listdir(tmp_path)) == ['.ppo.lock', f'ppo.json.tmp{os.getpid()}']
+    prepare_out_dir(str(tmp_path), 'ppo')  # this process again: still its own
+    pid = os.fork()  # another process: refused
+    if pid == 0:
+        plumbing.LOCKS.clear()  # (the child's own lock, not the one it inherits)
+        try:
+            prepare_out_dir(str(tmp_path), 'ppo')
+        except MinibardError as e:
+            os._exit(3 if 'another python ppo.py is writing to' in str(e) else 4)
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+    prepare_out_dir(str(tmp_path), 'dpo')  # another stage beside it is fine
 
 
 # ========================================================= configurator.py: options
@@ -158,6 +216,11 @@ def test_an_answer_that_runs_out_is_shown_to_its_last_whole_line_or_sentence():
         assert cut.startswith(shown) and shown.strip() and how != 'none'
         # whole words
         assert shown == cut or not (shown[-1].isalpha() and cut[len(shown)].isalpha()), (cut, shown)
+
+
+def test_a_corpus_without_turns_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / 'flat.txt').write_text('To be or not to be. ' * 100)  # no blank line: no turn ends
+    assert 'has no blank line' in in_process_error(capsys, load_text, str(tmp_path / 'flat.txt'))
 
 
 # ==================================== model.py: the GPT, generate, the reward model
@@ -428,6 +491,16 @@ def test_lr_schedule_on_hand_numbers():
     assert get_lr(110, 1.0, 10, 110, 0.0, 'linear') == 0
     assert abs(get_lr(60, 1.0, 10, 110, 0.1, 'cosine') - 0.55) < 1e-12
     assert abs(get_lr(200, 1.0, 10, 110, 0.1, 'cosine') - 0.1) < 1e-12
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch, capsys):
+    """torchrun --nproc_per_node=8 on a machine with one GPU: every rank stops with one MinibardError
+    before any GPU is touched (rank 0 says it), not a CUDA traceback from set_device."""
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    for rank in ('0', '5'):
+        monkeypatch.setattr(os, 'environ', dict(os.environ, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE='8',
+                                                LOCAL_WORLD_SIZE='8'))
+        assert 'torchrun started 8 processes' in in_process_error(capsys, start_processes, 0, 'cuda')
 
 
 def test_split_loss_weights_uneven_batches():
@@ -906,7 +979,8 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
     model, rm = chat_models()
     stop, gen = encode('\n\n', VOCAB), torch.Generator().manual_seed(0)
     chat = lambda turns, n: reply(model, rm, VOCAB, turns, 'JULIET', 12, stop, gen, n)
-    server = make_server('127.0.0.1', 0, chat, VOCAB, 'ROMEO', 'JULIET', model='x</script><b>', quiet=True)
+    server = make_server('127.0.0.1', 0, chat, VOCAB, 'ROMEO', 'JULIET', model='x</script><b>', quiet=True,
+                         wait=1)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
@@ -952,6 +1026,28 @@ def test_web_page_and_chat_answers_and_refuses_bad_requests():
                 (method, path, status, out)
             # and the next good one is answered
             assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200
+        def raw(request):  # what a client sends, byte for byte: -> the status line and the body
+            with socket.create_connection(('127.0.0.1', server.server_address[1]), timeout=30) as c:
+                c.sendall(request)
+                reply = b''.join(iter(lambda: c.recv(65536), b'')).decode()
+            return reply.split('\r\n')[0], reply.split('\r\n\r\n', 1)[-1]
+        port = server.server_address[1]
+        odd = [(b'GET / HTTP/9.9\r\n\r\n', '505'), (b'GARBAGE\r\n\r\n', '400'),
+               (b'TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n', '405'),
+               (b'CONNECT x:1 HTTP/1.1\r\n\r\n', '405'), (b'BREW /pot HTTP/1.1\r\n\r\n', '405'),
+               (b'POST /chat HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"line"', '408'),  # never comes
+               (b'POST /chat HTTP/1.1\r\nContent-Length: 200000\r\n\r\n' + b'[' * 200000, '413'),
+               (b'POST /chat HTTP/1.1\r\nContent-Length: 60000\r\n\r\n' + b'[' * 60000, '400'),  # deep
+               (b'GET / HTTP/1.1\r\nHost: evil.example:8000\r\n\r\n', '403'),  # DNS rebinding
+               (b'GET / HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n' % port, '200'),
+               (b'GET / HTTP/1.1\r\nHost: localhost:%d\r\n\r\n' % port, '200')]
+        for request, status in odd:
+            line, body = raw(request)
+            assert line.split()[1] == status, (request[:40], line, body[:200])
+            if status != '200':
+                error = json.loads(body)['error']
+                assert error and '\n' not in error, (request[:40], body)
+        assert ask('POST', '/chat', {'line': 'Speak.'})[0] == 200  # and it still answers
         with ThreadPoolExecutor(max_workers=4) as pool:  # 4 clients, 20 requests
             answers = list(pool.map(lambda i: ask('POST', '/chat', {'line': f'Line {i}.',
                                                                     'best_of': 1 + i % 3}),
@@ -990,6 +1086,20 @@ def test_sft_stage_keeps_its_lowest_held_out_loss(runs):
     assert m['kl_to_pretrained'] >= 0 and 0 <= m['copy_rate'] <= 1 and 'iter 5/15' in log
     model, vocab, ck = load_gpt(os.path.join(runs.dirs['out'], 'sft.pt'))  # loads wherever gpt.pt does
     assert vocab == VOCAB and ck['iter_num'] == m['best_step'] and ck['metrics']['demos'] == m['demos']
+    gpt_args = torch.load(os.path.join(runs.dirs['out'], 'gpt.pt'), weights_only=True)['model_args']
+    assert gpt_args['dropout'] == 0.1 and ck['model_args']['dropout'] == 0.0  # SFT's own dropout
+
+
+def test_sft_stops_where_training_diverged(runs):
+    """--learning_rate=1e6: the held-out loss is no number, or no step lowers it: one line that says so,
+    never a silent sft.pt that is the pretrained model."""
+    code, log = runs['sft_diverged']
+    assert 'Traceback' not in log and 'learning_rate' in log, log
+    if code:
+        assert_one_clear_line(code, log, 'is nan', 'sft.pt was not written')
+        assert not os.path.exists(os.path.join(runs.dirs['sft_diverged'], 'sft.pt'))
+    else:
+        assert 'note: no step lowered the pretrained model' in log, log
 
 
 def test_the_road_without_sft_is_one_flag_away(runs):
@@ -1065,13 +1175,16 @@ def test_every_road_on_one_frontier(runs, run_here):
         assert runs[name][0] == 0 and 'Traceback' not in runs[name][1], runs[name][1]
     d = runs.dirs['ppo_again']
     code, out = run_here('frontier.py', f'--out_dir={d}')
-    assert code == 0 and 'written: ' in out, out
+    assert code == 0 and 'written: ' in out and 'Traceback' not in out, out
+    for damaged in ('grpo.json', 'dpo_beta9.json', 'dpo_beta7.json'):  # reported and skipped
+        assert f'{damaged} is damaged' in out and f'{damaged} is damaged' in runs['roads_rloo'][1], damaged
     ppo, rloo, dpo = (json.load(open(os.path.join(d, f'{n}.json'))) for n in ('ppo', 'rloo', 'dpo'))
     assert ppo['advantage'] == 'gae' and rloo['advantage'] == 'rloo' and dpo['beta'] == 0.3
     assert {r['method'] for r in ppo['path']} == {'ppo'} and {r['method'] for r in rloo['path']} == {'rloo'}
     assert 'groups of' not in runs['roads_rloo'][1] and ', 4 prompts x 4 (rloo)' in runs['roads_rloo'][1]
     assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']  # the same seed: the same curve
-    assert 'measured before' in runs['roads_rloo'][1] and 'measured before' not in runs['ppo_again'][1]
+    # the kept curve was damaged before RLOO ran (conftest.with_damaged_results): measured again, the same
+    assert 'of another shape: measured again' in runs['roads_rloo'][1] and 'measured before' not in runs['ppo_again'][1]
     assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.3 for r in dpo['path']) and dpo == json.load(
         open(os.path.join(d, 'dpo_beta0.3.json')))
     assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
@@ -1125,8 +1238,8 @@ def test_chat_mode_answers_whole_turns(runs):
     code, log = runs['chat']
     assert code == 0 and 'Traceback' not in log, log
     answers = chat_answers(log)
-    assert len(answers) == len(CHAT_LINES) - 1 == log.count('[P = ')  # the empty last line ends it
-    assert "knows no '7é'" in log
+    assert len(answers) == len(CHAT_LINES) == log.count('[P = ')  # the empty last line ends it
+    assert "knows no '7é'" in log and "knows no '\ufffd'" in log  # a Latin-1 byte: a character dropped
     for text, notes in answers:
         assert not TAG.search('\n' + text + '\n') and '\n\n' not in text, text
         if 'cut at 32 characters' in notes:  # never shown cut mid-word
@@ -1202,7 +1315,7 @@ def assert_one_clear_line(code, log, *words):
 def test_nan_stops_without_overwriting(runs):
     """A run of ppo.py: one line, no traceback, and the checkpoints it started from are untouched."""
     assert_one_clear_line(*runs['ppo_nan'], 'is nan', 'ppo.pt was not overwritten')
-    for f in ['sft.pt', 'ppo.pt']:
+    for f in ['sft.pt', 'ppo.pt', 'ppo_log.csv']:  # the last run's log too
         assert open(os.path.join(runs.dirs['ppo_nan'], f), 'rb').read() == \
             open(os.path.join(runs.dirs['out'], f), 'rb').read()
 
@@ -1302,6 +1415,77 @@ def test_checkpoints_of_another_shape(runs, run_here, tmp_path):
                           'sft.pt than the one there now', 'python reward.py', '--allow_stale=True')
     assert_one_clear_line(*run_here('ppo.py', f'--out_dir={other}', '--allow_stale=True'),
                           'reward.pt was not trained from', 'python reward.py')
+
+
+def test_files_of_another_kind_are_one_line(runs, run_here, tmp_path):
+    """A file where another kind is expected: preferences.pt that is a GPT, or of another shape; resuming
+    from a later step's model or with another shape; a gpt.pt without model_args or with settings no
+    model can be built from. One line each, nothing written."""
+    assert runs['ppo'][0] == 0
+    d = copy_ckpts(runs.dirs['out'], tmp_path / 'prefs', 'sft.pt', 'reward.pt')
+    shutil.copy(os.path.join(runs.dirs['out'], 'gpt.pt'), os.path.join(d, 'preferences.pt'))
+    assert_one_clear_line(*run_here('dpo.py', f'--out_dir={d}'), 'preferences.pt holds a GPT, not preference data')
+    torch.save({'train': {'seqs': torch.zeros(2, 3)}, 'dev': {}, 'val': {}, 'vocab': VOCAB, 'policy': 'sft.pt',
+                'prompt_len': 16, 'max_answer_len': 32, 'tau': 1.0}, os.path.join(d, 'preferences.pt'))
+    assert_one_clear_line(*run_here('dpo.py', f'--out_dir={d}'), 'is not preference data as reward.py writes')
+    d = copy_ckpts(runs.dirs['out'], tmp_path / 'resume', 'gpt.pt')
+    resume = ['--init_from=resume', '--max_iters=100', f'--out_dir={d}']
+    assert_one_clear_line(*run_here('gpt.py', *resume, '--n_layer=3'), 'keeps its shape', '--n_layer')
+    shutil.copy(os.path.join(runs.dirs['out'], 'sft.pt'), os.path.join(d, 'gpt.pt'))
+    assert_one_clear_line(*run_here('gpt.py', *resume), 'was not written by gpt.py', 'no optimizer state')
+    for broken in ({'model': {}, 'vocab': VOCAB}, {'model': {}, 'vocab': VOCAB, 'model_args': 'six layers'},
+                   {'model': {}, 'vocab': VOCAB, 'model_args': {'n_embd': 7, 'n_head': 0}}):
+        torch.save(broken, os.path.join(d, 'gpt.pt'))
+        code, log = run_here('sft.py', f'--out_dir={d}')
+        assert_one_clear_line(code, log, 'gpt.pt')
+    assert [f for f in os.listdir(d) if not f.startswith('.')] == ['gpt.pt']  # (.<stage>.lock: the runs' locks)
+
+
+def test_a_quick_try_never_replaces_a_trained_checkpoint(runs, run_here, tmp_path):
+    """python gpt.py --max_iters=2 beside a gpt.pt trained longer: refused before any work, gpt.pt as it
+    was; the same budget or more replaces it as before (the pipeline's own runs)."""
+    assert runs['gpt'][0] == 0
+    d = copy_ckpts(runs.dirs['out'], tmp_path, 'gpt.pt')
+    before = open(os.path.join(d, 'gpt.pt'), 'rb').read()
+    assert_one_clear_line(*run_here('gpt.py', *TINY_GPT, '--max_iters=2', f'--out_dir={d}'),
+                          'gpt.pt was trained on', 'its own --out_dir', 'delete')
+    assert open(os.path.join(d, 'gpt.pt'), 'rb').read() == before
+
+
+def test_a_chain_that_changed_under_a_step_is_refused_unless_told(runs, run_here, tmp_path):
+    """gpt.pt written again after sft.pt was made from it (a quick try in the same folder): a later step
+    that reads sft.pt refuses in one line, naming what to run, unless --allow_stale=True."""
+    assert runs['reward'][0] == 0
+    d = copy_ckpts(runs.dirs['out'], tmp_path, 'gpt.pt', 'sft.pt', 'reward.pt', 'preferences.pt')
+    save_tiny(tiny_model(7), os.path.join(d, 'gpt.pt'))  # another gpt.pt
+    for script in ('reward.py', 'ppo.py', 'dpo.py', 'sample.py'):
+        assert_one_clear_line(*run_here(script, f'--out_dir={d}', '--seed=1'),
+                              'sft.pt was made from another', 'gpt.pt', 'python sft.py', '--allow_stale=True')
+    code, log = run_here('sample.py', f'--out_dir={d}', '--ckpt=sft', '--allow_stale=True', '--num_samples=1')
+    assert code == 0 and '--- rm' in log, log
+
+
+def test_eval_mode_on_a_dpo_run_says_where_its_points_are(runs, run_here):
+    assert runs['roads_dpo'][0] == 0
+    d = runs.dirs['ppo_again']
+    assert_one_clear_line(*run_here('sample.py', f'--out_dir={d}', '--mode=eval', '--ckpt=dpo'),
+                          'is a run of dpo.py', 'dpo.json', 'python frontier.py')
+
+
+def test_torchrun_on_a_one_process_step_and_its_errors_said_once(runs):
+    """torchrun ... sft.py: refused in one line (said by rank 0 alone), nothing trained or written."""
+    code, log = runs['sft_torchrun']
+    assert code != 0 and log.count('error: ') == 1 and 'sft.py runs in one process' in log, log
+    assert sorted(os.listdir(runs.dirs['sft_torchrun'])) == ['gpt.pt']
+
+
+def test_stages_choose_the_cpu_themselves(tmp_path):
+    """Every stage run of this suite passes --device=cpu; in its process CUDA looks present with no GPU
+    (conftest.NO_GPU), so a stage that chose its own device would pick 'cuda' and stop, on any machine."""
+    code, log = run('gpt.py', f'--out_dir={tmp_path}', '--max_iters=1')
+    assert code == 1 and "--device='cuda': this machine has 0 CUDA GPU(s)" in log, log
+    code, log = run('gpt.py', f'--out_dir={tmp_path}', '--device=cpu', '--help')
+    assert code == 0 and '--n_layer=2' in log, log
 
 
 def test_out_of_vocabulary_prompt_is_one_clear_line(runs, run_here):

@@ -238,12 +238,12 @@ def torchrun(script, *args, stdin=None):
     return finish((p, None))
 
 
-DRAW_MASK = """import hashlib, sys, torch
+DRAW_MASK = r"""import hashlib, sys, torch
 sys.path.insert(0, sys.argv[1])
 from gpt import start_processes
 rank, world, device = start_processes(1337, 'cpu')  # as gpt.py starts
 mask = torch.nn.Dropout(0.2).train()(torch.ones(4096)) != 0  # what a dropout layer draws next
-print(f'rank {rank} of {world}: mask', hashlib.sha256(bytes(mask.tolist())).hexdigest()[:12], flush=True)
+sys.stdout.write(f'rank {rank} of {world}: mask {hashlib.sha256(bytes(mask.tolist())).hexdigest()[:12]}\n')
 """
 
 

@@ -1268,6 +1268,14 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert torch.load(os.path.join(runs.dirs['resume'], 'gpt.pt'), weights_only=True)['iter_num'] > 80
 
 
+def test_torchrun_ranks_draw_their_own_dropout(runs):
+    """Two gloo processes started as gpt.py starts them: each rank draws its own dropout mask (seed +
+    rank, as nanoGPT), not one mask for both."""
+    code, log = runs['ddp_masks']
+    masks = dict(re.findall(r'rank (\d) of 2: mask (\w+)', log))
+    assert code == 0 and set(masks) == {'0', '1'} and masks['0'] != masks['1'], log
+
+
 def test_torchrun_two_processes_train_what_one_does(runs):
     """torchrun with 2 CPU processes (gloo), one micro-batch each: the losses, the weights and the
     data streams of one process taking both micro-batches of every step; rank 0 alone logs and

@@ -66,6 +66,8 @@ def configure(scope, argv, torchrun=False):
         scope['device'] = given[-1] if given else scope['device']
         check_device(scope['device'])
         resolve_defaults(scope, scope['device'])
+        if torch.device(scope['device']).type == 'cuda':  # TF32 matmuls where fp32 remains (nanoGPT)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if '-h' in argv or '--help' in argv:
         print_help(scope, block)
         sys.exit(0)

@@ -103,17 +103,18 @@ def get_lr(it, lr, warmup, total, min_ratio, decay):
 
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device, ctx=nullcontext()):
-    """Mean loss over the same n_batches random batches of each split at every call, under ctx
-    (training's autocast): {split: loss}."""
+def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device, ctx=nullcontext(), at_once=1):
+    """Mean loss over the same n_batches random batches of each split at every call, `at_once`
+    batches a forward (a GPU is faster with few big calls), under ctx (training's autocast): {split: loss}."""
     model.eval()
     out = {}
     for name, data in splits.items():
         gen = torch.Generator().manual_seed(seed + 1)
-        with ctx:
-            losses = torch.stack([model(*get_batch(data, block_size, batch_size, gen, device))[1]
-                                  for _ in range(n_batches)]).tolist()  # one copy back to the host
-        out[name] = sum(losses) / len(losses)
+        x, y = get_batch(data, block_size, n_batches * batch_size, gen, device)  # (n B, T): the same windows
+        with ctx:  # as n draws of B
+            losses = torch.stack([model(xb, yb)[1] for xb, yb in zip(x.split(at_once * batch_size),
+                                                                       y.split(at_once * batch_size))])
+        out[name] = sum(losses.tolist()) / len(losses)  # one copy back to the host
     model.train()
     return out
 
@@ -153,8 +154,6 @@ if __name__ == '__main__':
     if not master:
         sys.stdout = open(os.devnull, 'w')  # one log, rank 0's
     cuda = device.startswith('cuda')  # CPU: fp32
-    if cuda:  # TF32 matmuls where fp32 remains (nanoGPT)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t_start = time.time()
     prepare_out_dir(out_dir, 'gpt' if master else None)
     train_data, val_data, vocab = load_splits(data_path)
@@ -206,7 +205,8 @@ if __name__ == '__main__':
     t_loop, start_iter = time.time(), iter_num  # the pace for the eta
     while True:
         if iter_num % eval_interval == 0 or iter_num == max_iters:
-            losses = estimate_loss(fwd, splits, block_size, batch_size, eval_iters, seed, device, ctx)
+            losses = estimate_loss(fwd, splits, block_size, batch_size, eval_iters, seed, device, ctx,
+                                   8 if cuda and eval_iters % 8 == 0 else 1)
             states = [g.get_state() for g in gens]  # every stream, for a resume
             if ddp:  # every rank makes every collective call; rank 0's losses decide for all
                 everyone = [None] * world

@@ -317,6 +317,8 @@ def runs(tmp_path_factory):
     r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
+    r.add('gpt_patience', 'gpt.py', *TINY_GPT, '--max_iters=400', '--eval_interval=5', '--eval_iters=1',
+          '--patience=1', own=[])  # a noisy val loss stops it early
     r.add('gpt_ddp', 'gpt.py', *DDP_GPT, own=[], job=torchrun)  # 2 processes, 1 micro-batch each
     r.add('ddp_masks', 'gpt.py', own=[], job=ranks_masks)  # 2 gloo processes, each a dropout mask
     r.add('sft_torchrun', 'sft.py', *TINY_SFT, after='gpt', own=['gpt.pt'], job=torchrun)  # one process only

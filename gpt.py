@@ -57,6 +57,7 @@ grad_clip = 1.0                 # in [0, inf): clip the global grad norm (0 = of
 # evaluation and logging
 eval_interval = ByDevice(cpu=1000, cuda=250)  # in [1, inf): estimate train/val loss every this many iters
 eval_iters = ByDevice(cpu=20, cuda=200)  # in [1, inf): batches per estimate (final: the whole val split)
+patience = ByDevice(cpu=None, cuda=4)  # int in [1, inf) or None: stop after this many evals with no better val
 log_interval = 100              # in [1, inf): print an iter line every this many iters
 sample_chars = 500              # in [0, inf): length of the sample printed at the end
 compile = False                 # torch.compile (worth it on GPU; CPU compile costs more)
@@ -200,7 +201,7 @@ if __name__ == '__main__':
           + (f', {world} processes x {accum // world} micro-batch(es) of {batch_size}' if ddp else '')
           + (f', {accum} micro-batches of {batch_size} a step' if accum > 1 and not ddp else ''))
 
-    train_time, last_train = 0.0, float('nan')
+    train_time, last_train, since_best = 0.0, float('nan'), 0
     diverged = f'try a lower --learning_rate; {ckpt_path} keeps the last good model'
     t_loop, start_iter = time.time(), iter_num  # the pace for the eta
     while True:
@@ -217,13 +218,17 @@ if __name__ == '__main__':
                   + (f', {eta(iter_num, max_iters, t_loop, start_iter)}' if iter_num > start_iter else ''))
             if not math.isfinite(losses['val']):
                 die(f'val loss is {losses["val"]} at iter {iter_num}: {diverged}')
-            if losses['val'] < best_val:
+            since_best = 0 if losses['val'] < best_val else since_best + 1
+            if since_best == 0:
                 best_val = losses['val']
                 if iter_num > 0 and master:
                     save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                      'model_args': model_args, 'config': config, 'vocab': vocab,
                                      'iter_num': iter_num, 'best_val_loss': best_val, 'train_loss': last_train,
                                      'rng_states': states, 'budget': iter_num * tokens_per_iter}, ckpt_path)
+        if patience and since_best >= patience and iter_num < max_iters:
+            print(f'stopped: no better val loss in {patience} evaluations (--patience=None trains all {max_iters})')
+            break
         if iter_num >= max_iters:
             break
         t0 = time.time()

@@ -29,9 +29,17 @@ class MinibardError(ValueError):
 def die(msg):
     """For a script's own checks, under `if __name__ == '__main__':` only: one line saying what to
     do, non-zero exit, no traceback. (Imported code raises MinibardError instead.)"""
-    if MASTER:
-        print(f'error: {msg}', file=sys.stderr)
+    say_error(msg)
     sys.exit(1)
+
+
+def say_error(msg):
+    """The `error:` line, once under torchrun, where every rank meets the same mistake: rank 0 says it
+    at once; another rank says it only if it still lives 3 s later (rank 0 did not fail, so the
+    mistake is that rank's own): torchrun stops every rank as soon as one has failed."""
+    if not MASTER:
+        time.sleep(3)
+    print(f'error: {msg}', file=sys.stderr)
 
 
 def exit_in_one_line(kind, value, tb, default=sys.excepthook):
@@ -46,7 +54,7 @@ def exit_in_one_line(kind, value, tb, default=sys.excepthook):
     if issubclass(kind, BrokenPipeError):  # `python gpt.py --help | head`
         os._exit(141)
     if issubclass(kind, MinibardError):
-        return print(f'error: {value}', file=sys.stderr) if MASTER else None
+        return say_error(value)
     if issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT):
         return print(f'error: the disk is full ({value.filename or "writing"}): free some space; {intact}',
                      file=sys.stderr)

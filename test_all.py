@@ -1268,6 +1268,16 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert torch.load(os.path.join(runs.dirs['resume'], 'gpt.pt'), weights_only=True)['iter_num'] > 80
 
 
+def test_patience_stops_pretraining_without_a_better_val_loss(runs):
+    """--patience=1: the first evaluation without a better val loss ends the run, said in the log; the
+    best checkpoint is kept and measured as at the end of a full run."""
+    code, log = runs['gpt_patience']
+    m = json.load(open(os.path.join(runs.dirs['gpt_patience'], 'gpt.json')))
+    vals = [float(l.split('val loss ')[1].split(',')[0]) for l in log.splitlines() if l.startswith('step ')]
+    assert code == 0 and 'stopped: no better val loss in 1 evaluations' in log and m['iters'] < 400, log
+    assert vals[-1] >= min(vals[:-1]) and all(a >= b for a, b in zip(vals[:-2], vals[1:-1])), vals  # (4 decimals)
+
+
 def test_torchrun_ranks_draw_their_own_dropout(runs):
     """Two gloo processes started as gpt.py starts them: each rank draws its own dropout mask (seed +
     rank, as nanoGPT), not one mask for both."""

@@ -35,7 +35,7 @@ from plumbing import cached, die, digest, progress, read_json, write_json
 out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
 # ----------------------------------------------------------------------------------------
 FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
-RUNS = ['ppo', 'rloo', 'grpo']  # ppo.py's runs (--advantage): out_dir/<name>.json each
+NOT_RUNS = {'gpt', 'sft', 'reward', 'best_of_n', 'eval', 'dpo', 'chat_check'}  # out_dir's other json files
 
 
 # ------------------------------------------------------------------ a policy on held-out prompts
@@ -268,15 +268,15 @@ def is_run(run):
 
 
 def collect(out_dir):
-    """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first of
-    ppo.py's runs: each run of one seed measures the same curve), the reference itself as 'sft'
-    when it is the SFT model, each ppo.py run's path and each DPO run's (dpo_beta*.json, column
-    beta). Runs of another seed or reference than the first are left out, with a note, and so is
-    a damaged json (plumbing.read_json). -> (rows, the reference's name); no ppo.py run: ([], None)."""
-    dpo = glob.glob(os.path.join(out_dir, 'dpo_beta*.json'))  # one for each beta
-    names = RUNS + sorted(os.path.basename(f)[:-len('.json')] for f in dpo)
+    """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first run that
+    measured it: each run of one seed measures the same curve), the reference itself as 'sft' when it
+    is the SFT model, and the path of every run whose json is there (ppo.py's ppo, rloo, grpo, ...,
+    dpo.py's dpo_beta<beta>, ...; column beta). Runs of another seed or reference than the first are
+    left out, with a note, and so is a damaged json (plumbing.read_json).
+    -> (rows, the reference's name); no run with a best-of-n curve: ([], None)."""
+    names = sorted(os.path.basename(f)[:-5] for f in glob.glob(os.path.join(out_dir, '*.json')))
     runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, "a run's results")
-            for name in names}
+            for name in names if name not in NOT_RUNS}
     runs = {name: run for name, run in runs.items() if run is not None}
     first = next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
     if first is None:

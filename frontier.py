@@ -26,15 +26,16 @@ import torch
 from configurator import configure
 from data import (answer_mask, answer_texts, decode, ends_turn, forward_in_chunks, sample_answers,
                   sample_prompts, turn_starts)
-from labeler import gold_scores
-from model import answer_logits, exact_kl, rm_scores
+from labeler import all_pairs, gold_scores, label, pair_metrics, repeats_a_word
+from model import answer_logits, exact_kl, rm_scores, token_logprobs
 from plumbing import cached, die, digest, progress, read_json, write_json
 
 # ----------------------------------------------------------------------------------------
 # hyperparameters (`--key=value` overrides any of them)
 out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
 # ----------------------------------------------------------------------------------------
-FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended']  # a row
+FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended',  # a row
+          'repeats', 'logp_ref']  # (the last two: since 2026-12-04; older rows lack them)
 NOT_RUNS = {'gpt', 'sft', 'reward', 'best_of_n', 'eval', 'dpo', 'chat_check'}  # out_dir's other json files
 
 
@@ -47,29 +48,38 @@ def held_out_prompts(val_data, vocab, n, prompt_len, seed, device):
 
 
 def answer_values(answers, lengths, vocab, stop):
-    """What is measured of each answer (N, Ta) besides its reward: gold, length, ended."""
+    """What is measured of each answer (N, Ta) besides its reward: gold, length, ended, and whether it
+    says a word twice in a row (the blind spot of a summed RM that an over-optimised policy finds)."""
     answers, lengths = answers.cpu(), lengths.cpu()
     return {'gold': gold_scores(answers, lengths, vocab), 'length': lengths.float(),
-            'ended': ends_turn(answers, lengths, stop).float()}
+            'ended': ends_turn(answers, lengths, stop).float(),
+            'repeats': torch.tensor([float(repeats_a_word(t)) for t in answer_texts(answers, lengths, vocab)])}
+
+
+def logp_per_char(model, seqs, lengths, prompt_len):
+    """log pi(y) / |y| of each answer under `model` at temperature 1: how far from the bard's speech
+    an answer is, for the reference (nats per character). seqs (b, Tp + Ta), lengths (b,) -> (b,)."""
+    logp = token_logprobs(answer_logits(model(seqs)[0], prompt_len), seqs[:, prompt_len:])  # (b, Ta)
+    return (logp * answer_mask(lengths, logp.size(1))).sum(1) / lengths
 
 
 @torch.no_grad()
 def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=32,
                    batch=256, log=None):
     """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time
-    (log, if given, gets a progress line every 8 batches), and per answer its gold, length, ended
-    and exact KL(pi || pi_ref) summed over its characters (nats), forwarded `chunk` at a time.
-    -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
+    (log, if given, gets a progress line every 8 batches), and per answer its gold, length, ended,
+    repeats, exact KL(pi || pi_ref) summed over its characters (nats) and log pi_ref per character,
+    forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     Tp = prompts.size(1)
     rep = prompts.repeat_interleave(n_samples, 0)  # (P n, Tp)
     advance = progress('answers', len(rep), 8 * batch, log) if log else None
     y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch, on_progress=advance)
     seqs = torch.cat([rep, y], 1)
-    kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
-                       * answer_mask(n, s.size(1) - Tp)).sum(1)  # (b,) nats per answer
-    return seqs, lengths, {**answer_values(y, lengths, vocab, stop),
-                           'kl': forward_in_chunks(kl, seqs, lengths, Tp, chunk).cpu()}
+    kl = lambda s, n: ((exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
+                        * answer_mask(n, s.size(1) - Tp)).sum(1), logp_per_char(ref, s, n, Tp))  # (b,) each
+    kl, logp_ref = forward_in_chunks(kl, seqs, lengths, Tp, chunk)
+    return seqs, lengths, {**answer_values(y, lengths, vocab, stop), 'kl': kl.cpu(), 'logp_ref': logp_ref.cpu()}
 
 
 def mean_se(x):
@@ -79,12 +89,12 @@ def mean_se(x):
 
 def frontier_row(name, per_prompt, kl, n=None, step=None):
     """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
-    gold, mean answer length and share of answers that ended on their own, and a KL in nats; n
-    for a point of best-of-n, step (the iteration or step of the run) for a point of a run."""
+    gold, the means of the answers' length, ending, repeating and log pi_ref per character, and a KL
+    in nats; n for a point of best-of-n, step (the iteration or step of the run) for a run's point."""
     (rm, rm_se), (gold, gold_se) = mean_se(per_prompt['rm']), mean_se(per_prompt['gold'])
     return {'method': name, 'n': n, 'step': step, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
             'rm_se': rm_se, 'prob': torch.sigmoid(per_prompt['rm'].float()).mean().item(), 'kl': kl,
-            'length': per_prompt['length'].mean().item(), 'ended': per_prompt['ended'].mean().item()}
+            **{k: per_prompt[k].mean().item() for k in FIELDS[9:]}}
 
 
 @torch.no_grad()
@@ -107,7 +117,8 @@ def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_
 def eval_line(step, row):
     """The log line of one evaluated point of a run."""
     return (f"eval {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}, rm {row['rm']:.3f}, "
-            f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}")
+            f"kl {row['kl']:.2f}, length {row['length']:.0f}, ended {row['ended']:.2f}, "
+            f"repeats {row['repeats']:.2f}, logp_ref {row['logp_ref']:.2f}")
 
 
 # ------------------------------------------------------------------ best-of-n
@@ -159,7 +170,9 @@ def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_ma
     advance = progress('best-of-n answers', P * n_max, 16 * batch, log) if log else None
     *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, batch,
                                   on_progress=advance, chunk=chunk)  # (P, N, Ta), (P, N), (P, N)
-    values = answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop)
+    seqs = torch.cat([prompts.repeat_interleave(n_max, 0), y.view(P * n_max, -1)], 1)  # (P N, Tp + Ta)
+    values = {**answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop), 'logp_ref': forward_in_chunks(
+        lambda s, n: logp_per_char(ref, s, n, prompts.size(1)), seqs, lengths.flatten(), prompts.size(1), chunk).cpu()}
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
     rows = [frontier_row('best_of_n', curve[n], math.log(n) - (n - 1) / n, n=n) for n in ns]
@@ -179,10 +192,25 @@ def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, t
     key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(os.path.join(out_dir,
            'reward.pt')), 'prompts': digest(prompts), 'seed': seed, 'max_answer_len': max_len,
            'temperature': temperature, 'best_of_max': n_max, 'device': prompts.device.type}
-    valid = lambda kept: all(map(is_row, kept[0])) and set(kept[1]) == {'reference', 'best_of_16'}
+    valid = lambda kept: all(is_row(r) and 'logp_ref' in r for r in kept[0]) and set(kept[1]) == {'reference',
+                                                                                               'best_of_16'}
     measure = lambda: best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed,
                                          chunk=chunk, log=log)
     return cached(os.path.join(out_dir, 'best_of_n.json'), key, measure, valid, log=log)
+
+
+@torch.no_grad()
+def rm_calibration(policy, rm, prompts, vocab, max_len, stop, temperature, k, seed, tau, chunk=32):
+    """How far the RM's P = sigmoid(r_i - r_j) can be trusted on a policy's answers: k answers to each
+    prompt (P, Tp), all their pairs labelled as reward.py has the labeler label them (Bradley-Terry at
+    tau), the RM's scores measured against the labels and the labeler's own probabilities
+    (labeler.pair_metrics): {ece, prob_mae, gold_acc, val_acc, bayes_acc}."""
+    gen = torch.Generator(prompts.device).manual_seed(seed)
+    *_, y, lengths, r = best_of_n(policy, rm, prompts, k, max_len, stop, temperature, gen, chunk=chunk)
+    g = gold_scores(y.flatten(0, 1).cpu(), lengths.flatten().cpu(), vocab).view(len(prompts), k)  # (P, k)
+    i, j = all_pairs(k)
+    m = pair_metrics(r.cpu(), g, label(g[:, i], g[:, j], tau, torch.Generator().manual_seed(seed)), tau)
+    return {key: round(m[key], 4) for key in ('ece', 'prob_mae', 'gold_acc', 'val_acc', 'bayes_acc')}
 
 
 # ------------------------------------------------------------------ a run's path; every run's frontier
@@ -224,7 +252,7 @@ def eval_result(curve, ppo_row, samples, ppo_samples, prompts, vocab):
     method's name (ppo, rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole
     best-of-n curve, best-of-n's gold at the policy's KL, and the sample prompts."""
     by_n = {row['n']: row for row in curve}
-    keep = lambda row, s: {**{k: row[k] for k in FIELDS[3:]}, 'samples': s}
+    keep = lambda row, s: {**{k: row.get(k, math.nan) for k in FIELDS[3:]}, 'samples': s}
     same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
     return {'reference': keep(by_n[1], samples['reference']),
             'best_of_16': keep(by_n[16], samples['best_of_16']),
@@ -255,10 +283,11 @@ def print_samples(result, method='ppo'):
 
 def is_row(row):
     """A frontier row as a run writes it: a method's name, n and step (whole numbers or None), a
-    number in every measured column."""
+    number in every measured column (repeats and logp_ref where a run measured them)."""
+    present = [k for k in FIELDS[11:] + ['beta'] if isinstance(row, dict) and k in row]
     return (isinstance(row, dict) and isinstance(row.get('method'), str)
             and all(type(row.get(k, 0.5)) in (int, type(None)) for k in ('n', 'step'))
-            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:] + ['beta'] * ('beta' in row)))
+            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:11] + present))
 
 
 def is_run(run):
@@ -296,12 +325,15 @@ def collect(out_dir):
 
 
 def save_frontier(rows, out_dir, reference='the reference'):
-    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed: gold
-    and RM score against KL to the reference, every method a line (DPO one per beta)."""
-    with open(os.path.join(out_dir, 'frontier.csv'), 'w', newline='') as f:
+    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed: gold, RM
+    score and the answers' log pi_ref per character against KL to the reference, every run a line
+    (DPO one per beta; a run with gold as its reward dashed). Each file is written whole or not at all."""
+    tmp = os.path.join(out_dir, f'frontier.tmp{os.getpid()}')
+    with open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=FIELDS + ['beta'], extrasaction='ignore')
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, os.path.join(out_dir, 'frontier.csv'))
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -311,31 +343,36 @@ def save_frontier(rows, out_dir, reference='the reference'):
     lines = {}
     for r in rows:
         label = {'best_of_n': 'best-of-n (KL bound)', 'sft': 'SFT'}.get(r['method'], r['method'].upper())
+        label = label.replace('_GOLD', ' (gold as reward)')
         lines.setdefault(label + (f" β {r['beta']:g}" if r.get('beta', '') != '' else ''), []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key in zip(axes, ('gold', 'rm')):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key in zip(axes, ('gold', 'rm', 'logp_ref')):
         for label, pts in lines.items():
-            style = 'o-' if label.startswith('best') else '*' if label == 'SFT' else '.-'
-            ax.errorbar([r['kl'] for r in pts], [r[key] for r in pts], yerr=[r[key + '_se'] for r in pts],
-                        fmt=style, label=label, capsize=2, markersize=12 if label == 'SFT' else 6)
+            style = 'o-' if label.startswith('best') else '*' if label == 'SFT' else '.--' if 'gold' in label else '.-'
+            ax.errorbar([r['kl'] for r in pts], [r.get(key, math.nan) for r in pts], fmt=style, label=label,
+                        yerr=[r[key + '_se'] for r in pts] if key + '_se' in pts[0] else None, capsize=2,
+                        markersize=12 if label == 'SFT' else 6)
         ax.set_xlabel(f'KL to {reference} (nats)')
-        ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score'}[key])
-        ax.legend(fontsize=8)
+        ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score',
+                       'logp_ref': f'log-likelihood per character under {reference}'}[key])
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, 'frontier.png'))
+    fig.savefig(tmp + '.png')
+    os.replace(tmp + '.png', os.path.join(out_dir, 'frontier.png'))
+    plt.close(fig)
 
 
 def print_rows(rows):
     """The gold-vs-KL table of frontier rows."""
     print(f"{'method':<10} {'n':>3} {'step':>5} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
-          f"{'length':>6} {'ended':>5}")
+          f"{'length':>6} {'ended':>5} {'repeats':>7} {'logp_ref':>8}")
     for row in rows:
         bound = '<=' if row['method'] == 'best_of_n' and row['n'] > 1 else '  '
         beta = f" β {row['beta']:g}" if row.get('beta', '') != '' else ''
         n, step = ('' if row[k] is None else row[k] for k in ('n', 'step'))
         print(f"{row['method']:<10} {n:>3} {step:>5} {row['gold']:7.3f} {row['gold_se']:6.3f} "
               f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
-              f"{row['ended']:5.2f}{beta}")
+              f"{row['ended']:5.2f} {row.get('repeats', math.nan):7.2f} {row.get('logp_ref', math.nan):8.3f}{beta}")
 
 
 if __name__ == '__main__':

@@ -39,6 +39,13 @@ def gold_score(text):
     return len(w & POSITIVE) - len(w & NEGATIVE)
 
 
+def repeats_a_word(text):
+    """Whether a text says a word twice in a row ('love love'): what an over-optimised policy does
+    to a summed reward that counts every word said (the labeler counts each distinct word once)."""
+    w = words(text)
+    return any(a == b for a, b in zip(w, w[1:]))
+
+
 def gold_scores(answers, lengths, vocab):
     """g of each answer (N, Ta) up to its length -> float tensor (N,)."""
     return torch.tensor([float(gold_score(t)) for t in answer_texts(answers, lengths, vocab)])

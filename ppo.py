@@ -25,6 +25,9 @@ al., "The N Implementation Details of RLHF with PPO"); the reasons for each choi
  9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max
     (kept in out/best_of_n.json), and the policy every `eval_interval` iterations: gold, RM
     score, exact KL. Gold is only ever measured.
+10. The verifiable-reward road (--reward=gold): the labeler's gold itself is the reward, as a unit
+    test or a math checker is for GRPO (Shao et al. 2024; nanochat), critic-free: no proxy to game.
+    Its files and frontier lines say 'gold'; on the RM road training never reads the gold.
  Left out: per-batch reward whitening. Option names: cleanrl's, else TRL's (kl_target, kl_horizon:
  TRL's adaptive controller, not cleanrl's target_kl, which stops an update early).
 
@@ -38,6 +41,7 @@ import copy
 import csv
 import json
 import os
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -48,7 +52,8 @@ import torch.nn as nn
 from configurator import ByDevice, configure
 from data import (END_OF_TURN, answer_mask, encode, ends_turn, forward_in_chunks, load_splits, sample_prompts,
                   turn_starts)
-from frontier import RunPath, best_of_n_kept, eval_result, held_out_prompts, print_frontier, print_samples
+from frontier import (NOT_RUNS, RunPath, best_of_n_kept, eval_result, held_out_prompts, print_frontier,
+                      print_samples, rm_calibration)
 from labeler import gold_scores
 from model import (GPT, GPTConfig, answer_logits, exact_kl, load_policy_and_rm, log_probs, rm_scores,
                    token_logprobs)
@@ -79,6 +84,8 @@ ptx_coef = 0.0                  # in [0, inf): PPO-ptx weight of the LM loss (In
 gamma = 1.0                     # in [0, 1]: discount (short episodes, reward at the end)
 gae_lambda = 0.95               # in [0, 1]: GAE lambda
 advantage = 'gae'               # in {'gae', 'rloo', 'grpo'}: critic and GAE, or a group baseline (point 5)
+reward = 'rm'                   # in {'rm', 'gold'}: the RM, or the labeler's gold as a checker (point 10)
+run_name = 'auto'               # the run's files: out_dir/<this>.*; auto: ppo, rloo or grpo (+ _gold)
 group_size = 4                  # in [2, inf): rloo / grpo: answers per prompt (batch_size / this prompts)
 init_kl_coef = 0.5              # in [0, inf): beta at the start, for rewards of unit std (point 4)
 kl_target = 3.5                 # in [0, inf): nats/answer the controller steers to (TRL: target); 0: fixed
@@ -330,7 +337,13 @@ if __name__ == '__main__':
     if advantage != 'gae' and batch_size % group_size:
         die(f'--batch_size={batch_size} must be a multiple of --group_size={group_size} ({advantage}: '
             'whole groups of answers to a prompt)')
-    name = 'ppo' if advantage == 'gae' else advantage  # ppo.*, rloo.*, grpo.*: side by side
+    if reward == 'gold' and advantage == 'gae':
+        die('--reward=gold runs critic-free, as the verifiable-reward recipes do: add --advantage=grpo or rloo '
+            "(PPO's critic is a copy of the reward model)")
+    name = ('ppo' if advantage == 'gae' else advantage) + ('_gold' if reward == 'gold' else '') \
+        if run_name == 'auto' else run_name
+    if not re.fullmatch(r'[\w.-]+', name) or name in NOT_RUNS | {'preferences', 'expert_iteration'}:
+        die(f'--run_name={run_name!r} would name files of another stage, or is no file name: choose another')
     t_start = time.time()
     prepare_out_dir(out_dir, name)
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
@@ -361,11 +374,15 @@ if __name__ == '__main__':
         x = torch.stack([train_data[i:i + T + 1] for i in ix]).to(device)  # (b, T + 1)
         return x[:, :-1], x[:, 1:]
 
-    with torch.no_grad():  # the RM's std on 256 answers of the reference -> rewards of unit scale (Ziegler)
+    gold_fn = lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab).to(y.device)  # (B,): measured, or the reward
+    score = torch.no_grad()(lambda s, n: gold_fn(s[:, prompt_len:], n) if reward == 'gold' else
+                            rm_scores(rm, s, prompt_len, n, forward_batch_size))
+    with torch.no_grad():  # the score's std on 256 answers of the reference -> rewards of unit scale (Ziegler)
         seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
-        gain = 1.0 / rm(seqs0, prompt_len, n0).std().clamp_min(1e-6).item()
-    reward_fn = torch.no_grad()(lambda s, n: gain * rm_scores(rm, s, prompt_len, n, forward_batch_size))
+        scores0 = gold_fn(seqs0[:, prompt_len:], n0) if reward == 'gold' else rm(seqs0, prompt_len, n0)
+        gain = 1.0 / scores0.std().clamp_min(1e-6).item()
+    reward_fn = lambda s, n: gain * score(s, n)
     critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
@@ -385,18 +402,22 @@ if __name__ == '__main__':
 
     groups = '' if advantage == 'gae' else f', {batch_size // group_size} prompts x {group_size} ({name})'
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
-          f"chars{groups}, device {device}; reward = RM x {gain:.2f} (1 / its std on {reference}'s answers)")
+          f"chars{groups}, device {device}; reward = {reward.upper()} x {gain:.2f} (1 / its std on {reference}'s "
+          'answers)')
     path.add(0)
     try:
         train(model, ref, critic, reward_fn, get_prompts, stop, SimpleNamespace(**config), on_iter=on_iter,
-              gold_fn=lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab), lm_batch_fn=lm_batch)
+              gold_fn=gold_fn, lm_batch_fn=lm_batch)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()
     result = eval_result(curve, path.rows[-1], samples, path.samples, held_out, vocab)
-    metrics = {'policy': reference, 'reference': reference, 'advantage': advantage, 'seed': seed,
-               'eval_prompts': eval_prompts, 'iters': max_iters,
-               'seconds': round(time.time() - t_start, 1), 'eval': result, 'path': path.rows}
+    calibration = {n: rm_calibration(m, rm, held_out[:64], vocab, max_answer_len, stop, temperature, 8, seed,
+                                     rm_checkpoint['config']['tau'], forward_batch_size)  # P off the RM's data?
+                   for n, m in ((reference, ref), (name, model))}
+    metrics = {'policy': reference, 'reference': reference, 'advantage': advantage, 'reward': reward, 'seed': seed,
+               'eval_prompts': eval_prompts, 'iters': max_iters, 'seconds': round(time.time() - t_start, 1),
+               'calibration': calibration, 'eval': result, 'path': path.rows}
     save_checkpoint({'model': model.state_dict(), 'critic': critic.state_dict() if critic else None,
                      'model_args': dict(model.config.__dict__), 'config': config, 'vocab': vocab,
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics)),
@@ -405,4 +426,6 @@ if __name__ == '__main__':
     path.save(out_dir, metrics, [f'{name}.json'])  # and the frontier of every run in out_dir, this one too
     print_frontier(curve, path.rows, result)
     print_samples(result, name)
+    print("the RM's P = sigmoid(r_i - r_j) against the labeler's on 64 prompts x 8 answers: " + ', '.join(
+          f"{n}'s answers ece {c['ece']:.3f}, prob_mae {c['prob_mae']:.3f}" for n, c in calibration.items()))
     print(f"seconds {metrics['seconds']}")

@@ -437,7 +437,10 @@ def test_a_policy_measured_against_itself_has_zero_kl():
         p, q = F.softmax(policy(seqs[b:b + 1])[0][0], -1), F.softmax(ref(seqs[b:b + 1])[0][0], -1)
         brute = sum((p[t] * (p[t] / q[t]).log()).sum() for t in range(Tp - 1, Tp - 1 + lengths[b]))
         assert abs(other['kl'][b].item() - brute.item()) < 1e-4
-    assert set(other) == {'gold', 'length', 'ended', 'kl'} and torch.equal(other['length'], lengths.float())
+        ll = sum(q[t, seqs[b, t + 1]].log() for t in range(Tp - 1, Tp - 1 + lengths[b])) / lengths[b]
+        assert abs(other['logp_ref'][b].item() - ll.item()) < 1e-4  # log pi_ref per answer character
+    assert set(other) == {'gold', 'length', 'ended', 'kl', 'repeats', 'logp_ref'}
+    assert torch.equal(other['length'], lengths.float()) and set(other['repeats'].tolist()) <= {0.0, 1.0}
 
 
 def test_best_of_n_returns_the_reward_models_argmax():
@@ -1150,8 +1153,9 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert m['iters'] == 3 and m['seconds'] > 0 and m['policy'] == m['reference'] == 'sft.pt'
     for name in ['reference', 'best_of_16', 'ppo']:
         assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended',
-                                        'samples'}
+                                        'repeats', 'logp_ref', 'samples'}
         assert len(m['eval'][name]['samples']) == 3
+    assert set(m['calibration']) == {'sft.pt', 'ppo'} and all(0 <= c['ece'] <= 1 for c in m['calibration'].values())
     assert m['eval']['reference']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
     assert [r['n'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
@@ -1159,7 +1163,7 @@ def test_ppo_stage_writes_log_and_eval(runs):
     assert all(r['step'] is None for r in m['eval']['best_of_n'])
     assert m['path'][-1]['gold'] == m['eval']['ppo']['gold']
     frontier = open(os.path.join(out, 'frontier.csv')).read().splitlines()
-    assert frontier[0] == 'method,n,step,gold,gold_se,rm,rm_se,prob,kl,length,ended,beta'
+    assert frontier[0] == 'method,n,step,gold,gold_se,rm,rm_se,prob,kl,length,ended,repeats,logp_ref,beta'
     assert len(frontier) == 1 + 5 + 1 + 3  # best-of-n, the SFT point, PPO's path
     rows = open(os.path.join(out, 'ppo_log.csv')).read().splitlines()
     assert len(rows) == 4 and rows[0].startswith('iter,reward,gold,kl,kl_k1,kl_k3,beta')

@@ -175,6 +175,8 @@ TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=15', '--eval_i
             '--eval_samples=1', '--log_interval=5']
 TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--prompts_per_batch=4', '--eval_interval=10',
             '--log_interval=5']
+TINY_EI = ['--rounds=2', '--prompts_per_round=8', '--n=4', '--steps_per_round=3', '--batch_size=4',
+           '--learning_rate=1e-3', '--eval_prompts=8', '--eval_samples=1']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
 SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']  # the road without SFT
@@ -331,6 +333,7 @@ def runs(tmp_path_factory):
     r.add('roads_rloo', 'ppo.py', *SMALL_PPO, '--advantage=rloo', after='ppo_again', beside=True,
           job=with_damaged_results)
     r.add('roads_dpo', 'dpo.py', *TINY_DPO, after='ppo_again', beside=True)  # beside RLOO, at once
+    r.add('roads_ei', 'expert_iteration.py', *TINY_EI, after='ppo_again', beside=True)
     r.add('sample', 'sample.py', "--start=ROMEO:\\nO gentle", '--num_samples=4', after='ppo')
     r.add('chat', 'sample.py', '--mode=chat', after='ppo',  # and a line that is not UTF-8 (Latin-1 'Café')
           stdin='\n'.join(CHAT_LINES[:-1]).encode() + b'\nCaf\xe9 au lait\n\n')

@@ -131,6 +131,22 @@ def answer_mask(lengths, width):
     return (torch.arange(width, device=lengths.device) < lengths[:, None]).float()
 
 
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask (same shape, 0/1) is 1: padding does not count."""
+    return (x * mask).sum() / mask.sum()
+
+
+def whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the answer tokens (mask 1); padding stays 0."""
+    mean = masked_mean(x, mask)
+    return (x - mean) / (masked_mean((x - mean) ** 2, mask).sqrt() + eps) * mask
+
+
+def answer_sum(x, mask):
+    """sum_t x_t over each answer's tokens (mask 1), averaged over the answers: (B, Ta) -> float."""
+    return (x * mask).sum(1).mean().item()
+
+
 def ends_turn(answers, lengths, stop):
     """True where an answer (N, Ta), within its length (N,), ends with the tokens `stop`: the
     speaker stopped, rather than running into max_answer_len. -> (N,) bool."""

@@ -1,19 +1,11 @@
 """
-frontier.py: the ruler. Gold against KL to the reference policy (Gao et al. 2022), for any policy
-and for best-of-n, on held-out prompts of the validation text; the table, csv and picture.
-
-The reference is the policy a step starts from (the SFT model on InstructGPT's road, the
-pretrained GPT on the road without SFT). What is measured is passed in (policy, reference,
-reward model): this file imports no step. Gold is only ever measured, never used to pick.
- - a policy: answers sampled from it, and the exact KL to the reference summed over each answer,
-   from the full next-character distributions (65 characters: exact is cheap; measure_policy).
- - best-of-n: n answers of the reference per prompt, the RM's favourite kept. Its expected gold
-   for every n <= N comes from one pass of N answers per prompt, by the unbiased estimator over
-   their order statistics (Nakano et al. 2021, appendix); its KL is the bound log n - (n-1)/n.
+frontier.py: the ruler. Gold against exact KL to the reference (the policy a step starts from), for
+any policy and for best-of-n, on held-out prompts (Gao et al. 2022); the table, csv and picture of
+every run. What it measures is passed in: it imports no step. Gold is only measured, never used.
 
 Run:  python frontier.py    (after ppo.py, and any of ppo.py --advantage=rloo / grpo and dpo.py)
-Writes out/frontier.csv (a row per point, column method: best_of_n, sft, ppo, rloo, grpo, dpo)
-and out/frontier.png: every run found in out_dir, on one frontier; ppo.py and dpo.py redraw it.
+Writes out/frontier.csv (a row per point, column method) and out/frontier.png: every run in
+out_dir on one frontier (each step redraws it).
 """
 import csv
 import glob
@@ -35,30 +27,29 @@ from plumbing import cached, die, digest, progress, read_json, write_json
 out_dir = 'out'                 # reads the runs' json files there, writes frontier.csv and .png
 # ----------------------------------------------------------------------------------------
 FIELDS = ['method', 'n', 'step', 'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended',  # a row
-          'repeats', 'logp_ref']  # (the last two: since 2026-12-04; older rows lack them)
+          'repeats', 'logp_ref']  # (older rows lack these two)
 NOT_RUNS = {'gpt', 'sft', 'reward', 'best_of_n', 'eval', 'dpo', 'chat_check'}  # out_dir's other json files
 
 
 # ------------------------------------------------------------------ a policy on held-out prompts
 def held_out_prompts(val_data, vocab, n, prompt_len, seed, device):
-    """The evaluation prompts: n speech starts of the validation text, the same for every step and
-    sample.py at the same seed."""
+    """The evaluation prompts: n speech starts of the validation text, the same for a seed everywhere."""
     starts = turn_starts(val_data, vocab, prompt_len)
     return sample_prompts(val_data, starts, n, prompt_len, torch.Generator().manual_seed(seed + 1)).to(device)
 
 
 def answer_values(answers, lengths, vocab, stop):
-    """What is measured of each answer (N, Ta) besides its reward: gold, length, ended, and whether it
-    says a word twice in a row (the blind spot of a summed RM that an over-optimised policy finds)."""
+    """Each answer's (N, Ta) gold, length, ended, and whether it says a word twice in a row (the blind
+    spot of a summed RM that an over-optimised policy finds)."""
     answers, lengths = answers.cpu(), lengths.cpu()
     return {'gold': gold_scores(answers, lengths, vocab), 'length': lengths.float(),
             'ended': ends_turn(answers, lengths, stop).float(),
-            'repeats': torch.tensor([float(repeats_a_word(t)) for t in answer_texts(answers, lengths, vocab)])}
+            'repeats': torch.tensor([1.0 * repeats_a_word(t) for t in answer_texts(answers, lengths, vocab)])}
 
 
 def logp_per_char(model, seqs, lengths, prompt_len):
-    """log pi(y) / |y| of each answer under `model` at temperature 1: how far from the bard's speech
-    an answer is, for the reference (nats per character). seqs (b, Tp + Ta), lengths (b,) -> (b,)."""
+    """log pi(y) / |y| of each answer under `model` at temperature 1 (nats per character): under the
+    reference, how far from the bard's speech an answer is. seqs (b, Tp + Ta), lengths (b,) -> (b,)."""
     logp = token_logprobs(answer_logits(model(seqs)[0], prompt_len), seqs[:, prompt_len:])  # (b, Ta)
     return (logp * answer_mask(lengths, logp.size(1))).sum(1) / lengths
 
@@ -66,20 +57,20 @@ def logp_per_char(model, seqs, lengths, prompt_len):
 @torch.no_grad()
 def measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature, n_samples, seed, chunk=32,
                    batch=256, log=None):
-    """n_samples answers of `policy` to each held-out prompt (P, Tp), sampled `batch` at a time
-    (log, if given, gets a progress line every 8 batches), and per answer its gold, length, ended,
-    repeats, exact KL(pi || pi_ref) summed over its characters (nats) and log pi_ref per character,
-    forwarded `chunk` at a time. -> (seqs (P n, Tp + Ta), lengths (P n,), {name: (P n,)})."""
+    """n_samples answers of `policy` to each prompt (P, Tp), each with its answer_values, exact KL(pi ||
+    pi_ref) summed over it (nats) and log pi_ref per character. -> (seqs, lengths, {name: (P n,)})."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     Tp = prompts.size(1)
     rep = prompts.repeat_interleave(n_samples, 0)  # (P n, Tp)
     advance = progress('answers', len(rep), 8 * batch, log) if log else None
     y, lengths = sample_answers(policy, rep, max_len, stop, temperature, gen, batch, on_progress=advance)
     seqs = torch.cat([rep, y], 1)
-    kl = lambda s, n: ((exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
-                        * answer_mask(n, s.size(1) - Tp)).sum(1), logp_per_char(ref, s, n, Tp))  # (b,) each
-    kl, logp_ref = forward_in_chunks(kl, seqs, lengths, Tp, chunk)
-    return seqs, lengths, {**answer_values(y, lengths, vocab, stop), 'kl': kl.cpu(), 'logp_ref': logp_ref.cpu()}
+    kl = lambda s, n: (exact_kl(answer_logits(policy(s)[0], Tp), answer_logits(ref(s)[0], Tp), temperature)
+                       * answer_mask(n, s.size(1) - Tp)).sum(1)  # (b,) nats per answer
+    kl, logp_ref = forward_in_chunks(lambda s, n: (kl(s, n), logp_per_char(ref, s, n, Tp)), seqs, lengths, Tp,
+                                     chunk)
+    return seqs, lengths, {**answer_values(y, lengths, vocab, stop),
+                           'kl': kl.cpu(), 'logp_ref': logp_ref.cpu()}
 
 
 def mean_se(x):
@@ -88,9 +79,8 @@ def mean_se(x):
 
 
 def frontier_row(name, per_prompt, kl, n=None, step=None):
-    """One row of the frontier: means and standard errors over prompts of the per-prompt rm and
-    gold, the means of the answers' length, ending, repeating and log pi_ref per character, and a KL
-    in nats; n for a point of best-of-n, step (the iteration or step of the run) for a run's point."""
+    """One row of the frontier: rm and gold (means and standard errors over prompts), the means of
+    the rest, a KL in nats; n for a point of best-of-n, step for a point of a run."""
     (rm, rm_se), (gold, gold_se) = mean_se(per_prompt['rm']), mean_se(per_prompt['gold'])
     return {'method': name, 'n': n, 'step': step, 'gold': gold, 'gold_se': gold_se, 'rm': rm,
             'rm_se': rm_se, 'prob': torch.sigmoid(per_prompt['rm'].float()).mean().item(), 'kl': kl,
@@ -100,9 +90,8 @@ def frontier_row(name, per_prompt, kl, n=None, step=None):
 @torch.no_grad()
 def policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed, it,
                  chunk=32, method='ppo'):
-    """The policy on held-out prompts (P, Tp): n_samples answers each; per-prompt means of gold,
-    RM score, length and ending, and the exact KL to the reference summed over each answer (nats),
-    averaged (measure_policy). Returns the row and three sample answers."""
+    """The policy on held-out prompts (P, Tp), n_samples answers each (measure_policy) and their RM
+    scores: -> (its frontier row, three sample answers)."""
     P, Tp = prompts.shape
     seqs, lengths, per_answer = measure_policy(policy, ref, prompts, vocab, max_len, stop, temperature,
                                                n_samples, seed, chunk)
@@ -125,11 +114,8 @@ def eval_line(step, row):
 @torch.no_grad()
 def best_of_n(model, rm, prompts, n, max_len, stop, temperature, generator, batch=1024, top_k=None,
               on_progress=None, chunk=32):
-    """Best-of-n reranking: n answers per prompt (P, Tp), sampled `batch` at a time and scored
-    `chunk` at a time, keep the RM's favourite.
-
-    Returns the best answers (P, Ta) and their lengths (P,) and RM scores (P,), and all answers
-    (P, n, Ta) with lengths and RM scores (P, n)."""
+    """Best-of-n reranking: n answers per prompt (P, Tp), the RM's favourite kept. -> the best answers
+    (P, Ta), their lengths and RM scores (P,), and all answers (P, n, Ta), lengths and scores (P, n)."""
     P, Tp = prompts.shape
     rep = prompts.repeat_interleave(n, 0)  # (P n, Tp)
     y, lengths = sample_answers(model, rep, max_len, stop, temperature, generator, batch, top_k,
@@ -149,9 +135,8 @@ def best_of_n_weights(N, n):
 
 
 def best_of_n_curve(scores, values, ns):
-    """Expected values of best-of-n, per prompt, from one set of N samples per prompt: RM scores
-    (P, N) rank the samples; values: name -> (P, N) per-sample quantities (gold, length, ...).
-    -> {n: {'rm': (P,), name: (P,), ...}} for each n in ns (n <= N)."""
+    """Expected values of best-of-n per prompt from N samples a prompt, ranked by RM scores (P, N);
+    values: name -> (P, N) (gold, length, ...). -> {n: {'rm': (P,), name: (P,), ...}}, n in ns <= N."""
     order = scores.argsort(1)  # rank samples by the RM, lowest first
     ranked = {'rm': scores, **values}
     ranked = {k: v.gather(1, order).double() for k, v in ranked.items()}
@@ -161,39 +146,36 @@ def best_of_n_curve(scores, values, ns):
 @torch.no_grad()
 def best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed, batch=256,
                        chunk=32, log=None):
-    """Best-of-n over the reference policy `ref` for n = 1, 2, 4, ..., n_max on held-out prompts
-    (P, Tp), from one pass of n_max answers per prompt. Returns the rows and three sample answers
-    (plain and best-of-16). log, if given, gets a progress line every 16 generate() calls.
-    KL to the reference: the bound log n - (n-1)/n (Gao et al. 2022; n = 1 is the reference itself)."""
+    """Best-of-n over `ref` for n = 1, 2, 4, ..., n_max on held-out prompts (P, Tp), from one pass of
+    n_max answers a prompt, at the KL bound log n - (n-1)/n (n = 1: the reference itself).
+    -> (rows, three sample answers: plain and best-of-16). Progress lines to log."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     P = prompts.size(0)
     advance = progress('best-of-n answers', P * n_max, 16 * batch, log) if log else None
     *_, y, lengths, r = best_of_n(ref, rm, prompts, n_max, max_len, stop, temperature, gen, batch,
                                   on_progress=advance, chunk=chunk)  # (P, N, Ta), (P, N), (P, N)
-    seqs = torch.cat([prompts.repeat_interleave(n_max, 0), y.view(P * n_max, -1)], 1)  # (P N, Tp + Ta)
-    values = {**answer_values(y.view(P * n_max, -1), lengths.flatten(), vocab, stop), 'logp_ref': forward_in_chunks(
-        lambda s, n: logp_per_char(ref, s, n, prompts.size(1)), seqs, lengths.flatten(), prompts.size(1), chunk).cpu()}
+    y, lengths, Tp = y.flatten(0, 1), lengths.flatten(), prompts.size(1)  # (P N, Ta), (P N,)
+    seqs = torch.cat([prompts.repeat_interleave(n_max, 0), y], 1)  # (P N, Tp + Ta)
+    logp_ref = forward_in_chunks(lambda s, n: logp_per_char(ref, s, n, Tp), seqs, lengths, Tp, chunk)
+    values = {**answer_values(y, lengths, vocab, stop), 'logp_ref': logp_ref.cpu()}
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     curve = best_of_n_curve(r.cpu(), {k: v.view(P, n_max) for k, v in values.items()}, ns)
     rows = [frontier_row('best_of_n', curve[n], math.log(n) - (n - 1) / n, n=n) for n in ns]
-    first3 = torch.arange(min(3, P))
-    best16 = r[first3, :16].argmax(1).cpu()  # best of the first 16 samples
-    samples = {'reference': answer_texts(y[first3, 0], lengths[first3, 0], vocab),
-               'best_of_16': answer_texts(y[first3, best16], lengths[first3, best16], vocab)}
+    first3 = torch.arange(min(3, P)) * n_max  # the first sample to each of 3 prompts, and their best of 16
+    best16 = first3 + r[:len(first3), :16].argmax(1).cpu()
+    samples = {'reference': answer_texts(y[first3], lengths[first3], vocab),
+               'best_of_16': answer_texts(y[best16], lengths[best16], vocab)}
     return rows, samples
 
 
 def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed,
                    chunk=32, log=print):
-    """best_of_n_frontier(), kept in out_dir/best_of_n.json under the digests of everything it
-    depends on (the reference's and the RM's checkpoints, the prompts, the settings): the same
-    curve for ppo, rloo and grpo of one seed is measured once, and read back by the next run. A
-    kept curve of another shape is measured again."""
-    key = {'reference': digest(os.path.join(out_dir, reference)), 'reward': digest(os.path.join(out_dir,
-           'reward.pt')), 'prompts': digest(prompts), 'seed': seed, 'max_answer_len': max_len,
+    """best_of_n_frontier(), kept in out_dir/best_of_n.json under the digests of all it depends on:
+    every run of a seed reads back the curve the first measured (one of another shape: measured again)."""
+    key = {'reference': digest(os.path.join(out_dir, reference)), 'prompts': digest(prompts), 'seed': seed,
+           'reward': digest(os.path.join(out_dir, 'reward.pt')), 'max_answer_len': max_len,
            'temperature': temperature, 'best_of_max': n_max, 'device': prompts.device.type}
-    valid = lambda kept: all(is_row(r) and 'logp_ref' in r for r in kept[0]) and set(kept[1]) == {'reference',
-                                                                                               'best_of_16'}
+    valid = lambda kept: all(is_row(r) and 'logp_ref' in r for r in kept[0]) and len(kept[1]) == 2
     measure = lambda: best_of_n_frontier(ref, rm, prompts, vocab, max_len, stop, temperature, n_max, seed,
                                          chunk=chunk, log=log)
     return cached(os.path.join(out_dir, 'best_of_n.json'), key, measure, valid, log=log)
@@ -201,10 +183,8 @@ def best_of_n_kept(out_dir, reference, ref, rm, prompts, vocab, max_len, stop, t
 
 @torch.no_grad()
 def rm_calibration(policy, rm, prompts, vocab, max_len, stop, temperature, k, seed, tau, chunk=32):
-    """How far the RM's P = sigmoid(r_i - r_j) can be trusted on a policy's answers: k answers to each
-    prompt (P, Tp), all their pairs labelled as reward.py has the labeler label them (Bradley-Terry at
-    tau), the RM's scores measured against the labels and the labeler's own probabilities
-    (labeler.pair_metrics): {ece, prob_mae, gold_acc, val_acc, bayes_acc}."""
+    """How far the RM's P = sigmoid(r_i - r_j) holds on a policy's own answers: k to each prompt (P,
+    Tp), every pair labelled as for reward.py; pair_metrics: ece, prob_mae, gold_acc, val_acc."""
     gen = torch.Generator(prompts.device).manual_seed(seed)
     *_, y, lengths, r = best_of_n(policy, rm, prompts, k, max_len, stop, temperature, gen, chunk=chunk)
     g = gold_scores(y.flatten(0, 1).cpu(), lengths.flatten().cpu(), vocab).view(len(prompts), k)  # (P, k)
@@ -215,10 +195,9 @@ def rm_calibration(policy, rm, prompts, vocab, max_len, stop, temperature, k, se
 
 # ------------------------------------------------------------------ a run's path; every run's frontier
 class RunPath:
-    """A run's points on the frontier, as PPO and DPO record them: add(step) measures the policy
-    on the held-out prompts (policy_point), keeps the row (with the `extra` columns, DPO's beta)
-    and its sample answers and prints its eval line; save(out_dir, metrics, names) writes the
-    run's json file(s) and then redraws out_dir's frontier from every run there, its own too."""
+    """A run's points, as every step records them: add(step) measures the policy (policy_point), keeps
+    the row (with `extra` columns: DPO's beta) and samples; save() writes the run's json file(s), then
+    redraws out_dir's frontier from every run."""
     def __init__(self, method, policy, ref, rm, prompts, vocab, max_len, stop, temperature, n_samples, seed,
                  chunk=32, **extra):
         self.measure = lambda step: policy_point(policy, ref, rm, prompts, vocab, max_len, stop, temperature,
@@ -240,17 +219,16 @@ class RunPath:
 
 
 def gold_at_kl(curve, kl):
-    """The best-of-n curve's gold at a KL: linear in KL between its points, and past its last point
-    linear from the last two (then extrapolated is True). curve: rows sorted by KL."""
+    """The best-of-n curve's gold at a KL, linear between its points (past its last: extrapolated
+    from the last two, and flagged). curve: rows sorted by KL."""
     k = next((k for k in range(1, len(curve)) if kl <= curve[k]['kl']), len(curve) - 1)
     a, b = curve[k - 1], curve[k]
     return a['gold'] + (b['gold'] - a['gold']) * (kl - a['kl']) / (b['kl'] - a['kl']), kl > curve[-1]['kl']
 
 
 def eval_result(curve, ppo_row, samples, ppo_samples, prompts, vocab):
-    """A run's eval block (ppo.json's 'eval'): reference, best_of_16 and the policy under its
-    method's name (ppo, rloo, grpo, dpo: gold, rm, prob, kl, standard errors, samples), the whole
-    best-of-n curve, best-of-n's gold at the policy's KL, and the sample prompts."""
+    """A run's eval block: the reference, best_of_16 and the policy (each its numbers and samples),
+    the best-of-n curve and its gold at the policy's KL, the sample prompts."""
     by_n = {row['n']: row for row in curve}
     keep = lambda row, s: {**{k: row.get(k, math.nan) for k in FIELDS[3:]}, 'samples': s}
     same_kl, extrapolated = gold_at_kl(curve, ppo_row['kl'])
@@ -262,7 +240,7 @@ def eval_result(curve, ppo_row, samples, ppo_samples, prompts, vocab):
 
 
 def print_frontier(curve, path, result):
-    """The gold-vs-KL table: best-of-n, then the policy along its run; then the comparisons."""
+    """The table of best-of-n and the run's path, then how the run compares."""
     print_rows(curve + path)
     name = path[-1]['method']
     ref, bo16, ppo = result['reference'], result['best_of_16'], result[name]
@@ -274,7 +252,7 @@ def print_frontier(curve, path, result):
 
 
 def print_samples(result, method='ppo'):
-    """The three sample prompts, each with the reference's, best-of-16's and the policy's answer."""
+    """The sample prompts, each with the reference's, best-of-16's and the policy's answer."""
     for i, p in enumerate(result['prompts']):
         print(f'\n--- prompt {i}: {p!r}')
         for name in ('reference', 'best_of_16', method):
@@ -282,27 +260,23 @@ def print_samples(result, method='ppo'):
 
 
 def is_row(row):
-    """A frontier row as a run writes it: a method's name, n and step (whole numbers or None), a
-    number in every measured column (repeats and logp_ref where a run measured them)."""
-    present = [k for k in FIELDS[11:] + ['beta'] if isinstance(row, dict) and k in row]
+    """A frontier row as a run writes it: a method, n and step whole or None, every column a number."""
     return (isinstance(row, dict) and isinstance(row.get('method'), str)
-            and all(type(row.get(k, 0.5)) in (int, type(None)) for k in ('n', 'step'))
-            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:11] + present))
+            and all(type(row.get(k)) in (int, type(None)) for k in FIELDS[1:3])
+            and all(type(row.get(k)) in (int, float) for k in FIELDS[3:11])
+            and all(type(row.get(k, 0.0)) in (int, float) for k in FIELDS[11:] + ['beta']))
 
 
 def is_run(run):
-    """A run's json as ppo.py and dpo.py write it: its path and eval block, every row readable."""
+    """A run's json as the steps write it: its path and eval block, every row readable."""
     rows = run['path'] + run['eval'].get('best_of_n', [])
     return len(run['path']) > 0 and all(map(is_row, rows)) and type(run.get('beta', 0.0)) in (int, float)
 
 
 def collect(out_dir):
-    """Every point the runs in out_dir measured, as frontier rows: best-of-n (from the first run that
-    measured it: each run of one seed measures the same curve), the reference itself as 'sft' when it
-    is the SFT model, and the path of every run whose json is there (ppo.py's ppo, rloo, grpo, ...,
-    dpo.py's dpo_beta<beta>, ...; column beta). Runs of another seed or reference than the first are
-    left out, with a note, and so is a damaged json (plumbing.read_json).
-    -> (rows, the reference's name); no run with a best-of-n curve: ([], None)."""
+    """The frontier rows of out_dir: best-of-n (from the first run that measured it), the reference as
+    'sft' when it is the SFT model, the path of every run. A run of another seed or reference, and a
+    damaged json, are left out with a note. -> (rows, the reference); no best-of-n curve: ([], None)."""
     names = sorted(os.path.basename(f)[:-5] for f in glob.glob(os.path.join(out_dir, '*.json')))
     runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, "a run's results")
             for name in names if name not in NOT_RUNS}
@@ -325,9 +299,9 @@ def collect(out_dir):
 
 
 def save_frontier(rows, out_dir, reference='the reference'):
-    """out/frontier.csv (one row per point), and out/frontier.png if matplotlib is installed: gold, RM
-    score and the answers' log pi_ref per character against KL to the reference, every run a line
-    (DPO one per beta; a run with gold as its reward dashed). Each file is written whole or not at all."""
+    """out/frontier.csv (a row per point), and with matplotlib out/frontier.png: gold, RM score and the
+    answers' log pi_ref per character against KL, a line per run (DPO: per beta; gold as the reward:
+    dashed). Each file is written whole or not at all."""
     tmp = os.path.join(out_dir, f'frontier.tmp{os.getpid()}')
     with open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=FIELDS + ['beta'], extrasaction='ignore')
@@ -342,19 +316,19 @@ def save_frontier(rows, out_dir, reference='the reference'):
         return
     lines = {}
     for r in rows:
-        label = {'best_of_n': 'best-of-n (KL bound)', 'sft': 'SFT'}.get(r['method'], r['method'].upper())
-        label = label.replace('_GOLD', ' (gold as reward)')
-        lines.setdefault(label + (f" β {r['beta']:g}" if r.get('beta', '') != '' else ''), []).append(r)
+        name = {'best_of_n': 'best-of-n (KL bound)', 'sft': 'SFT'}.get(r['method'], r['method'].upper())
+        beta = f" β {r['beta']:g}" if r.get('beta', '') != '' else ''
+        lines.setdefault(name.replace('_GOLD', ' (gold as reward)') + beta, []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, key in zip(axes, ('gold', 'rm', 'logp_ref')):
-        for label, pts in lines.items():
-            style = 'o-' if label.startswith('best') else '*' if label == 'SFT' else '.--' if 'gold' in label else '.-'
-            ax.errorbar([r['kl'] for r in pts], [r.get(key, math.nan) for r in pts], fmt=style, label=label,
-                        yerr=[r[key + '_se'] for r in pts] if key + '_se' in pts[0] else None, capsize=2,
-                        markersize=12 if label == 'SFT' else 6)
+        for name, pts in lines.items():
+            style = 'o-' if name.startswith('best') else '*' if name == 'SFT' else '.-'
+            ax.errorbar([r['kl'] for r in pts], [r.get(key, math.nan) for r in pts], label=name, capsize=2,
+                        fmt=style + '-' * ('gold' in name), yerr=[r.get(key + '_se', 0) for r in pts],
+                        markersize=12 if name == 'SFT' else 6)
         ax.set_xlabel(f'KL to {reference} (nats)')
         ax.set_ylabel({'gold': 'gold score (hidden)', 'rm': 'reward model score',
-                       'logp_ref': f'log-likelihood per character under {reference}'}[key])
+                       'logp_ref': f'log-likelihood a character under {reference}'}[key])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(tmp + '.png')
@@ -370,9 +344,10 @@ def print_rows(rows):
         bound = '<=' if row['method'] == 'best_of_n' and row['n'] > 1 else '  '
         beta = f" β {row['beta']:g}" if row.get('beta', '') != '' else ''
         n, step = ('' if row[k] is None else row[k] for k in ('n', 'step'))
+        repeats, logp_ref = (row.get(k, math.nan) for k in FIELDS[11:])  # (nan in older rows)
         print(f"{row['method']:<10} {n:>3} {step:>5} {row['gold']:7.3f} {row['gold_se']:6.3f} "
               f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
-              f"{row['ended']:5.2f} {row.get('repeats', math.nan):7.2f} {row.get('logp_ref', math.nan):8.3f}{beta}")
+              f"{row['ended']:5.2f} {repeats:7.2f} {logp_ref:8.3f}{beta}")
 
 
 if __name__ == '__main__':

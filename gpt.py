@@ -1,14 +1,11 @@
 """
 gpt.py: pretrain a character-level GPT on Tiny Shakespeare. Step 1 of minibard (nanoGPT's train.py).
 
-The model is model.GPT. Here: random windows of the training text, AdamW with weight decay on the
-matrices, linear warmup then cosine or linear decay, bf16 autocast on CUDA, gradient accumulation,
-one process or N under torchrun (DistributedDataParallel), the best-val checkpoint kept, resume.
-Writes out/gpt.pt (the best-val checkpoint) and out/gpt.json (val_loss on the whole val split,
-train_loss, iters, seconds, tokens_per_sec, ...).
+Random windows of the training text, AdamW, warmup then cosine or linear decay, bf16 autocast on
+CUDA, gradient accumulation, one process or N under torchrun (DDP), resume. Writes out/gpt.pt (the
+best val loss) and out/gpt.json.
 
 Run:  python gpt.py                  (a CUDA machine gets the GPU sizes; times and numbers: README)
-      python gpt.py --max_iters=200  (any global below can be overridden; --help lists them)
       python gpt.py --init_from=resume --max_iters=8000  (continue: optimizer, iter, data order)
       torchrun --standalone --nproc_per_node=8 gpt.py    (one micro-batch a process and step)
 """
@@ -26,24 +23,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import ByDevice, configure
 from data import decode, encode, load_splits
 from model import GPT, GPTConfig, load_gpt
-from plumbing import (MinibardError, die, eta, load_checkpoint, load_weights, prepare_out_dir, refuse_to_replace,
-                      save_checkpoint, share_done, write_json)
+from plumbing import (MinibardError, die, eta, load_checkpoint, load_weights, prepare_out_dir,
+                      refuse_to_replace, save_checkpoint, share_done, write_json)
 
 # ----------------------------------------------------------------------------------------
-# hyperparameters (plain globals; `--key=value` overrides any of them, see configure())
+# hyperparameters (`--key=value` overrides any of them)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...; sizes follow it
 out_dir = 'out'                 # where checkpoints and metrics go
-data_path = 'input.txt'         # Tiny Shakespeare, 1,115,394 chars; first 90% train
+data_path = 'input.txt'         # Tiny Shakespeare; the first 90% train
 init_from = 'scratch'           # in {'scratch', 'resume'}: resume continues from out_dir/gpt.pt
 seed = 1337                     # in [0, inf): same seed + same settings = same losses on CPU
 # model
 n_layer = ByDevice(cpu=2, cuda=6)  # in [1, inf): depth; on 2 cores fewer layers, more steps win (docs/log.md)
-n_head = ByDevice(cpu=4, cuda=6)  # in [1, inf): attention heads; n_embd must divide by it
-n_embd = ByDevice(cpu=128, cuda=384)  # in [2, inf): width (head size n_embd / n_head even: rotary)
+n_head = ByDevice(cpu=4, cuda=6)  # in [1, inf): attention heads
+n_embd = ByDevice(cpu=128, cuda=384)  # in [2, inf): width (n_head heads of an even size: rotary)
 token_mix = 3                   # in [1, inf): input at t mixes the last this many chars (1 = off)
 block_size = 256                # in [2, inf): context in characters (RLHF: prompt + a turn fit)
 dropout = ByDevice(cpu=0.0, cuda=0.2)  # in [0, 1): the small CPU model underfits: dropout only costs it
-# optimisation: AdamW, linear warmup, then decay to min_lr (cosine: nanoGPT's schedule)
+# optimisation: AdamW, linear warmup, then decay (cosine: nanoGPT's schedule)
 batch_size = ByDevice(cpu=3, cuda=64)  # in [1, inf): sequences per micro-batch: on 2 cores, steps count
 gradient_accumulation_steps = None  # int in [1, inf) or None: micro-batches a step, all ranks (None: 1 each)
 max_iters = ByDevice(cpu=6000, cuda=5000)  # in [0, inf): optimizer steps (times: README)
@@ -55,11 +52,11 @@ weight_decay = 0.1              # in [0, inf): on matrices only (not norms, not 
 beta1, beta2 = 0.9, 0.99        # in [0, 1): beta2 0.99 as nanoGPT's shakespeare_char: few tokens/step
 grad_clip = 1.0                 # in [0, inf): clip the global grad norm (0 = off)
 # evaluation and logging
-eval_interval = ByDevice(cpu=1000, cuda=250)  # in [1, inf): estimate train/val loss every this many iters
+eval_interval = ByDevice(cpu=1000, cuda=250)  # in [1, inf): iters between train/val loss estimates
 eval_iters = ByDevice(cpu=20, cuda=200)  # in [1, inf): batches per estimate (final: the whole val split)
-patience = ByDevice(cpu=None, cuda=4)  # int in [1, inf) or None: stop after this many evals with no better val
-log_interval = 100              # in [1, inf): print an iter line every this many iters
-sample_chars = 500              # in [0, inf): length of the sample printed at the end
+patience = ByDevice(cpu=None, cuda=4)  # int in [1, inf) or None: stop after this many evals with no new best
+log_interval = 100              # in [1, inf): iters between log lines
+sample_chars = 500              # in [0, inf): characters sampled at the end
 compile = False                 # torch.compile (worth it on GPU; CPU compile costs more)
 # ----------------------------------------------------------------------------------------
 
@@ -75,12 +72,12 @@ def get_batch(data, block_size, batch_size, generator, device='cpu'):
 
 
 def start_processes(seed, device):
-    """One process, or N under torchrun (it sets RANK, LOCAL_RANK and WORLD_SIZE): then one GPU
-    each (NCCL), or CPU processes (gloo). Seeds torch with seed + rank, as nanoGPT: each rank draws
-    its own dropout masks (DDP gives every rank rank 0's initial weights). -> (rank, world, device)."""
+    """One process, or N under torchrun (it sets RANK, LOCAL_RANK and WORLD_SIZE): one GPU each
+    (NCCL) or CPU processes (gloo). Seeds torch with seed + rank, as nanoGPT, so each rank draws its
+    own dropout masks (DDP gives all ranks rank 0's initial weights). -> (rank, world, device)."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     if 'RANK' in os.environ:
-        here = int(os.environ.get('LOCAL_WORLD_SIZE', world))  # processes on this machine: every rank knows
+        here = int(os.environ.get('LOCAL_WORLD_SIZE', world))  # processes on this machine
         if torch.device(device).type == 'cuda':
             if here > torch.cuda.device_count():
                 raise MinibardError(f'torchrun started {here} processes, one a GPU, and this machine has '
@@ -93,8 +90,8 @@ def start_processes(seed, device):
 
 
 def get_lr(it, lr, warmup, total, min_ratio, decay):
-    """The learning rate at iteration it: linear warmup over `warmup` iterations, then 'cosine'
-    or 'linear' decay from lr to lr * min_ratio at iteration `total` (held there after it)."""
+    """The lr at iteration it: linear warmup over `warmup` iterations, then 'cosine' or 'linear'
+    decay to lr * min_ratio at iteration `total`, held there."""
     if it < warmup:
         return lr * (it + 1) / warmup
     ratio = min(1.0, (it - warmup) / max(1, total - warmup))
@@ -104,17 +101,18 @@ def get_lr(it, lr, warmup, total, min_ratio, decay):
 
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device, ctx=nullcontext(), at_once=1):
-    """Mean loss over the same n_batches random batches of each split at every call, `at_once`
-    batches a forward (a GPU is faster with few big calls), under ctx (training's autocast): {split: loss}."""
+def estimate_loss(model, splits, block_size, batch_size, n_batches, seed, device, ctx=nullcontext(),
+                  at_once=1):
+    """{split: mean loss} over the same n_batches random batches at every call, under ctx (training's
+    autocast), `at_once` batches a forward (a GPU is faster with few big calls)."""
     model.eval()
     out = {}
     for name, data in splits.items():
         gen = torch.Generator().manual_seed(seed + 1)
-        x, y = get_batch(data, block_size, n_batches * batch_size, gen, device)  # (n B, T): the same windows
-        with ctx:  # as n draws of B
-            losses = torch.stack([model(xb, yb)[1] for xb, yb in zip(x.split(at_once * batch_size),
-                                                                       y.split(at_once * batch_size))])
+        x, y = get_batch(data, block_size, n_batches * batch_size, gen, device)  # (n B, T), as n draws of B
+        chunk = at_once * batch_size
+        with ctx:
+            losses = torch.stack([model(xb, yb)[1] for xb, yb in zip(x.split(chunk), y.split(chunk))])
         out[name] = sum(losses.tolist()) / len(losses)  # one copy back to the host
     model.train()
     return out
@@ -132,9 +130,7 @@ def split_loss(model, data, batch=64):
 
 # ------------------------------------------------------------------ pretraining
 if __name__ == '__main__':
-    # One process, or N under torchrun: DistributedDataParallel, as nanoGPT's train.py. Each rank
-    # trains on its own micro-batches, the gradients are averaged over the ranks after the last one;
-    # every rank evaluates, rank 0's numbers count, rank 0 writes and logs.
+    # One process, or N under torchrun (DDP, as nanoGPT's train.py): rank 0 logs and writes.
     config = configure(globals(), sys.argv[1:], torchrun=True)  # each option against its rule, then:
     if max_iters == 0 and init_from == 'scratch':
         die('--max_iters=0 from scratch trains nothing: give it some iterations, or add '
@@ -171,15 +167,15 @@ if __name__ == '__main__':
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path, kind='GPT', stale_ok=True)  # (pretraining has no parent)
         if not {'optimizer', 'iter_num', 'best_val_loss'} <= set(checkpoint):
-            die(f'{ckpt_path} was not written by gpt.py (it has no optimizer state: a model of a later step?): '
-                '--init_from=resume continues a run of python gpt.py')
+            die(f'{ckpt_path} was not written by gpt.py (it has no optimizer state: a model of a later '
+                'step?): --init_from=resume continues a run of python gpt.py')
         if checkpoint['vocab'] != vocab:
             die(f'{ckpt_path} was trained on another vocabulary than {data_path}')
         given = {a[2:].split('=')[0] for a in sys.argv[1:]} & set(model_args) - {'vocab_size'}
         if any(model_args[k] != checkpoint['model_args'].get(k) for k in given):
             die(f'{ckpt_path} has {checkpoint["model_args"]}: a resumed model keeps its shape; drop '
                 + ', '.join(f'--{k}' for k in sorted(given)) + ', or train from scratch in another --out_dir')
-        model_args = checkpoint['model_args']  # the shape comes from the checkpoint
+        model_args = checkpoint['model_args']
         iter_num, best_val = checkpoint['iter_num'], checkpoint['best_val_loss']
         states = checkpoint.get('rng_states') or [checkpoint['rng_state']]  # (before 2026-12-01: one)
         if len(states) != accum:  # one per data stream
@@ -195,13 +191,13 @@ if __name__ == '__main__':
         print(f'resuming from {ckpt_path} at iter {iter_num} (best val loss {best_val:.4f})')
     fwd = torch.compile(model) if compile else model  # evaluation: this rank alone
     step_fwd = DDP(fwd) if ddp else fwd  # training: gradients averaged
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()  # bf16 on the GPU
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
     print(f'{model.num_params() / 1e6:.2f}M parameters, {len(train_data):,} train / '
           f'{len(val_data):,} val chars, device {device}'
           + (f', {world} processes x {accum // world} micro-batch(es) of {batch_size}' if ddp else '')
           + (f', {accum} micro-batches of {batch_size} a step' if accum > 1 and not ddp else ''))
 
-    train_time, last_train, since_best = 0.0, float('nan'), 0
+    train_time, since_best = 0.0, 0
     diverged = f'try a lower --learning_rate; {ckpt_path} keeps the last good model'
     t_loop, start_iter = time.time(), iter_num  # the pace for the eta
     while True:
@@ -213,7 +209,6 @@ if __name__ == '__main__':
                 everyone = [None] * world
                 dist.all_gather_object(everyone, (losses, states))
                 losses, states = everyone[0][0], [s for _, rank_states in everyone for s in rank_states]
-            last_train = losses['train']
             print(f'step {iter_num}: train loss {losses["train"]:.4f}, val loss {losses["val"]:.4f}'
                   + (f', {eta(iter_num, max_iters, t_loop, start_iter)}' if iter_num > start_iter else ''))
             if not math.isfinite(losses['val']):
@@ -224,10 +219,12 @@ if __name__ == '__main__':
                 if iter_num > 0 and master:
                     save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                      'model_args': model_args, 'config': config, 'vocab': vocab,
-                                     'iter_num': iter_num, 'best_val_loss': best_val, 'train_loss': last_train,
-                                     'rng_states': states, 'budget': iter_num * tokens_per_iter}, ckpt_path)
+                                     'iter_num': iter_num, 'best_val_loss': best_val,
+                                     'train_loss': losses['train'], 'rng_states': states,
+                                     'budget': iter_num * tokens_per_iter}, ckpt_path)
         if patience and since_best >= patience and iter_num < max_iters:
-            print(f'stopped: no better val loss in {patience} evaluations (--patience=None trains all {max_iters})')
+            print(f'stopped: no better val loss in {patience} evaluations '
+                  f'(--patience=None trains all {max_iters})')
             break
         if iter_num >= max_iters:
             break
@@ -273,8 +270,9 @@ if __name__ == '__main__':
     start_ids = torch.tensor([encode('\n', vocab)], device=device)
     sample = model.generate(start_ids, sample_chars, generator=torch.Generator(device).manual_seed(seed))[0]
     print('-' * 80 + '\n' + decode(sample[0, 1:], vocab) + '\n' + '-' * 80)
+    tokens = (iter_num - start_iter) * tokens_per_iter  # trained by this run
     metrics = {'val_loss': round(val_loss, 4), 'train_loss': round(best['train_loss'], 4), 'iters': iter_num,
-               'seconds': round(seconds, 1), 'params': model.num_params(), 'device': device, 'processes': world,
-               'tokens_per_sec': round((iter_num - start_iter) * tokens_per_iter / max(train_time, 1e-9))}
+               'seconds': round(seconds, 1), 'params': model.num_params(), 'device': device,
+               'processes': world, 'tokens_per_sec': round(tokens / max(train_time, 1e-9))}
     write_json(metrics, os.path.join(out_dir, 'gpt.json'))
     print(json.dumps(metrics))

@@ -1,14 +1,13 @@
 """
-model.py: the networks of minibard (nanoGPT's model.py, and the reward model on the same trunk).
+model.py: the networks of minibard (nanoGPT's model.py).
 
  - GPT: a character-level decoder, pre-norm blocks (GPT-2), rotary positions (RoFormer), a token
    mix of the last few characters (Primer, RWKV), tied embeddings; `generate` samples whole turns
    with a KV cache, per-token log-probs and an end-of-turn stop.
- - log-probs at a temperature, and the exact KL between two policies over all 65 characters:
-   every step and the ruler (frontier.py) compute them here, with the same math.
+ - log-probs at a temperature and the exact KL over all 65 characters: every step and the ruler
+   (frontier.py) compute them here, with the same math.
  - RewardModel: the GPT trunk plus a scalar head on every answer character, summed.
- - loading them from checkpoints (plumbing.load_checkpoint checks the kind and keys first), and
-   the policy and reward model an RL step starts from, checked to fit each other.
+ - loading them, and the policy and reward model an RL step starts from, checked to fit.
 """
 import math
 import os
@@ -155,9 +154,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, **adamw):
-        """AdamW with weight decay on the matrices only, as nanoGPT and GPT-2: not on norms, and
-        not on the token mix, which decay would pull towards 'see no character' instead of the
-        identity it starts as."""
+        """AdamW, weight decay on the matrices only (nanoGPT, GPT-2) and not on the token mix: decay
+        would pull it towards 'see no character', not the identity it starts as."""
         decay = {n: p.dim() >= 2 and n != 'tok_mix' for n, p in self.named_parameters()}
         params = lambda d: [p for n, p in self.named_parameters() if decay[n] == d]
         groups = [{'params': params(True), 'weight_decay': weight_decay},
@@ -168,21 +166,20 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop=None):
         """Sample up to max_new_tokens after idx (B, T) -> out (B, T + n), logprobs (B, n), lengths (B,).
 
-        stop: token ids that end a row (END_OF_TURN encoded), part of its answer; after them the
-        row is padded with stop[-1] and log-probability 0; n is the longest row. temperature 0 is
-        argmax; logprobs are log pi(y_t) at the temperature (and top_k) y_t was drawn with. With
-        the KV cache a new token costs one position, not T; finished rows leave the batch once they
-        are a quarter of it. Past block_size the full cache restarts from the last block_size // 2
-        tokens, so every logit is a plain forward over the last block_size / 2 to block_size tokens."""
-        window, B, T = self.config.block_size, idx.size(0), idx.size(1)
-        stop_ids = torch.tensor(stop or [], dtype=idx.dtype, device=idx.device)
+        stop: token ids that end a row (END_OF_TURN encoded), part of its answer; after them the row
+        is padded with stop[-1] and log-probability 0; n is the longest row. temperature 0 is argmax;
+        logprobs are log pi(y_t) at the temperature (and top_k) y_t was drawn with. Past block_size
+        the cache restarts from the last block_size // 2 tokens: every logit is a plain forward over
+        the last block_size / 2 to block_size tokens."""
+        (B, T), window, dev = idx.shape, self.config.block_size, idx.device
+        stop_ids = torch.tensor(stop or [], dtype=idx.dtype, device=dev)
         out = idx.new_full((B, T + max_new_tokens), stop[-1] if stop else 0)
         out[:, :T] = idx
-        logps = torch.zeros(B, max_new_tokens, device=idx.device)
-        lengths = torch.full((B,), max_new_tokens, device=idx.device)
-        rows = torch.arange(B, device=idx.device)  # batch row -> row of out
-        live = torch.ones(B, dtype=torch.bool, device=idx.device)  # rows still writing
-        cache = KVCache(self.config, B, idx.device, self.tok_emb.weight.dtype,
+        logps = torch.zeros(B, max_new_tokens, device=dev)
+        lengths = torch.full((B,), max_new_tokens, device=dev)
+        rows = torch.arange(B, device=dev)  # batch row -> row of out
+        live = torch.ones(B, dtype=torch.bool, device=dev)  # rows still writing
+        cache = KVCache(self.config, B, dev, self.tok_emb.weight.dtype,
                         length=min(window, T + max_new_tokens))
         logits = self(idx[:, -window:], cache=cache)[0][:, -1]  # prefill the (cropped) prompt
         for i in range(max_new_tokens):
@@ -204,7 +201,7 @@ class GPT(nn.Module):
             look = not live.is_cuda or i % 8 == 7  # on a GPU each look waits for it: every 8th token
             if i == max_new_tokens - 1 or look and not live.any():
                 break
-            if look and (~live).sum() * 4 >= len(live):  # drop finished rows from the batch
+            if look and (~live).sum() * 4 >= len(live):  # a quarter finished: they leave the batch
                 rows, nxt, cache = rows[live], nxt[live], cache.select(live)
                 live = live[live]
             if cache.pos == window:  # full: re-prefill the last half
@@ -218,9 +215,9 @@ class GPT(nn.Module):
 
 # ------------------------------------------------------------------ generate()'s cache
 class KVCache:
-    """Keys and values of every layer for the `pos` tokens seen so far: k, v (n_layer, B, n_head,
-    length <= block_size, head_dim); a forward writes its keys at pos.. and attends over the first
-    pos + T. emb_tail (B, token_mix - 1, C): the last embeddings, for the next token's mix."""
+    """k, v (n_layer, B, n_head, length <= block_size, head_dim): every layer's keys and values of
+    the `pos` tokens seen so far; emb_tail (B, token_mix - 1, C): the last embeddings, for the next
+    token's mix."""
     def __init__(self, config, B, device, dtype, length=None):
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, B, config.n_head, length or config.block_size, hd)
@@ -229,7 +226,7 @@ class KVCache:
         self.emb_tail, self.pos = None, 0
 
     def select(self, keep):
-        """Keep only the batch rows where keep (B,) is True (finished answers leave the batch)."""
+        """Keep the batch rows where keep (B,) is True (finished answers leave the batch)."""
         shape = self.k.shape[:1] + (int(keep.sum()),) + self.k.shape[2:]
         k, v = self.k.new_empty(shape), self.v.new_empty(shape)
         k[..., :self.pos, :] = self.k[:, keep, :, :self.pos]
@@ -241,9 +238,9 @@ class KVCache:
 
 # ------------------------------------------------------------------ log-probs and the exact KL
 def log_probs(logits, temperature=1.0):
-    """log softmax(logits / temperature) over the characters, in fp32: (..., V) -> (..., V). The
-    one place it is computed: sampling, PPO, the entropy and the exact KL share the math and the
-    temperature (Huang et al., "The N implementation details of RLHF", detail 2)."""
+    """log softmax(logits / temperature) over the characters, in fp32: (..., V) -> (..., V). Computed
+    only here: sampling, PPO, the entropy and the exact KL share the math and the temperature
+    (Huang et al., "The N implementation details of RLHF", detail 2)."""
     return F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)
 
 
@@ -253,40 +250,36 @@ def token_logprobs(logits, tokens, temperature=1.0):
 
 
 def answer_logits(logits, prompt_len):
-    """The logits that predict the answer's tokens: position t - 1 predicts token t.
-    (B, Tp + Ta, V) -> (B, Ta, V)."""
+    """The logits that predict the answer's tokens (t - 1 predicts t): (B, Tp + Ta, V) -> (B, Ta, V)."""
     return logits[:, prompt_len - 1:-1]
 
 
 def exact_kl(logits_p, logits_q, temperature=1.0):
-    """Per-position KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the whole vocabulary:
-    (..., V) -> (...)."""
+    """Per-position KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the vocabulary: (..., V) -> (...)."""
     logp, logq = log_probs(logits_p, temperature), log_probs(logits_q, temperature)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 # ------------------------------------------------------------------ the reward model
 class RewardModel(nn.Module):
-    """r(x, y) = b + sum_t w . h_t over the answer's characters t: the GPT trunk plus a scalar
-    head on every answer character, summed up to the answer's end. Read after t characters the
-    sum is the score of the answer so far, which PPO's critic reuses.
+    """r(x, y) = b + sum_t w . h_t over the answer's characters t up to its end: the GPT trunk plus
+    a scalar head. After t characters the sum scores the answer so far, which PPO's critic reuses.
 
     Why summed, not InstructGPT's single head on the last token: a word-counting labeler scores a
     sum over positions, so this head only learns what each stretch of text adds, not also where
-    to look. The RM reads the last `context` characters of the prompt and the answer; an answer
-    longer than the block is read over its last block_size characters. The head starts at zero
-    (r = 0: no preference); the bias b carries the normalisation."""
+    to look. It reads the prompt's last `context` characters and the answer (past the block: its
+    last block_size characters)."""
     def __init__(self, config, context=0):
         super().__init__()
         self.context = context  # prompt characters the RM reads
         self.trunk = GPT(config)
         self.head = nn.Linear(config.n_embd, 1, bias=False)
-        nn.init.zeros_(self.head.weight)
-        self.bias = nn.Parameter(torch.zeros(()))  # Bradley-Terry ignores it; set by normalisation
+        nn.init.zeros_(self.head.weight)  # r = 0: no preference
+        self.bias = nn.Parameter(torch.zeros(()))  # b: Bradley-Terry ignores it; set by normalisation
 
     def contributions(self, seqs, prompt_len):
-        """Each answer character's share c_t = w . h_t: seqs (B, Tp + Ta), a prompt of prompt_len
-        and the answers -> (B, Ta), or (B, block_size) for answers longer than the block."""
+        """Each answer character's share c_t = w . h_t: seqs (B, Tp + Ta) -> (B, Ta), or (B, block_size)
+        past the block."""
         start = max(0, prompt_len - self.context, seqs.size(1) - self.trunk.config.block_size)
         h = self.trunk.hidden(seqs[:, start:])  # (B, T', C)
         with torch.autocast('cpu', enabled=False):  # the head in fp32 under bf16 training: a
@@ -308,9 +301,9 @@ class RewardModel(nn.Module):
 
 
 def rm_scores(rm, seqs, prompt_len, lengths=None, chunk=32):
-    """The RM's scores (N,) of N prompt + answer sequences (N, Tp + Ta) with answer lengths (N,),
-    forwarded shortest first in chunks, each cut to its longest answer (data.forward_in_chunks), on
-    the RM's device. Differentiable: under torch.no_grad() for evaluation and rewards."""
+    """The RM's scores (N,) of prompt + answer sequences (N, Tp + Ta), answer lengths (N,) (None: all
+    Ta), on its device in chunks (data.forward_in_chunks). Differentiable: wrap evaluation and
+    rewards in torch.no_grad()."""
     device = next(rm.parameters()).device
     if lengths is None:
         lengths = torch.full((len(seqs),), seqs.size(1) - prompt_len)
@@ -345,9 +338,8 @@ def load_reward_model(path, device='cpu', stale_ok=False):
 
 
 def load_policy_and_rm(path, rm_path, device='cpu', stale_ok=False):
-    """A policy GPT and the reward model that scores it, as the RL steps, DPO and the chat start:
-    (model, vocab, its checkpoint, rm, its checkpoint). The RM's trunk must be the policy's shape
-    and vocabulary, else MinibardError."""
+    """The policy GPT and its reward model, as the RL steps, DPO and the chat start: (model, vocab,
+    its checkpoint, rm, its checkpoint). MinibardError unless the RM has the policy's shape and vocab."""
     model, vocab, checkpoint = load_gpt(path, device=device, stale_ok=stale_ok)
     rm, rm_vocab, rm_checkpoint = load_reward_model(rm_path, device, stale_ok)
     shape = lambda c: {**c['model_args'], 'dropout': 0}

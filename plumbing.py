@@ -1,7 +1,6 @@
 """
-plumbing.py: what every minibard script needs and none of them is about: errors in one line
-(MinibardError), progress and ETA, checkpoints saved atomically and read back checked, json
-results read back checked and kept while what they depend on is unchanged. Imports only torch.
+plumbing.py: what no step is about: one-line errors, progress, checkpoints written whole and checked
+when read, results kept while their inputs are unchanged.
 """
 import errno
 import hashlib
@@ -22,49 +21,42 @@ MASTER = os.environ.get('RANK', '0') == '0'  # under torchrun, rank 0 alone says
 
 # ------------------------------------------------------------------ errors
 class MinibardError(ValueError):
-    """A mistake a user can fix (a bad option, a missing or wrong file): its message is one line that
-    says what to do. Library code raises it; a script's excepthook prints it as that `error:` line."""
+    """A mistake a user can fix: its message is one line that says what to do."""
 
 
 def die(msg):
-    """For a script's own checks, under `if __name__ == '__main__':` only: one line saying what to
-    do, non-zero exit, no traceback. (Imported code raises MinibardError instead.)"""
+    """The `error:` line and exit 1, for a script's own checks (library code raises MinibardError)."""
     say_error(msg)
     sys.exit(1)
 
 
 def say_error(msg):
-    """The `error:` line, once under torchrun, where every rank meets the same mistake: rank 0 says it
-    at once; another rank says it only if it still lives 3 s later (rank 0 did not fail, so the
-    mistake is that rank's own): torchrun stops every rank as soon as one has failed."""
+    """`error: msg`, once under torchrun: another rank waits 3 s first, by when torchrun has stopped
+    it if rank 0 failed too."""
     if not MASTER:
         time.sleep(3)
     print(f'error: {msg}', file=sys.stderr)
 
 
 def exit_in_one_line(kind, value, tb, default=sys.excepthook):
-    """sys.excepthook of every script: a MinibardError, Ctrl-C, running out of memory or disk
-    anywhere: one line, no traceback, exit code 1 (130 for Ctrl-C). Checkpoints are only ever
-    replaced whole (save_checkpoint), so whatever was saved before is intact."""
-    intact = 'checkpoints saved before now are intact'
-    if issubclass(kind, KeyboardInterrupt):
-        print(f'interrupted: stopped; {intact}', file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(130)
+    """sys.excepthook of every script: a MinibardError, Ctrl-C, no memory or disk: one line."""
     if issubclass(kind, BrokenPipeError):  # `python gpt.py --help | head`
         os._exit(141)
     if issubclass(kind, MinibardError):
         return say_error(value)
-    if issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT):
-        return print(f'error: the disk is full ({value.filename or "writing"}): free some space; {intact}',
-                     file=sys.stderr)
-    oom = any(words in str(value) for words in ('out of memory', "can't allocate memory"))  # torch's words
-    if issubclass(kind, MemoryError) or oom:
-        print(f'error: out of memory: lower the sizes (batch_size, best_of, num_samples, ...); {intact}',
-              file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(1)
-    default(kind, value, tb)
+    oom = any(w in str(value) for w in ('out of memory', "can't allocate memory"))  # torch's words
+    if issubclass(kind, KeyboardInterrupt):
+        line, code = 'interrupted: stopped', 130
+    elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT):
+        line, code = f'error: the disk is full ({value.filename or "writing"}): free some space', None
+    elif issubclass(kind, MemoryError) or oom:
+        line, code = 'error: out of memory: lower the sizes (batch_size, best_of, num_samples, ...)', 1
+    else:
+        return default(kind, value, tb)
+    # save_checkpoint only ever replaces a file whole
+    print(f'{line}; checkpoints saved before now are intact', file=sys.stderr, flush=True)
+    if code:
+        os._exit(code)
 
 
 # ------------------------------------------------------------------ progress
@@ -74,15 +66,13 @@ def share_done(done, total):
 
 
 def eta(done, total, t0, start=0):
-    """'eta 2m51s': the time left at the pace so far, the wall time since t0 over the
-    done - start units covered since then."""
+    """'eta 2m51s' at the pace of the done - start units since t0."""
     m, s = divmod(round((time.time() - t0) / max(done - start, 1) * (total - done)), 60)
     return f'eta {m}m{s:02d}s'
 
 
 def progress(name, total, every, log=print):
-    """A counter for work done in pieces (generate() calls): advance(n) adds n of total and logs
-    '<name> 4096/23200 (17%), eta 0m41s' once `every` units have passed, and at the end."""
+    """advance(n): n more done; logs '<name> 4096/23200 (17%), eta 0m41s' every `every` and at the end."""
     t0, seen = time.time(), [0]
 
     def advance(n):
@@ -93,30 +83,34 @@ def progress(name, total, every, log=print):
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_checkpoint(obj, path):
-    """Atomic save: write a temp file beside `path`, then os.replace, so a crash, Ctrl-C or a full
-    disk mid-write leaves the previous good checkpoint untouched (and no temp file behind)."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+def replace_whole(path, write):
+    """write(tmp), then os.replace: a crash or a full disk mid-write leaves `path` as it was."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch says a full disk as a RuntimeError
-        raise MinibardError(f'cannot write {path} ({" ".join(str(e).split())[:120]}): is the disk full? '
-                            f'{path} is as it was') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def save_checkpoint(obj, path):
+    """torch.save, all or nothing."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    try:
+        replace_whole(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as e:  # torch says a full disk as a RuntimeError
+        raise MinibardError(f'cannot write {path} ({" ".join(str(e).split())[:120]}): is the disk full? '
+                            f'{path} is as it was') from None
+
+
 def made_from(*paths):
-    """{file name: digest} of the checkpoints a stage starts from, kept in the one it writes, so that
-    a later stage can tell a chain that changed under it (load_checkpoint)."""
+    """{file name: digest} of a stage's inputs, kept in its checkpoint for load_checkpoint."""
     return {os.path.basename(p): digest(p) for p in paths}
 
 
 def writer_of(name):
-    """The command that writes a checkpoint ('out/sft.pt' -> 'python sft.py'), for error messages."""
+    """'out/sft.pt' -> 'python sft.py', for error messages."""
     stage = os.path.basename(name).removesuffix('.pt')
     return f'python {stage}.py' if stage in ('gpt', 'sft', 'reward', 'ppo', 'dpo') else f'what wrote {name}'
 
@@ -130,9 +124,8 @@ KINDS = {'GPT': (('model', 'model_args', 'vocab'), 'gpt.py, sft.py, ppo.py or dp
 
 
 def load_checkpoint(path, writer='python gpt.py', kind=None, stale_ok=False):
-    """A checkpoint dict, read with weights_only=True (a pickle could run code; ours never needs to);
-    with `kind` (a key of KINDS), one of that kind with all its keys, made from the checkpoints
-    beside it as they are now (its made_from, unless stale_ok), else MinibardError."""
+    """A checkpoint, read with weights_only=True (a pickle can run code); with `kind` (of KINDS), one of
+    that kind with all its keys, made from the files beside it as they are now (unless stale_ok)."""
     if not os.path.exists(path):
         raise MinibardError(f'no {path}: run {writer} first')
     try:
@@ -156,14 +149,13 @@ def load_checkpoint(path, writer='python gpt.py', kind=None, stale_ok=False):
     for name, was in checkpoint.get('made_from', {}).items():
         parent = os.path.join(os.path.dirname(path), name)
         if not stale_ok and os.path.exists(parent) and digest(parent) != was:
-            raise MinibardError(f'{path} was made from another {parent} than the one there now (written '
-                                f'again since): {writer} makes it anew, or add --allow_stale=True to go on')
+            raise MinibardError(f'{path} was made from another {parent} than the one there now: {writer} '
+                                'makes it anew, or add --allow_stale=True to go on')
     return checkpoint
 
 
 def refuse_to_replace(path, budget, what):
-    """MinibardError where `path` holds a checkpoint trained on more than this run's `budget` (its
-    'budget': tokens, demonstrations, pairs or episodes, `what`): a quick try never replaces it."""
+    """A quick try never replaces a checkpoint trained on more `what` than this run's `budget`."""
     try:
         old = torch.load(path, map_location='cpu', weights_only=True).get('budget', 0)
     except Exception:  # missing or unreadable: nothing trained to keep
@@ -174,7 +166,7 @@ def refuse_to_replace(path, budget, what):
 
 
 def load_weights(module, state, path, writer):
-    """load_state_dict, with a mismatch (a checkpoint edited or from another shape) as one clear line."""
+    """load_state_dict, a mismatch said in one line."""
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
@@ -187,9 +179,8 @@ LOCKS = {}  # lock file -> its open descriptor: held by this process until it en
 
 
 def prepare_out_dir(out_dir, stage=None):
-    """Before any work: out_dir exists and is writable, temp files of saves that were killed are
-    gone, and this process holds out_dir/.<stage>.lock, so that a second run of the same stage on
-    the same folder is refused instead of writing its files between this one's."""
+    """Before any work: out_dir writable, killed saves' temp files gone, and out_dir/.<stage>.lock held:
+    a second run of the stage there is refused (it would write its files between ours)."""
     path = os.path.join(out_dir, f'.{stage}.lock' if stage else f'.write_test{os.getpid()}')
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -212,7 +203,7 @@ def prepare_out_dir(out_dir, stage=None):
 
 
 def alive(pid):
-    """Whether a process of this pid runs on this machine."""
+    """Whether process `pid` runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -224,32 +215,25 @@ def alive(pid):
 
 # ------------------------------------------------------------------ kept results
 def digest(x):
-    """A short fingerprint of a file (a path) or a tensor's values: what a kept result depends on."""
-    h = hashlib.sha256()
+    """A short fingerprint of a file (a path) or a tensor's values."""
     if isinstance(x, torch.Tensor):
-        h.update(str((x.dtype, tuple(x.shape))).encode() + x.detach().cpu().contiguous().numpy().tobytes())
+        data = str((x.dtype, tuple(x.shape))).encode() + x.detach().cpu().contiguous().numpy().tobytes()
     else:
         with open(x, 'rb') as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
+            data = f.read()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def write_json(obj, path):
-    """json.dump to a temp file beside `path`, then os.replace: a reader never sees half a file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
+    """json.dump, all or nothing."""
+    def dump(tmp):
         with open(tmp, 'w') as f:
             json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_whole(path, dump)
 
 
 def read_json(path, check=lambda x: True, what='a result minibard wrote'):
-    """A kept json result, or None with one note on stderr where it is missing, damaged (cut
-    short, not UTF-8, not JSON) or of another shape (check(value) False or raising): a damaged
-    result beside a run is reported and skipped, never a traceback."""
+    """A kept json result, or None: missing, or (with a one-line note) damaged or failing check(value)."""
     if not os.path.exists(path):
         return None
     try:
@@ -265,10 +249,8 @@ def read_json(path, check=lambda x: True, what='a result minibard wrote'):
 
 
 def cached(path, key, compute, check=lambda x: True, log=print):
-    """compute() -> a json-able result, kept in the json file `path` under `key` (a dict of what the
-    result depends on, digests of files among them): a later call with the same key reads it back
-    instead of computing it again. A damaged file, or a kept result that fails check(), is
-    computed again."""
+    """compute(), kept in the json file `path` under `key` (what it depends on: settings, file digests)
+    and read back while it passes check()."""
     key = json.dumps(key, sort_keys=True)
     store = read_json(path, lambda s: isinstance(s, dict), 'kept results') or {}
     try:

@@ -1,5 +1,5 @@
 """
-ppo.py: align the GPT with the reward model by PPO. Step 3 of minibard (InstructGPT's RL step).
+ppo.py: align the GPT with the reward model by PPO. Step 4 of minibard (InstructGPT's RL step).
 
 As the references do it (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022; Huang et
 al., "The N Implementation Details of RLHF with PPO"); the reasons for each choice: docs/ppo.md.
@@ -20,22 +20,18 @@ al., "The N Implementation Details of RLHF with PPO"); the reasons for each choi
     loss (cliprange_value), global grad-norm clip; optional entropy bonus and PPO-ptx (off).
  7. The critic: a trainable copy of the RM (InstructGPT), which sums a per-character head, so its
     running sum is a value from the first iteration (class Critic).
- 8. KL to the reference in nats per answer: k1, k3 (Schulman's estimator) at the sampled tokens,
-    and exact over all 65 characters.
- 9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max
-    (kept in out/best_of_n.json), and the policy every `eval_interval` iterations: gold, RM
-    score, exact KL. Gold is only ever measured.
-10. The verifiable-reward road (--reward=gold): the labeler's gold itself is the reward, as a unit
-    test or a math checker is for GRPO (Shao et al. 2024; nanochat), critic-free: no proxy to game.
-    Its files and frontier lines say 'gold'; on the RM road training never reads the gold.
- Left out: per-batch reward whitening. Option names: cleanrl's, else TRL's (kl_target, kl_horizon:
- TRL's adaptive controller, not cleanrl's target_kl, which stops an update early).
+ 8. KL to the reference in nats per answer: k1, k3 (Schulman) at the sampled tokens, and exact.
+ 9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max, and
+    the policy every `eval_interval` iterations. Gold is only ever measured...
+10. ...but on the verifiable-reward road (--reward=gold), where the labeler's gold is the reward, as
+    a unit test or a math checker is for GRPO (Shao et al. 2024), critic-free: no proxy to game.
+ Left out: reward whitening. Option names: cleanrl's, else TRL's (kl_target: not cleanrl's target_kl).
 
 Run:  python ppo.py                   (after sft.py and reward.py; times and numbers: README)
-      python ppo.py --seed=1          (other prompts, rollouts, held-out prompts; same checkpoints)
       python ppo.py --advantage=rloo  (or grpo: the critic-free group baselines, beside PPO's files)
-Writes out/ppo.pt, ppo.json (the eval and the path), ppo_log.csv (rloo.*, grpo.* for the group
-baselines), and redraws out/frontier.csv (+ .png with matplotlib) from every run (frontier.py).
+      python ppo.py --advantage=grpo --reward=gold --init_kl_coef=0 --kl_target=0   (TRL's GRPO)
+Writes out/ppo.pt, ppo.json (the eval and the path), ppo_log.csv (rloo.*, grpo.*, ... for the
+others), and redraws out/frontier.csv (+ .png with matplotlib) from every run (frontier.py).
 """
 import copy
 import csv
@@ -50,8 +46,8 @@ import torch
 import torch.nn as nn
 
 from configurator import ByDevice, configure
-from data import (END_OF_TURN, answer_mask, encode, ends_turn, forward_in_chunks, load_splits, sample_prompts,
-                  turn_starts)
+from data import (END_OF_TURN, answer_mask, answer_sum, encode, ends_turn, forward_in_chunks, load_splits,
+                  masked_mean, sample_prompts, turn_starts, whiten)
 from frontier import (NOT_RUNS, RunPath, best_of_n_kept, eval_result, held_out_prompts, print_frontier,
                       print_samples, rm_calibration)
 from labeler import gold_scores
@@ -138,8 +134,7 @@ def gae(rewards, values, gamma, gae_lambda):
     """Generalised advantage estimation (Schulman et al. 2016), V after the last token = 0.
 
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1};  returns = A + V.
-    Padding after an answer's end must have r = V = 0: then it adds nothing and the last real
-    token sees V = 0 after it, as if the episode stopped there."""
+    Padding must have r = V = 0: then it adds nothing, and the last real token sees V = 0 after it."""
     T = rewards.size(1)
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(rewards[:, 0])
@@ -152,8 +147,8 @@ def gae(rewards, values, gamma, gae_lambda):
 
 
 def group_advantages(returns, group_size, scale=False, eps=1e-8):
-    """Critic-free advantages from G = group_size answers to each prompt: returns (P G,), the
-    answers of a prompt next to each other -> (P G,).
+    """Critic-free advantages from G = group_size answers to each prompt, next to each other:
+    returns (P G,) -> (P G,).
 
     RLOO (Ahmadian et al. 2024):  A_i = R_i - 1/(G-1) sum_{j != i} R_j   (the leave-one-out baseline)
     GRPO (Shao et al. 2024), scale: A_i = (R_i - mean_j R_j) / (std_j R_j + eps)"""
@@ -162,26 +157,6 @@ def group_advantages(returns, group_size, scale=False, eps=1e-8):
         return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
     others = (R.sum(1, keepdim=True) - R) / (group_size - 1)  # mean of the other G - 1 returns
     return (R - others).flatten()
-
-
-LOG_FIELDS = ['iter', 'reward', 'gold', 'kl', 'kl_k1', 'kl_k3', 'beta', 'length', 'ended', 'clipfrac',
-              'approx_kl', 'pg_loss', 'v_loss', 'entropy', 'explained_var', 'time_ms']  # ppo_log.csv
-
-
-def answer_sum(x, mask):
-    """sum_t x_t over each answer's tokens (mask 1), averaged over the answers: x, mask (B, Ta) -> float."""
-    return (x * mask).sum(1).mean().item()
-
-
-def masked_mean(x, mask):
-    """Mean of x over the positions where mask (same shape, 0/1) is 1: padding does not count."""
-    return (x * mask).sum() / mask.sum()
-
-
-def whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the answer tokens (mask 1); padding stays 0."""
-    mean = masked_mean(x, mask)
-    return (x - mean) / (masked_mean((x - mean) ** 2, mask).sqrt() + eps) * mask
 
 
 def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, clip_coef, cliprange_value):
@@ -223,9 +198,9 @@ class AdaptiveKLController:
 
 @torch.no_grad()
 def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature, chunk):
-    """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), in chunks (data.
-    forward_in_chunks): log pi, log pi_ref, V (0 without a critic), the exact per-token KL(pi ||
-    pi_ref) and the entropy of pi, each (B, Ta), 0 past each chunk's longest answer."""
+    """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), in chunks: log pi,
+    log pi_ref, V (0 without a critic), the exact per-token KL(pi || pi_ref) and the entropy of pi,
+    each (B, Ta), 0 past each chunk's longest answer."""
     def passes(s, _):
         logits = answer_logits(policy(s)[0], prompt_len)  # (b, t, V)
         ref_logits = answer_logits(ref(s)[0], prompt_len)
@@ -238,15 +213,16 @@ def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature,
     return forward_in_chunks(passes, seqs, lengths, prompt_len, chunk)
 
 
+LOG = {'reward': '.3f', 'gold': '.3f', 'kl': '.2f', 'kl_k1': '.2f', 'kl_k3': '.2f', 'beta': '.4f',  # an
+       'length': '.0f', 'ended': '.2f', 'clipfrac': '.3f', 'approx_kl': '.4f', 'pg_loss': '.4f',  # iter's log
+       'v_loss': '.4f', 'entropy': '.3f', 'explained_var': '.2f', 'time_ms': '.0f'}  # line, ppo_log.csv
+
+
 def train(policy, ref, critic, reward_fn, get_prompts, stop, args, gold_fn=None, lm_batch_fn=None, log=print,
           on_iter=None):
-    """The PPO loop. policy, ref: GPTs; critic(seqs, Tp) -> V (B, Ta), or None for a group baseline
-    (args.advantage 'rloo' or 'grpo': batch_size / group_size prompts, group_size answers each);
-    reward_fn(seqs (B, Tp + Ta), lengths (B,)) -> scores (B,); get_prompts(n) -> (n, prompt_len)
-    tokens; stop: the end-of-turn tokens; args: this file's hyperparameters as attributes (as
-    cleanrl passes them). Episodes are whole turns of varying length: everything after an
-    answer's end is masked out. Returns the per-iteration log (list of dicts). A NaN/inf loss
-    raises FloatingPointError before the update, so nothing bad gets saved."""
+    """The PPO loop. critic(seqs, Tp) -> V (B, Ta), or None for a group baseline; reward_fn(seqs (B,
+    Tp + Ta), lengths (B,)) -> (B,); get_prompts(n) -> (n, Tp); args: this file's options (as cleanrl
+    passes them). -> a dict an iteration. A NaN/inf loss raises FloatingPointError before the update."""
     Tp, chunk = args.prompt_len, args.forward_batch_size
     groups = [{'params': list(policy.parameters()), 'lr': args.learning_rate}]
     if critic is not None:
@@ -319,12 +295,8 @@ def train(policy, ref, critic, reward_fn, get_prompts, stop, args, gold_fn=None,
                'explained_var': explained_variance(values, returns, mask),
                'time_ms': (time.time() - t0) * 1000}
         history.append(row)
-        log(f"iter {share_done(it + 1, args.max_iters)}: reward {row['reward']:.3f}, gold {row['gold']:.3f}, "
-            f"kl {kl:.2f} (k1 {row['kl_k1']:.2f}, k3 {row['kl_k3']:.2f}), beta {beta:.4f}, "
-            f"length {row['length']:.0f}, "
-            f"ended {row['ended']:.2f}, clipfrac {cf:.3f}, approx_kl {ak:.4f}, pg_loss {pg:.4f}, "
-            f"v_loss {vl:.4f}, entropy {row['entropy']:.3f}, explained_var {row['explained_var']:.2f}, "
-            f"time {row['time_ms']:.0f} ms, {eta(it + 1, args.max_iters, t_run)}")
+        numbers = ', '.join(f'{k} {row[k]:{f}}' for k, f in LOG.items())
+        log(f'iter {share_done(it + 1, args.max_iters)}: {numbers}, {eta(it + 1, args.max_iters, t_run)}')
         if on_iter is not None:
             on_iter(it, row)
     return history
@@ -338,12 +310,10 @@ if __name__ == '__main__':
         die(f'--batch_size={batch_size} must be a multiple of --group_size={group_size} ({advantage}: '
             'whole groups of answers to a prompt)')
     if reward == 'gold' and advantage == 'gae':
-        die('--reward=gold runs critic-free, as the verifiable-reward recipes do: add --advantage=grpo or rloo '
-            "(PPO's critic is a copy of the reward model)")
-    name = ('ppo' if advantage == 'gae' else advantage) + ('_gold' if reward == 'gold' else '') \
-        if run_name == 'auto' else run_name
+        die('--reward=gold runs critic-free, as verifiable-reward recipes do: add --advantage=grpo or rloo')
+    name = run_name if run_name != 'auto' else advantage.replace('gae', 'ppo') + '_gold' * (reward == 'gold')
     if not re.fullmatch(r'[\w.-]+', name) or name in NOT_RUNS | {'preferences', 'expert_iteration'}:
-        die(f'--run_name={run_name!r} would name files of another stage, or is no file name: choose another')
+        die(f'--run_name={run_name!r} would name files of another stage, or no file: choose another')
     t_start = time.time()
     prepare_out_dir(out_dir, name)
     log_path, ckpt_path = os.path.join(out_dir, f'{name}_log.csv'), os.path.join(out_dir, f'{name}.pt')
@@ -353,8 +323,8 @@ if __name__ == '__main__':
     parents = os.path.join(out_dir, reference), os.path.join(out_dir, 'reward.pt')
     ref, vocab, _, rm, rm_checkpoint = load_policy_and_rm(*parents, device, allow_stale)
     if rm_checkpoint.get('policy') != reference:  # whose answers the RM learnt from
-        print(f"note: reward.pt learnt from answers of {rm_checkpoint.get('policy')}, and RL starts from "
-              f'{reference}: for one road, give both stages the same --policy', file=sys.stderr)
+        print(f"note: reward.pt learnt from answers of {rm_checkpoint.get('policy')}, not {reference}'s: "
+              'for one road, give both stages the same --policy', file=sys.stderr)
     prompt_len = config['prompt_len'] = prompt_len or rm_checkpoint['prompt_len']
     max_answer_len = config['max_answer_len'] = max_answer_len or rm_checkpoint['max_answer_len']
     if prompt_len + max_answer_len > ref.config.block_size:
@@ -377,12 +347,11 @@ if __name__ == '__main__':
     gold_fn = lambda y, n: gold_scores(y.cpu(), n.cpu(), vocab).to(y.device)  # (B,): measured, or the reward
     score = torch.no_grad()(lambda s, n: gold_fn(s[:, prompt_len:], n) if reward == 'gold' else
                             rm_scores(rm, s, prompt_len, n, forward_batch_size))
-    with torch.no_grad():  # the score's std on 256 answers of the reference -> rewards of unit scale (Ziegler)
+    with torch.no_grad():  # its std on 256 answers of the reference -> rewards of unit scale (Ziegler)
         seqs0, _, n0 = ref.generate(get_prompts(256), max_answer_len, temperature=temperature,
                                      generator=torch.Generator(device).manual_seed(seed), stop=stop)
         scores0 = gold_fn(seqs0[:, prompt_len:], n0) if reward == 'gold' else rm(seqs0, prompt_len, n0)
         gain = 1.0 / scores0.std().clamp_min(1e-6).item()
-    reward_fn = lambda s, n: gain * score(s, n)
     critic = Critic(rm, gain).requires_grad_(True) if advantage == 'gae' else None  # a copy of the RM
     held_out = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)
     print(f'best-of-n, n = 1..{best_of_max}, on {eval_prompts} held-out prompts ...')
@@ -391,7 +360,7 @@ if __name__ == '__main__':
     path = RunPath(name, model, ref, rm, held_out, vocab, max_answer_len, stop, temperature, eval_samples,
                    seed, forward_batch_size)
     log_file = open(log_path + '.part', 'w', newline='')  # <name>_log.csv at the end: a stopped run
-    writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)  # leaves the last run's log as it was
+    writer = csv.DictWriter(log_file, fieldnames=['iter', *LOG])  # leaves the last run's log as it was
     writer.writeheader()
 
     def on_iter(it, row):  # one csv row per iteration, flushed so a killed run keeps what it logged
@@ -402,22 +371,21 @@ if __name__ == '__main__':
 
     groups = '' if advantage == 'gae' else f', {batch_size // group_size} prompts x {group_size} ({name})'
     print(f'{time.time() - t_start:.1f}s: PPO, {max_iters} iters x {batch_size} turns of <= {max_answer_len} '
-          f"chars{groups}, device {device}; reward = {reward.upper()} x {gain:.2f} (1 / its std on {reference}'s "
-          'answers)')
+          f'chars{groups}, device {device}; reward = {reward.upper()} x {gain:.2f} (1 / its std)')
     path.add(0)
     try:
-        train(model, ref, critic, reward_fn, get_prompts, stop, SimpleNamespace(**config), on_iter=on_iter,
-              gold_fn=gold_fn, lm_batch_fn=lm_batch)
+        train(model, ref, critic, lambda s, n: gain * score(s, n), get_prompts, stop,
+              SimpleNamespace(**config), gold_fn, lm_batch, on_iter=on_iter)
     except FloatingPointError as e:
         die(f'{e}: stopped; {ckpt_path} was not overwritten. Try a lower --learning_rate')
     log_file.close()
     result = eval_result(curve, path.rows[-1], samples, path.samples, held_out, vocab)
     calibration = {n: rm_calibration(m, rm, held_out[:64], vocab, max_answer_len, stop, temperature, 8, seed,
-                                     rm_checkpoint['config']['tau'], forward_batch_size)  # P off the RM's data?
-                   for n, m in ((reference, ref), (name, model))}
-    metrics = {'policy': reference, 'reference': reference, 'advantage': advantage, 'reward': reward, 'seed': seed,
-               'eval_prompts': eval_prompts, 'iters': max_iters, 'seconds': round(time.time() - t_start, 1),
-               'calibration': calibration, 'eval': result, 'path': path.rows}
+                                     rm_checkpoint['config']['tau'], forward_batch_size)
+                   for n, m in ((reference, ref), (name, model))}  # is P still P off the RM's data?
+    metrics = {'policy': reference, 'reference': reference, 'advantage': advantage, 'reward': reward,
+               'seed': seed, 'eval_prompts': eval_prompts, 'iters': max_iters, 'calibration': calibration,
+               'seconds': round(time.time() - t_start, 1), 'eval': result, 'path': path.rows}
     save_checkpoint({'model': model.state_dict(), 'critic': critic.state_dict() if critic else None,
                      'model_args': dict(model.config.__dict__), 'config': config, 'vocab': vocab,
                      'iter_num': max_iters, 'metrics': json.loads(json.dumps(metrics)),
@@ -426,6 +394,6 @@ if __name__ == '__main__':
     path.save(out_dir, metrics, [f'{name}.json'])  # and the frontier of every run in out_dir, this one too
     print_frontier(curve, path.rows, result)
     print_samples(result, name)
-    print("the RM's P = sigmoid(r_i - r_j) against the labeler's on 64 prompts x 8 answers: " + ', '.join(
-          f"{n}'s answers ece {c['ece']:.3f}, prob_mae {c['prob_mae']:.3f}" for n, c in calibration.items()))
+    print("the RM's P against the labeler's, ece / prob_mae on 64 prompts x 8 answers: " + ', '.join(
+          f"of {n}'s {c['ece']:.3f} / {c['prob_mae']:.3f}" for n, c in calibration.items()))
     print(f"seconds {metrics['seconds']}")

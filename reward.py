@@ -1,31 +1,26 @@
 """
 reward.py: a Bradley-Terry reward model, learnt from the simulated labeler's choices. Step 2 of minibard.
 
-The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), with the human replaced by labeler.py;
-each step's reasons: docs/reward.md.
- 1. Prompts: the `prompt_len` characters before a speech starts (training text; held-out: the
-    validation text). K answers each from `policy` (sft.pt, as InstructGPT; gpt.pt for the road
-    without SFT), each a whole turn; the labeler chooses in all K(K-1)/2 pairs (a label costs
-    nothing here, an answer costs compute).
- 2. r(x, y): the policy's trunk plus a scalar head on every answer character, summed
-    (RewardModel). It sees prompts, answers and choices, never the gold g.
+The recipe (InstructGPT, Ouyang et al. 2022, section 3.5), the human replaced by labeler.py; the
+reasons: docs/reward.md.
+ 1. Prompts: the `prompt_len` characters before a speech starts (held-out: the validation text).
+    K whole-turn answers each from `policy` (sft.pt, as InstructGPT); the labeler chooses in all
+    K(K-1)/2 pairs (here a label is free, an answer costs compute).
+ 2. r(x, y): model.RewardModel on the policy's trunk; it sees prompts, answers and choices, never the gold g.
  3. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)) over the pairs of a prompt, its K answers in one
-    batch (InstructGPT eq. 1); `epochs` passes, lr decaying linearly to 0; bf16 matmuls where
-    the CPU has bf16 units.
+    batch (InstructGPT eq. 1); `epochs` passes, lr decaying linearly to 0.
  4. Early stopping on a dev set of training-text prompts, scored `evals` times.
- 5. Normalisation: the mean score of the policy's answers to held-out prompts is 0, so
+ 5. Normalisation: the policy's held-out answers score 0 on average, so
     sigmoid(r) = P(the labeler prefers this answer to a typical one of the policy).
- 6. A reference learner on the same pairs: bag-of-words features, the same loss, L2 chosen on
-    dev: beside the Bayes limit it tells a data limit from a learning gap.
- 7. Measured on held-out prompts with fresh choices (labeler.pair_metrics): val_acc, bayes_acc,
-    gold_acc, ece, prob_mae, bow_val_acc, bow_gold_acc, repeat_gain (what saying one positive
-    word 8 times instead of once adds, in RM stds; to gold: nothing).
+ 6. A reference learner: the same pairs and loss on bag-of-words features, L2 chosen on dev:
+    beside the Bayes limit it tells a data limit from a learning gap.
+ 7. Measured on held-out prompts with fresh choices (labeler.pair_metrics), and repeat_gain: what
+    saying one positive word 8 times instead of once adds, in RM stds (to gold: nothing).
 
 Run:  python reward.py              (after python sft.py; times and numbers: README)
       python reward.py --seed=1     (other prompts, answers and choices; the same sft.pt)
       python reward.py --policy=gpt.pt   (the road without SFT: answers of the pretrained GPT)
-Writes out/reward.pt (model, config, vocab, norm_bias, shapes, policy), out/reward.json and
-out/preferences.pt (the labelled answers of the train, dev and val prompts: what dpo.py trains on).
+Writes out/reward.pt, reward.json and preferences.pt (the labelled answers: what dpo.py trains on).
 """
 import copy
 import math
@@ -60,13 +55,13 @@ train_prompts = ByDevice(cpu=625, cuda=1250)  # in [1, inf): CPU: 20,000 answers
 dev_prompts = 40                # in [1, inf): training-text prompts: early stopping, BoW's L2
 val_prompts = 47                # in [1, inf): held-out prompts (validation text): 23,312 pairs
 tau = 1.0                       # in (0, inf): labeler noise: P(i > j) = sigmoid((g_i - g_j) / tau)
-temperature = 1.0               # in (0, inf): sampling temperature of the policy
+temperature = 1.0               # in (0, inf): the policy's sampling temperature
 gen_batch = 1024                # in [1, inf): sequences per generate() call
 prompts_per_batch = 1           # in [1, inf): prompts per step: K answers, K(K-1)/2 pairs
 learning_rate = 7e-4            # in (0, inf): AdamW, whole RM, linear decay to 0 (docs/log.md)
 epochs = 3                      # in [1, inf): passes over the pairs (why 3: docs/log.md)
 _bf16_units = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()  # private; absent: False
-_bf16 = 'bfloat16' if _bf16_units else 'float32'  # the CPU's fast dtype for the RM: bf16 units or not
+_bf16 = 'bfloat16' if _bf16_units else 'float32'  # the RM's faster CPU dtype
 dtype = ByDevice(cpu=_bf16, cuda='float32')  # in {'bfloat16', 'float32'}: on CPU, bf16 autocast or not
 evals = 2                       # in [1, inf): dev evaluations over the run; the best one is kept
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip (nanoGPT's name)
@@ -79,7 +74,7 @@ def pairwise_loss(r, prefs):
     """Bradley-Terry loss. r: (P, K) RM scores; prefs: (P, K(K-1)/2), 1 where y_i beat y_j.
 
     loss = -1/C(K,2) sum_{pairs} log sigmoid(r_w - r_l), averaged over prompts (InstructGPT eq. 1).
-    Returns (loss, accuracy of the sign of r_i - r_j against the labels)."""
+    Returns (loss, accuracy: the share of pairs where r_w > r_l)."""
     i, j = all_pairs(r.size(1))
     d = r[:, i] - r[:, j]  # (P, pairs): r_i - r_j
     margin = torch.where(prefs > 0.5, d, -d)  # r_w - r_l
@@ -92,14 +87,13 @@ class Preferences(NamedTuple):
     seqs: torch.Tensor     # (P, K, Tp + Ta) prompt and answer tokens, padded after each answer's end
     lengths: torch.Tensor  # (P, K) answer lengths
     g: torch.Tensor        # (P, K) gold scores (hidden from the RM)
-    prefs: torch.Tensor    # (P, K(K-1)/2) 1 where y_i was preferred to y_j (pairs of all_pairs)
+    prefs: torch.Tensor    # (P, K(K-1)/2) 1 where y_i beat y_j (pairs of all_pairs)
 
 
 def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, stop, tau, temperature, vocab,
                      cpu_gen, sample_gen, gen_batch=1024, on_progress=None):
-    """Prompts (speech starts of data), k answers each, gold scores and sampled labels of all
-    pairs of each prompt -> Preferences. cpu_gen draws prompts and labels, sample_gen (on the
-    model's device) the answers."""
+    """Prompts (speech starts of data), k answers each, their gold and sampled labels of all pairs
+    -> Preferences. cpu_gen draws prompts and labels, sample_gen (on the model's device) answers."""
     device = next(model.parameters()).device
     prompts = sample_prompts(data, starts, n_prompts, prompt_len, cpu_gen).to(device)  # (P, Tp)
     rep = prompts.repeat_interleave(k, dim=0)  # (P k, Tp)
@@ -114,23 +108,21 @@ def make_preferences(model, data, starts, n_prompts, k, prompt_len, max_len, sto
 
 @torch.no_grad()
 def evaluate_rm(rm, data, prompt_len, tau):
-    """rm on the Preferences `data`: its pairwise loss, pair_metrics, and the mean and std of its scores."""
-    P, k, _ = data.seqs.shape
-    r = rm_scores(rm, data.seqs.view(P * k, -1), prompt_len, data.lengths.flatten()).view(P, k).cpu()
+    """rm on the Preferences `data`: pairwise loss, pair_metrics, the mean and std of its scores."""
+    r = rm_scores(rm, data.seqs.flatten(0, 1), prompt_len, data.lengths.flatten()).view_as(data.g).cpu()
     return {'loss': pairwise_loss(r, data.prefs)[0].item(), **pair_metrics(r, data.g, data.prefs, tau),
             'mean_reward': r.mean().item(), 'std_reward': r.std().item()}
 
 
 def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_batch, evals, grad_clip,
                        generator, log=print, log_interval=50, dtype='float32'):
-    """Fit rm to the Preferences `train`: pairwise loss, AdamW, lr decaying linearly to 0, the forward
-    under bf16 autocast if dtype is 'bfloat16'. `evals` times (the last at the end) the RM is scored
-    on the Preferences `dev` in fp32, and it keeps the state of lowest dev loss (early stopping).
-    Returns [(step, dev metrics)]. A NaN loss raises FloatingPointError."""
+    """Fit rm to the Preferences `train`; `evals` times (the last at the end) score it on `dev` in
+    fp32 and keep the state of lowest dev loss. Returns [(step, dev metrics)]; a NaN loss raises
+    FloatingPointError."""
     P, k, T = train.seqs.shape
     device = next(rm.parameters()).device
-    chunk = 8 if dtype == 'float32' and device.type == 'cpu' else 32  # answers a forward: on 2 fp32 CPU
-    # cores 8 stay in the cache; bf16 and the GPU win with fewer, bigger calls
+    # answers a forward: on 2 fp32 CPU cores 8 stay in the cache; bf16 and GPUs win with bigger calls
+    chunk = 8 if dtype == 'float32' and device.type == 'cpu' else 32
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, epochs * (P // prompts_per_batch))
     eval_at = {round(steps * (e + 1) / evals) for e in range(evals)}
@@ -156,17 +148,17 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
             r = rm_scores(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
         loss, acc = pairwise_loss(r.view(len(b), k), train.prefs[b].to(device))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'reward model loss is {loss.item()} at step {step}')
+        lossf = loss.item()
+        if not math.isfinite(lossf):
+            raise FloatingPointError(f'reward model loss is {lossf} at step {step}')
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         opt.step()
-        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        run_loss = lossf if run_loss is None else 0.95 * run_loss + 0.05 * lossf
         if step % log_interval == 0:
             log(f'iter {share_done(step, steps)}: loss {run_loss:.4f}, acc {acc.item():.3f}, '
-                f'lr {lr_now:.2e}, '
-                f'{eta(step, steps, t0)}')
+                f'lr {lr_now:.2e}, {eta(step, steps, t0)}')
     rm.load_state_dict(best[1])
     rm.eval()
     return history
@@ -174,8 +166,8 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
 
 # ------------------------------------------------------------------ the reference learner
 def bow_features(texts, index):
-    """Word presence as EmbeddingBag input: ids (sum of words per text,) and offsets (N,).
-    Each word of `index` found in a text counts once, as the labeler counts it."""
+    """Word presence as EmbeddingBag input: ids (sum of words per text,), offsets (N,). A word of
+    `index` counts once per text, as the labeler counts it."""
     ids, offsets = [], []
     for t in texts:
         offsets.append(len(ids))
@@ -190,8 +182,8 @@ def bow_scores(theta, features):
 
 
 def fit_bow(features, prefs, n_words, l2):
-    """The same Bradley-Terry loss on word-presence features, plus l2 ||theta||^2, fitted to
-    convergence by full-batch L-BFGS (convex, so the optimum is found). prefs (P, K(K-1)/2)."""
+    """The Bradley-Terry loss on word presence plus l2 ||theta||^2, minimised by full-batch L-BFGS
+    (convex: it finds the optimum). prefs (P, K(K-1)/2)."""
     theta = torch.zeros(n_words, requires_grad=True)
     opt = torch.optim.LBFGS([theta], max_iter=500, history_size=20, line_search_fn='strong_wolfe')
     k = int(round((1 + math.sqrt(1 + 8 * prefs.size(1))) / 2))  # K from K(K-1)/2
@@ -206,9 +198,8 @@ def fit_bow(features, prefs, n_words, l2):
 
 
 def bow_reference(texts, sets, tau, l2_grid=(1e-4, 3e-4, 1e-3, 3e-3)):
-    """Fit the bag-of-words learner on texts['train'] with each l2 of the grid, keep the one
-    with the lowest dev loss, return its metrics on val. texts: name -> answers (list of str),
-    sets: name -> Preferences."""
+    """The learner fitted on texts['train'] with the l2 of the grid of lowest dev loss: its metrics
+    on val. texts: name -> answers (list of str), sets: name -> Preferences."""
     index = {w: n for n, w in enumerate(sorted({w for t in texts['train'] for w in words(t)}))}
     feats = {name: bow_features(texts[name], index) for name in texts}
     best = None
@@ -249,7 +240,8 @@ if __name__ == '__main__':
     t_start = time.time()
     prepare_out_dir(out_dir, 'reward')
     budget = epochs * train_prompts * K * (K - 1) // 2  # labelled pairs the RM trains on
-    refuse_to_replace(os.path.join(out_dir, 'reward.pt'), budget, 'labelled pairs')
+    rm_path = os.path.join(out_dir, 'reward.pt')
+    refuse_to_replace(rm_path, budget, 'labelled pairs')
     torch.manual_seed(seed)
     policy_path = os.path.join(out_dir, policy)
     model, vocab, _ = load_gpt(policy_path, device=device, stale_ok=allow_stale)
@@ -269,7 +261,7 @@ if __name__ == '__main__':
             for name, data, starts, n in [('train', train_data, train_starts, train_prompts),
                                           ('dev', train_data, train_starts, dev_prompts),
                                           ('val', val_data, val_starts, val_prompts)]}
-    answers = {name: (s.seqs.view(-1, s.seqs.size(-1))[:, prompt_len:], s.lengths.flatten())
+    answers = {name: (s.seqs.flatten(0, 1)[:, prompt_len:], s.lengths.flatten())
                for name, s in sets.items()}  # (P K, Ta), (P K,)
     train = sets['train']
     print(f"{time.time() - t_start:.1f}s: {train.prefs.numel()} train, {sets['dev'].prefs.numel()} dev, "
@@ -279,11 +271,10 @@ if __name__ == '__main__':
 
     labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
     save_checkpoint({'policy': policy, 'vocab': vocab, 'prompt_len': prompt_len, 'seed': seed, 'tau': tau,
-                     'max_answer_len': max_answer_len, 'made_from': made_from(policy_path),
-                     **labelled},  # for dpo.py, which never reads g
-                    os.path.join(out_dir, 'preferences.pt'))
+                     'max_answer_len': max_answer_len, 'made_from': made_from(policy_path), **labelled},
+                    os.path.join(out_dir, 'preferences.pt'))  # for dpo.py, which never reads g
 
-    # the reference learner: bag of words on the same pairs
+    # the reference learner on the same pairs
     texts = {name: answer_texts(*answers[name], vocab) for name in sets}
     bow = bow_reference(texts, sets, tau)
     print(f"{time.time() - t_start:.1f}s: bag of words ({bow['bow_words']} words, l2 {bow['bow_l2']}): "
@@ -310,16 +301,14 @@ if __name__ == '__main__':
                                rm.trunk.config.block_size - rm.context)
     gain = (reps[8] - reps[1]) / metrics['std_reward'] if n_rep and metrics['std_reward'] > 0 else None
     metrics = {'policy': policy, 'pairs_train': train.prefs.numel(), 'pairs_val': metrics.pop('pairs'),
-               **metrics, **bow,
-               'answer_len': sets['val'].lengths.float().mean().item(),
+               **metrics, **bow, 'answer_len': sets['val'].lengths.float().mean().item(),
                'ended': ends_turn(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
                'repeat_rewards': {str(n): round(r, 4) for n, r in reps.items()}, 'repeat_gain': gain,
                'norm_bias': norm_bias, 'seconds': round(time.time() - t_start, 1)}
     save_checkpoint({'model': rm.state_dict(), 'model_args': args, 'config': config, 'vocab': vocab,
                      'norm_bias': norm_bias, 'prompt_len': prompt_len, 'max_answer_len': max_answer_len,
                      'rm_context': rm_context, 'policy': policy, 'metrics': metrics, 'budget': budget,
-                     'made_from': made_from(policy_path)},
-                    os.path.join(out_dir, 'reward.pt'))
+                     'made_from': made_from(policy_path)}, rm_path)
     write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
                os.path.join(out_dir, 'reward.json'))
     print_report(metrics, val_prompts, K, reps, n_rep)

@@ -1,23 +1,21 @@
 r"""
 sample.py: talk to the bard. Step 4 of minibard: ask, read, compare.
 
-Every answer comes with its reward-model score r and P = sigmoid(r). The RM is normalised so
-that answers of the policy it learnt from (the SFT model; the pretrained one on the road without
-SFT) score 0 on average, so by Bradley-Terry P reads: "the probability the labeler prefers this
-answer to a typical answer of that policy" (0.5 = as good as it).
-P is calibrated for what the RM was trained on, whole turns of up to max_answer_len characters
-(see ece in out/reward.json). Longer text is scored over the last window the RM can read, and
-the output says so. In both chat modes an answer that runs into that limit is shown to its last
-whole line or sentence (data.trim_to_whole), and P is the RM's on exactly what is shown.
+Every answer comes with its reward-model score r and P = sigmoid(r). The RM scores answers of the
+policy it learnt from (SFT; the pretrained model on the road without it) 0 on average, so by
+Bradley-Terry P = P(the labeler prefers this answer to a typical one of that policy). P is calibrated
+on whole turns of up to max_answer_len characters (ece in out/reward.json): a chat answer cut there
+is shown to its last whole line or sentence and scored as shown; longer samples are scored over the
+last window the RM reads, with a note.
 
 Run:
-    python sample.py                                  # 3 continuations of --start, each with P
+    python sample.py                # 3 continuations of --start, each with P
     python sample.py --start='ROMEO:\nO gentle' --best_of=16   # keep the RM's favourite of 16
     python sample.py --start=FILE:prompt.txt --ckpt=gpt --max_new_tokens=500   # any length
-    python sample.py --mode=chat                      # you speak as ROMEO, the bard answers as JULIET
+    python sample.py --mode=chat    # you speak as ROMEO, the bard answers as JULIET
     echo 'What light through yonder window breaks?' | python sample.py --mode=chat
-    python sample.py --mode=web                       # the chat in a browser, at http://127.0.0.1:8000/
-    python sample.py --mode=eval                      # ppo.py's gold-vs-KL frontier again -> out/eval.json
+    python sample.py --mode=web     # the chat in a browser, at http://127.0.0.1:8000/
+    python sample.py --mode=eval    # ppo.py's gold-vs-KL frontier again -> out/eval.json
 """
 import json
 import os
@@ -41,7 +39,7 @@ from plumbing import MinibardError, die, prepare_out_dir, progress, write_json
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...; sizes follow it
 out_dir = 'out'
 data_path = 'input.txt'         # eval mode: held-out prompts come from its validation part
-ckpt = 'ppo'                    # 'ppo', 'sft', 'gpt', or a path to any checkpoint; ppo falls back to sft, gpt
+ckpt = 'ppo'                    # 'ppo', 'sft', 'gpt', ... or a path; ppo falls back to sft, then gpt
 mode = 'sample'                 # in {'sample', 'chat', 'web', 'eval'}: web: the chat as a local page
 start = '\n'                    # sample mode's prompt, or 'FILE:path' to read it from a file
 num_samples = 3                 # in [1, 1000]: continuations printed in sample mode
@@ -51,7 +49,7 @@ top_k = None                    # int in [1, inf) or None: only the k likeliest 
 best_of = 1                     # in [1, 4096]: draw n answers, keep the RM's favourite (1 = plain sampling)
 seed = 1337                     # in [0, inf)
 you = 'ROMEO'                   # chat: the character you speak as
-bard = 'JULIET'                 # chat: the character the model answers as; a whole turn each time
+bard = 'JULIET'                 # chat: the character the model answers as, a whole turn each time
 host = '127.0.0.1'              # web: the address to listen on (127.0.0.1: this machine only)
 port = 8000                     # in [0, 65535]: web: the port (0: any free one)
 allow_stale = False             # go on with checkpoints made from older ones than those there now
@@ -59,8 +57,8 @@ allow_stale = False             # go on with checkpoints made from older ones th
 
 
 def checkpoint_path(name, out_dir):
-    """A stage's name ('ppo', 'sft', 'dpo', 'rloo', ...) -> out_dir/<name>.pt, or a path as it is. A
-    missing ppo.pt falls back to the policy before it, sft.pt, then gpt.pt, with a note."""
+    """'ppo', 'sft', 'rloo', ... -> out_dir/<name>.pt, a path as it is; a missing ppo.pt falls back to
+    sft.pt, then gpt.pt, with a note."""
     if not name.isidentifier():
         return name
     path = os.path.join(out_dir, f'{name}.pt')
@@ -74,8 +72,8 @@ def checkpoint_path(name, out_dir):
 
 def continuations(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_of=1, temperature=1.0,
                   top_k=None):
-    """n_answers continuations of one prompt string, each the RM's favourite of best_of, ended by
-    the tokens `stop` (None: run to max_len): [(text, RM score r, P)]. Many answers: progress lines."""
+    """n_answers continuations of `prompt`, each the RM's favourite of best_of, ended by the tokens
+    `stop` (None: at max_len): [(text, RM score r, P)]."""
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(n_answers, 1)  # (n, T)
     total = n_answers * best_of
@@ -87,10 +85,8 @@ def continuations(model, rm, vocab, prompt, n_answers, max_len, stop, gen, best_
 
 
 def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperature=1.0, top_k=None):
-    """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: best_of
-    answers drawn, each ended where its turn ends (end_of_turn) and shown whole (data.trim_to_whole), each
-    scored by the RM on exactly what is shown, as a turn of the scene (the text, then the blank
-    line); the favourite is kept. -> {'answer', 'p', 'rm' (its RM score r), 'seconds', 'cut', 'note'}."""
+    """The bard's next turn after `turns` [(speaker, line)], as both chat modes show it: the RM's
+    favourite of best_of answers. -> {'answer', 'p', 'rm', 'seconds', 'cut', 'note'}."""
     t0, dev = time.time(), next(model.parameters()).device
     prompt = format_chat(turns, bard, model.config.block_size - max_len - len(END_OF_TURN))
     ids = torch.tensor([encode(prompt, vocab)], device=dev).repeat(best_of, 1)  # (n, Tp)
@@ -105,11 +101,10 @@ def reply(model, rm, vocab, turns, bard, max_len, stop, gen, best_of=1, temperat
         r = rm_scores(rm, torch.cat([ids, said], 1), ids.size(1), n).tolist()  # (n,) on what is shown
     best = max([i for i, (text, _) in enumerate(shown) if text.strip()] or [0], key=lambda i: r[i])
     (text, how), (drawn_text, finished) = shown[best], drawn[best]
-    cut = not finished
-    note = '' if not cut else f'cut at {max_len} characters' + (
+    note = '' if finished else f'cut at {max_len} characters' + (
         f', shown to its last whole {how} ({len(text)} of {len(drawn_text)})' if how != 'none' else '')
     return {'answer': text, 'p': torch.sigmoid(torch.tensor(r[best])).item(), 'rm': r[best],
-            'seconds': round(time.time() - t0, 3), 'cut': cut, 'note': note}
+            'seconds': round(time.time() - t0, 3), 'cut': not finished, 'note': note}
 
 
 # ------------------------------------------------------------------ the chat as a local web page
@@ -118,16 +113,15 @@ PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html'
 
 
 class BadRequest(Exception):
-    """A request the page (or anyone) sent that cannot be answered: its HTTP status and one line."""
+    """A request that cannot be answered: its HTTP status and one line."""
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
 
 
 def read_chat_request(body, vocab, you, bard):
-    """POST /chat's JSON body {"history": [{"who": "you" | "bard", "text": ...}, ...], "line": ...,
-    "best_of": n} -> (turns [(speaker, text)], the line as the bard reads it, best_of, note), or
-    BadRequest. Characters the bard does not know are left out, with a note, as in chat mode."""
+    """POST /chat's body {"history": [{"who": "you" | "bard", "text": ...}, ...], "line": ..., "best_of": n}
+    -> (turns, the line as the bard reads it, best_of, note), or BadRequest."""
     try:
         request = json.loads(body.decode('utf-8'))
     except (UnicodeDecodeError, ValueError, RecursionError):  # (RecursionError: nested too deep)
@@ -157,24 +151,20 @@ def read_chat_request(body, vocab, you, bard):
 
 def make_server(host, port, chat, vocab, you, bard, model='the model', typical='the policy', quiet=False,
                 wait=10):
-    """A threading HTTP server for the chat: GET / the page, POST /chat an answer (chat(turns,
-    best_of) -> reply()'s dict). One answer at a time (a lock: one model, one generator); the page
-    keeps the scene, so the server holds nothing between requests. Nothing is read from disk. The
-    page names the model and the policy P compares with (`typical`); names go in as JSON, '<' escaped.
-    Every request it reads gets a status and one line; a request's Host must name this machine's
-    loopback (or `host`), so that no page elsewhere can drive it through DNS rebinding. Each request
-    is logged in one line to stderr unless quiet."""
-    lock = threading.Lock()
+    """The chat's server: GET / the page (naming the model and `typical`, the policy P compares with),
+    POST /chat an answer, chat(turns, best_of) -> reply()'s dict. The page keeps the scene. Every
+    request it reads gets a status and one JSON line."""
+    lock = threading.Lock()  # one answer at a time: one model, one generator
     names = json.dumps({'you': you, 'bard': bard, 'model': model, 'typical': typical}).replace('<', '\\u003c')
     with open(PAGE_PATH, encoding='utf-8') as f:
         page = f.read().replace('NAMES_JSON', names)  # all inline: nothing is fetched
     hosts = None if host in ('', '0.0.0.0', '::') else {'127.0.0.1', 'localhost', '::1', host.lower()}
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = wait  # seconds a request may take to arrive: a client that stops sending frees its thread
+        timeout = wait  # seconds a request may take: a client that stops sending frees its thread
 
         def send(self, status, body, kind='application/json'):
-            data = body.encode('utf-8') if isinstance(body, str) else json.dumps(body).encode('utf-8')
+            data = (body if isinstance(body, str) else json.dumps(body)).encode('utf-8')
             self.send_response(status)
             self.send_header('Content-Type', f'{kind}; charset=utf-8')
             self.send_header('Content-Length', str(len(data)))
@@ -245,9 +235,11 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = not_allowed
 
         def log_message(self, fmt, *args):  # one short line a request
-            if not quiet:
-                what = f'{self.command} {getattr(self, "path", "")[:40]}' if self.command else 'unreadable request'
-                print(f'{what} {args[1] if len(args) > 1 else ""}', file=sys.stderr)
+            if quiet:
+                return
+            path = getattr(self, 'path', '')[:40]
+            what = f'{self.command} {path}' if self.command else 'unreadable request'
+            print(f'{what} {args[1] if len(args) > 1 else ""}', file=sys.stderr)
 
     try:
         server = ThreadingHTTPServer((host, port), Handler)
@@ -259,25 +251,27 @@ def make_server(host, port, chat, vocab, you, bard, model='the model', typical='
 
 
 if __name__ == '__main__':
-    config = configure(globals(), sys.argv[1:])  # each option against its rule
+    configure(globals(), sys.argv[1:])
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
     if mode == 'eval' and best_of != 1:
         die(f"--best_of={best_of} is for sample and chat modes: eval mode measures best-of-n for every n "
             f"up to ppo.py's --best_of_max")
     if mode == 'sample' and num_samples * best_of > 65536:
-        die(f'--num_samples={num_samples} x --best_of={best_of} is {num_samples * best_of:,} answers: at most '
-            '65,536 at once')
+        die(f'--num_samples={num_samples} x --best_of={best_of} is {num_samples * best_of:,} answers: '
+            'at most 65,536 at once')
     path = checkpoint_path(ckpt, out_dir)
     model, vocab, checkpoint, rm, rm_checkpoint = load_policy_and_rm(path, os.path.join(out_dir, 'reward.pt'),
                                                                      device, allow_stale)
     max_answer_len = rm_checkpoint['max_answer_len']  # the turns the RM was calibrated on
-    labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')  # whose answers score 0 on average
+    labelled = rm_checkpoint.get('policy', 'gpt.pt').removesuffix('.pt')  # its answers score 0 on average
     max_new_tokens = max_new_tokens or max_answer_len
 
     stop = encode(END_OF_TURN, vocab)  # where a turn ends: chat and web modes
     if mode in ('chat', 'web'):
         encode(you + bard, vocab)  # names any character the model lacks
+        chat = lambda turns, n: reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, n,
+                                      temperature, top_k)
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
         run = checkpoint.get('metrics', {}).get('eval', {})
         if 'dpo' in run:
@@ -286,24 +280,21 @@ if __name__ == '__main__':
         if 'best_of_n' not in run:
             die(f'eval mode measures a run of ppo.py again (PPO, or --advantage=rloo or grpo): {path} is '
                 'not one; run python ppo.py first')
-        prepare_out_dir(out_dir, 'eval')  # eval.json goes there
-        t0 = time.time()
-        c = checkpoint['config']
-        reference = c.get('reference', 'gpt.pt')  # the policy PPO started from
-        ref, _, _ = load_gpt(os.path.join(out_dir, reference), device=device)
+        prepare_out_dir(out_dir, 'eval')
+        t0, c = time.time(), checkpoint['config']
+        ref = load_gpt(os.path.join(out_dir, c.get('reference', 'gpt.pt')), device=device)[0]  # PPO's start
         _, val_data, _ = load_splits(data_path, vocab)
         held_out = held_out_prompts(val_data, vocab, c['eval_prompts'], c['prompt_len'], c['seed'], device)
+        answers = (held_out, vocab, c['max_answer_len'], c['stop'], c['temperature'])  # as ppo.py drew them
         print(f"best-of-n, n = 1..{c['best_of_max']}, on {c['eval_prompts']} held-out prompts ...")
-        curve, samples = best_of_n_frontier(ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
-                                            c['temperature'], c['best_of_max'], c['seed'], log=print)
+        curve, samples = best_of_n_frontier(ref, rm, *answers, c['best_of_max'], c['seed'], log=print)
         print(f"{time.time() - t0:.1f}s: the PPO policy, {c['eval_samples']} answers per prompt ...")
-        method = checkpoint['metrics']['path'][-1]['method']  # ppo, rloo or grpo
-        final, ppo_samples = policy_point(model, ref, rm, held_out, vocab, c['max_answer_len'], c['stop'],
-                                          c['temperature'], c['eval_samples'], c['seed'], c['max_iters'],
-                                          method=method)
+        *earlier, last = checkpoint['metrics']['path']
+        method = last['method']  # ppo, rloo or grpo
+        final, ppo_samples = policy_point(model, ref, rm, *answers, c['eval_samples'], c['seed'],
+                                          c['max_iters'], method=method)
         result = eval_result(curve, final, samples, ppo_samples, held_out, vocab)
         write_json(result, os.path.join(out_dir, 'eval.json'))
-        earlier = checkpoint['metrics']['path'][:-1]
         print_frontier(curve, earlier + [final], result)
         print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
@@ -331,7 +322,7 @@ if __name__ == '__main__':
             print(f'--- rm {r:+.3f}, P(preferred to a typical {labelled} answer) = {p:.3f}' +
                   (f' (best of {best_of})' if best_of > 1 else ''))
 
-    elif mode == 'chat':  # a whole turn each time, up to the blank line (or max_answer_len characters)
+    elif mode == 'chat':
         turns = []
         sys.stdin.reconfigure(errors='replace')  # a byte that is no UTF-8: a character the bard drops
         print(f'You are {you}; {bard} answers. An empty line, Ctrl-D or Ctrl-C ends the scene.',
@@ -344,7 +335,7 @@ if __name__ == '__main__':
                 break
             if not sys.stdin.isatty():  # piped: show the line, as a terminal would
                 print(line)
-            if not line.strip():  # an empty line ends the scene
+            if not line.strip():
                 break
             line, dropped = clean(line.strip(), vocab)
             if dropped:
@@ -352,14 +343,12 @@ if __name__ == '__main__':
             if not line:  # nothing the bard can read: ask again
                 continue
             turns.append((you, line))
-            a = reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, best_of, temperature, top_k)
+            a = chat(turns, best_of)
             turns.append((bard, a['answer']))
             print(f"{bard}: {a['answer']}\n   [P = {a['p']:.2f}, rm {a['rm']:+.2f}, "
                   f"{a['seconds']:.1f} s" + (f", {a['note']}" if a['note'] else '') + ']')
 
-    else:  # web: the same chat as a local page; the page keeps the scene and sends it each time
-        chat = lambda turns, n: reply(model, rm, vocab, turns, bard, max_answer_len, stop, gen, n,
-                                      temperature, top_k)
+    else:  # web: the same chat as a local page, which keeps the scene and sends it each time
         typical = {'sft': 'the SFT model', 'gpt': 'the pretrained model'}.get(labelled, labelled)
         server = make_server(host, port, chat, vocab, you, bard, os.path.basename(path), typical)
         if host not in ('127.0.0.1', 'localhost', '::1'):

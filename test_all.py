@@ -33,10 +33,12 @@ import torch.nn.functional as F
 import plumbing
 import ppo
 from configurator import ByDevice, check_option, configure, resolve_defaults
-from conftest import CHAT_LINES, HERE, TINY, TINY_GPT, VOCAB, StubRM, copy_ckpts, run, save_tiny, tiny_model
+from conftest import (CHAT_LINES, HERE, TINY, TINY_EI, TINY_GPT, VOCAB, StubRM, copy_ckpts, run, save_tiny,
+                      tiny_model)
 from data import (TAG, answer_mask, decode, encode, end_of_turn, format_chat, load_splits, load_text,
-                  trim_to_whole)
+                  trim_to_whole, whiten)
 from dpo import answer_logprobs, dpo_loss
+from expert_iteration import fine_tune, keep_best
 from frontier import best_of_n, best_of_n_curve, gold_at_kl, measure_policy
 from gpt import get_lr, split_loss, start_processes
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
@@ -44,7 +46,7 @@ from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, loa
                    token_logprobs)
 from plumbing import MinibardError, cached, load_checkpoint, prepare_out_dir, read_json, save_checkpoint, write_json
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
-                 per_token_rewards, ppo_losses, train as ppo_train, whiten)
+                 per_token_rewards, ppo_losses, train as ppo_train)
 from reward import (Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss,
                     train_reward_model)
 from sample import make_server, reply
@@ -53,9 +55,10 @@ from sft import copy_rate, demonstrations, sft_loss
 
 # ================================================ the house: which file imports which
 HOUSE = ['plumbing', 'configurator', 'data', 'model', 'labeler', 'frontier',  # in DESIGN.md's order
-         'gpt', 'sft', 'reward', 'ppo', 'dpo', 'sample']
-STEPS = {'gpt', 'sft', 'reward', 'ppo', 'dpo', 'sample'}
-STEP_IMPORTS = {('dpo', 'reward'): {'pairwise_loss'}}  # DPO is reward.py's Bradley-Terry loss on log-ratios
+         'gpt', 'sft', 'reward', 'ppo', 'dpo', 'expert_iteration', 'sample']
+STEPS = {'gpt', 'sft', 'reward', 'ppo', 'dpo', 'expert_iteration', 'sample'}
+STEP_IMPORTS = {('dpo', 'reward'): {'pairwise_loss'},  # DPO is reward.py's Bradley-Terry loss on log-ratios
+                ('expert_iteration', 'sft'): {'sft_loss'}}  # expert iteration: SFT on the RM's picks
 
 
 def project_imports(module):
@@ -949,6 +952,130 @@ def test_dpo_loss_by_hand_and_log_2_at_the_reference():
     assert torch.allclose(answer_logprobs(model, seqs, lengths, Tp), torch.stack(hand), atol=1e-5)
 
 
+# ============================================================== expert_iteration.py
+def test_expert_iteration_keeps_each_prompts_best_answer_above_the_threshold():
+    """keep_best against a naive loop over each prompt's n answers, scored by hand as StubRM scores
+    them: the RM's favourite (the first of equals) after its own prompt, kept only where its score
+    is above the threshold (none: every prompt's)."""
+    model, Tp, n, P = tiny_model(), 4, 6, 9
+    prompts = torch.randint(0, 65, (P, Tp), generator=torch.Generator().manual_seed(0))
+    stop = [VOCAB.index('e')]  # answers end at their first 'e'
+    *_, y, lengths, r = best_of_n(model, StubRM(), prompts, n, 6, stop, 1.0,
+                                  torch.Generator().manual_seed(0))  # (P, n, Ta), (P, n), (P, n)
+    hand = [[prompts[p, -1].item() + 0.01 * y[p, k, lengths[p, k] - 1].item() + 1e-3 * lengths[p, k].item()
+             for k in range(n)] for p in range(P)]
+    favourite = []
+    for p in range(P):
+        best = 0
+        for k in range(1, n):
+            if hand[p][k] > hand[p][best] + 1e-6:
+                best = k
+        favourite.append(best)
+    middle = sorted(hand[p][favourite[p]] for p in range(P))[P // 2]
+    for threshold in (None, middle):
+        seqs, kept_lengths, kept_scores = keep_best(prompts, y, lengths, r, threshold)
+        expected = [p for p in range(P) if threshold is None or hand[p][favourite[p]] > threshold]
+        assert len(seqs) == len(kept_lengths) == len(kept_scores) == len(expected) > 0
+        for row, p in enumerate(expected):
+            k = favourite[p]
+            assert torch.equal(seqs[row], torch.cat([prompts[p], y[p, k]]))
+            assert kept_lengths[row] == lengths[p, k]
+            assert abs(kept_scores[row].item() - hand[p][k]) < 1e-4
+    assert len(expected) < P  # (the threshold left some out)
+
+
+def test_a_round_with_n_1_is_self_distillation_and_barely_moves_the_policy():
+    """n = 1 keeps every answer the policy sampled, whatever the RM says: a round trains the policy
+    on its own samples, and its exact KL to the start stays near 0. The same round on the best of 8
+    moves it many times as far: what moves the policy is the RM's pick (answers of one character,
+    which StubRM prefers late in the vocabulary)."""
+    prompts = torch.randint(0, 65, (512, 4), generator=torch.Generator().manual_seed(0))
+    held_out = torch.randint(0, 65, (32, 4), generator=torch.Generator().manual_seed(1))
+    stop, kl = [0], {}
+    for n in (1, 8):
+        start, model = tiny_model(1), tiny_model(1)
+        *_, y, lengths, r = best_of_n(model, StubRM(), prompts, n, 1, stop, 1.0,
+                                      torch.Generator().manual_seed(0))  # answers of one character
+        seqs, kept_lengths, _ = keep_best(prompts, y, lengths, r, None)
+        if n == 1:  # the plain samples of the policy, as generate() draws them
+            assert torch.equal(seqs, model.generate(prompts, 1, generator=torch.Generator().manual_seed(0),
+                                                    stop=stop)[0])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        losses = fine_tune(model, opt, seqs, kept_lengths, 4, 16, 128, 1.0, torch.Generator().manual_seed(0))
+        assert len(losses) == 16 and all(map(math.isfinite, losses))
+        kl[n] = measure_policy(model, start, held_out, VOCAB, 1, stop, 1.0, 4, seed=0)[2]['kl'].mean().item()
+    assert 0 < kl[1] < 0.06 and kl[8] > 5 * kl[1], kl
+
+
+def test_expert_iteration_trains_on_the_answer_characters_only():
+    """fine_tune's first loss (one batch of every kept answer, before the step) is the mean of -log pi
+    over the answer characters by hand, not over the prompt's or the padding's; other padding after
+    the answers gives the same loss and the same step; another answer character, another loss."""
+    model, Tp = tiny_model(1), 4
+    seqs = torch.randint(0, 65, (3, Tp + 6), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([6, 2, 4])
+
+    def first_step(seqs):  # -> (the first loss, the model after one step)
+        m = tiny_model(1)  # the same weights as model
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+        return fine_tune(m, opt, seqs, lengths, Tp, 1, 8, 1.0, torch.Generator().manual_seed(0))[0], m
+
+    logp = F.log_softmax(model(seqs)[0], -1)
+    term = lambda b, t: -logp[b, t - 1, seqs[b, t]].item()  # -log pi(x_t | x_<t)
+    answers = [term(b, Tp + t) for b in range(3) for t in range(lengths[b])]
+    prompt = [term(b, t) for b in range(3) for t in range(1, Tp)]
+    padding = [term(b, Tp + t) for b in range(3) for t in range(lengths[b], 6)]
+    loss, stepped = first_step(seqs)
+    assert abs(loss - sum(answers) / 12) < 1e-5
+    assert abs(loss - sum(answers + prompt) / (12 + 3 * (Tp - 1))) > 1e-3  # (were the prompt counted)
+    assert abs(loss - sum(answers + padding) / 18) > 1e-3  # (were the padding counted)
+    padded = seqs.clone()
+    padded[1, Tp + 2:], padded[2, Tp + 4:] = 7, 9  # other padding
+    loss2, stepped2 = first_step(padded)
+    assert abs(loss2 - loss) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stepped.parameters(), stepped2.parameters()))
+    changed = seqs.clone()
+    changed[1, Tp + 1] = (changed[1, Tp + 1] + 1) % 65  # an answer character
+    assert abs(first_step(changed)[0] - loss) > 1e-4
+
+
+def test_expert_iteration_stage_puts_its_rounds_on_the_frontier(runs):
+    """A tiny run beside PPO's: exit 0, its json with a path of rounds + 1 points from the reference
+    (KL 0), the checkpoint a GPT that loads and moved, and its points in that folder's frontier.csv."""
+    code, log = runs['roads_ei']
+    assert code == 0 and 'Traceback' not in log, log
+    d = runs.dirs['roads_ei']
+    m = json.load(open(os.path.join(d, 'expert_iteration.json')))
+    assert m['rounds'] == 2 and m['policy'] == m['reference'] == 'sft.pt' and m['n'] == 4
+    assert [r['step'] for r in m['path']] == [0, 1, 2]
+    assert {r['method'] for r in m['path']} == {'expert_iteration'}
+    assert m['path'][0]['kl'] == 0 and all(r['kl'] > 0 for r in m['path'][1:])
+    assert m['eval']['expert_iteration']['gold'] == m['path'][-1]['gold']
+    assert [k['kept'] for k in m['kept']] == [8, 8] and all(k['rm_kept'] >= k['rm_all'] for k in m['kept'])
+    assert 'round 2/2 (100%): kept 8/8' in log and 'eval 2: gold' in log and 'seconds ' in log
+    model, _, ck = load_gpt(os.path.join(d, 'expert_iteration.pt'))
+    sft, _, _ = load_gpt(os.path.join(d, 'sft.pt'))
+    assert ck['iter_num'] == 2 and ck['budget'] == 2 * 3 * 4  # rounds x steps x batch
+    assert set(ck['made_from']) == {'sft.pt', 'reward.pt'}
+    assert ck['metrics']['path'] == m['path'] and ck['model_args']['dropout'] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), sft.state_dict().values()))
+    rows = list(csv.DictReader(open(os.path.join(d, 'frontier.csv'))))
+    assert sum(r['method'] == 'expert_iteration' for r in rows) == 3
+
+
+def test_expert_iteration_stops_on_a_nan_loss_without_overwriting(runs, run_here, tmp_path):
+    """A diverged fine-tuning (lr 1e30): one `error:` line naming the step and the option, and the
+    checkpoint and json a run wrote before as they were."""
+    assert runs['roads_ei'][0] == 0
+    d = copy_ckpts(runs.dirs['roads_ei'], tmp_path, 'sft.pt', 'reward.pt', 'expert_iteration.pt',
+                   'expert_iteration.json')
+    before = {f: open(os.path.join(d, f), 'rb').read() for f in os.listdir(d)}
+    code, log = run_here('expert_iteration.py', f'--out_dir={d}', *TINY_EI, '--learning_rate=1e30')
+    assert_one_clear_line(code, log, 'loss is nan at step', 'of round 1', 'was not written',
+                          '--learning_rate')
+    assert {f: open(os.path.join(d, f), 'rb').read() for f in before} == before
+
+
 # ======================================================================== sample.py
 def chat_models():
     """A tiny GPT that can hold a short scene and a reward model on its trunk (random head)."""
@@ -1173,9 +1300,9 @@ def test_ppo_stage_writes_log_and_eval(runs):
 
 
 def test_every_road_on_one_frontier(runs, run_here):
-    """PPO, the RLOO group baseline and DPO from one reference, side by side: each its own files,
-    and one frontier.csv with a method column, drawn by python frontier.py."""
-    for name in ['ppo_again', 'roads_rloo', 'roads_dpo']:
+    """PPO, the RLOO group baseline, DPO and expert iteration from one reference, side by side: each its
+    own files, and one frontier.csv with a method column, drawn by python frontier.py."""
+    for name in ['ppo_again', 'roads_rloo', 'roads_dpo', 'roads_ei']:
         assert runs[name][0] == 0 and 'Traceback' not in runs[name][1], runs[name][1]
     d = runs.dirs['ppo_again']
     code, out = run_here('frontier.py', f'--out_dir={d}')
@@ -1194,9 +1321,10 @@ def test_every_road_on_one_frontier(runs, run_here):
     assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
     rows = list(csv.DictReader(open(os.path.join(d, 'frontier.csv'))))
     methods = [r['method'] for r in rows]
-    assert set(methods) == {'best_of_n', 'sft', 'ppo', 'rloo',
-                            'dpo'} and methods.count('dpo') == len(dpo['path'])
-    assert methods.count('rloo') == len(rloo['path']) == 2 and len(rows) == 5 + 1 + 3 + 2 + len(dpo['path'])
+    assert set(methods) == {'best_of_n', 'sft', 'ppo', 'rloo', 'dpo',
+                            'expert_iteration'} and methods.count('dpo') == len(dpo['path'])
+    assert methods.count('rloo') == len(rloo['path']) == 2 and methods.count('expert_iteration') == 3
+    assert len(rows) == 5 + 1 + 3 + 2 + len(dpo['path']) + 3
 
 
 def test_sample_eval_mode_reproduces_ppo_json(runs):
@@ -1576,7 +1704,8 @@ def test_size_defaults_follow_the_device(capsys):
     assert configure(dict(g, __file__=g['__file__']), ['--forward_batch_size=7'])['forward_batch_size'] == 7
 
 
-@pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
+@pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'expert_iteration.py',
+                                    'sample.py', 'bench.py'])
 def test_help_lists_every_option_with_its_default(script, run_here, tmp_path):
     """--help: exit 0, every global of the hyperparameter block as --name=value with its comment,
     and nothing loaded or written."""
@@ -1632,7 +1761,8 @@ def wrong_values(default, comment):
     return wrong_type, None
 
 
-@pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'sample.py', 'bench.py'])
+@pytest.mark.parametrize('script', ['gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'expert_iteration.py',
+                                    'sample.py', 'bench.py'])
 def test_every_option_is_checked_before_any_work(script, run_here, tmp_path):
     """Each option with a wrong-typed and an out-of-range value: one `error:` line naming it,
     no traceback, nothing written. Every number has a declared range (`in [lo, hi)` first in its

@@ -54,7 +54,8 @@ def configure(scope, argv, torchrun=False):
     sys.excepthook = exit_in_one_line
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torchrun:
         name = os.path.basename(scope.get('__file__', 'this script'))
-        raise MinibardError(f'{name} runs in one process: start it with python {name} (torchrun is for gpt.py)')
+        raise MinibardError(f'{name} runs in one process: start it with python {name} '
+                            '(torchrun is for gpt.py)')
     block = option_block(scope['__file__']) if '__file__' in scope else None
     if block is not None:
         keys = [n for names, _ in block for n in names]

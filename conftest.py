@@ -96,7 +96,7 @@ FORKSERVER = (multiprocessing.get_context('forkserver')
 if FORKSERVER is not None:
     FORKSERVER.set_forkserver_preload(['torch._dynamo', 'conftest', 'plumbing', 'configurator', 'data',
                                        'model', 'labeler', 'frontier', 'gpt', 'sft', 'reward', 'ppo', 'dpo',
-                                       'sample'])
+                                       'expert_iteration', 'sample'])
 
 
 def _stage_main(script, args, stdin_path, out_path):

@@ -40,8 +40,8 @@ from data import END_OF_TURN, answer_mask, encode, forward_in_chunks, load_split
 from frontier import RunPath, held_out_prompts, print_rows
 from labeler import all_pairs, pair_metrics
 from model import answer_logits, load_policy_and_rm, token_logprobs
-from plumbing import (die, eta, load_checkpoint, made_from, prepare_out_dir, refuse_to_replace, save_checkpoint,
-                      share_done)
+from plumbing import (die, eta, load_checkpoint, made_from, prepare_out_dir, refuse_to_replace,
+                      save_checkpoint, share_done)
 from reward import pairwise_loss
 
 # ----------------------------------------------------------------------------------------
@@ -176,7 +176,8 @@ if __name__ == '__main__':
                'eval': {'dpo': {**{k: final[k] for k in final if k not in ('method', 'n', 'step')},
                                 'samples': path.samples}}, 'path': path.rows}
     save_checkpoint({'model': model.state_dict(), 'model_args': ref_checkpoint['model_args'],
-                     'config': config, 'vocab': vocab, 'iter_num': steps, 'metrics': json.loads(json.dumps(metrics)),
+                     'config': config, 'vocab': vocab, 'iter_num': steps,
+                     'metrics': json.loads(json.dumps(metrics)),
                      'budget': epochs * P * K * (K - 1) // 2, 'made_from': made_from(*parents)},
                     os.path.join(out_dir, 'dpo.pt'))
     path.save(out_dir, metrics, ['dpo.json', f'dpo_beta{beta:g}.json'])  # and redraw the frontier

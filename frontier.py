@@ -240,23 +240,19 @@ def eval_result(curve, ppo_row, samples, ppo_samples, prompts, vocab):
 
 
 def print_frontier(curve, path, result):
-    """The table of best-of-n and the run's path, then how the run compares."""
+    """The table of best-of-n and the run's path, how the run compares, and the sample answers."""
     print_rows(curve + path)
-    name = path[-1]['method']
-    ref, bo16, ppo = result['reference'], result['best_of_16'], result[name]
-    same, name = result['best_of_n_at_ppo_kl'], name.upper()
+    method = path[-1]['method']
+    ref, bo16, ppo = result['reference'], result['best_of_16'], result[method]
+    same, name = result['best_of_n_at_ppo_kl'], method.upper()
     print(f"gold gained over the reference: {name} {ppo['gold'] - ref['gold']:+.3f} at KL {ppo['kl']:.2f}, "
           f"best-of-16 {bo16['gold'] - ref['gold']:+.3f} at KL <= {bo16['kl']:.2f}")
     print(f"best-of-n at {name}'s KL: gold {same['gold']:.3f}" + (' (extrapolated past n = '
           f"{curve[-1]['n']})" if same['extrapolated'] else '') + f", {name} {ppo['gold']:.3f}")
-
-
-def print_samples(result, method='ppo'):
-    """The sample prompts, each with the reference's, best-of-16's and the policy's answer."""
     for i, p in enumerate(result['prompts']):
         print(f'\n--- prompt {i}: {p!r}')
-        for name in ('reference', 'best_of_16', method):
-            print(f"{name:>12}: {result[name]['samples'][i]!r}")
+        for who in ('reference', 'best_of_16', method):
+            print(f"{who:>12}: {result[who]['samples'][i]!r}")
 
 
 def is_row(row):
@@ -338,14 +334,15 @@ def save_frontier(rows, out_dir, reference='the reference'):
 
 def print_rows(rows):
     """The gold-vs-KL table of frontier rows."""
-    print(f"{'method':<10} {'n':>3} {'step':>5} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
+    w = max([10] + [len(row['method']) for row in rows])  # the method column's width
+    print(f"{'method':<{w}} {'n':>3} {'step':>5} {'gold':>7} {'± se':>6} {'rm':>7} {'prob':>6} {'kl':>7} "
           f"{'length':>6} {'ended':>5} {'repeats':>7} {'logp_ref':>8}")
     for row in rows:
         bound = '<=' if row['method'] == 'best_of_n' and row['n'] > 1 else '  '
         beta = f" β {row['beta']:g}" if row.get('beta', '') != '' else ''
         n, step = ('' if row[k] is None else row[k] for k in ('n', 'step'))
         repeats, logp_ref = (row.get(k, math.nan) for k in FIELDS[11:])  # (nan in older rows)
-        print(f"{row['method']:<10} {n:>3} {step:>5} {row['gold']:7.3f} {row['gold_se']:6.3f} "
+        print(f"{row['method']:<{w}} {n:>3} {step:>5} {row['gold']:7.3f} {row['gold_se']:6.3f} "
               f"{row['rm']:7.3f} {row['prob']:6.3f} {bound}{row['kl']:5.2f} {row['length']:6.1f} "
               f"{row['ended']:5.2f} {repeats:7.2f} {logp_ref:8.3f}{beta}")
 

@@ -112,11 +112,12 @@ def made_from(*paths):
 def writer_of(name):
     """'out/sft.pt' -> 'python sft.py', for error messages."""
     stage = os.path.basename(name).removesuffix('.pt')
-    return f'python {stage}.py' if stage in ('gpt', 'sft', 'reward', 'ppo', 'dpo') else f'what wrote {name}'
+    steps = ('gpt', 'sft', 'reward', 'ppo', 'dpo', 'expert_iteration')
+    return f'python {stage}.py' if stage in steps else f'what wrote {name}'
 
 
 # The keys each kind of checkpoint has (and the steps that write it); `kind` is told by the keys.
-KINDS = {'GPT': (('model', 'model_args', 'vocab'), 'gpt.py, sft.py, ppo.py or dpo.py'),
+KINDS = {'GPT': (('model', 'model_args', 'vocab'), 'gpt.py, sft.py, ppo.py, dpo.py or expert_iteration.py'),
          'reward model': (('model', 'model_args', 'vocab', 'rm_context', 'norm_bias', 'prompt_len',
                            'max_answer_len'), 'reward.py'),
          'preference data': (('train', 'dev', 'val', 'vocab', 'policy', 'prompt_len', 'max_answer_len',

@@ -3,23 +3,21 @@ ppo.py: align the GPT with the reward model by PPO. Step 4 of minibard (Instruct
 
 As the references do it (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022; Huang et
 al., "The N Implementation Details of RLHF with PPO"); the reasons for each choice: docs/ppo.md.
- 1. Rollouts: `batch_size` prompts (speech starts, as reward.py draws them), one whole turn each
-    from the current policy (up to its blank line, or `max_answer_len` characters). Everything
-    after an answer's end is padding, masked out of every sum and mean below.
- 2. log pi and log pi_ref of the sampled characters at the sampling temperature, dropout off.
-    The reference is the policy PPO starts from (`policy`: sft.pt as InstructGPT's eq. 2, or
-    gpt.pt on the road without SFT).
- 3. Reward per token: r_t = -beta (log pi - log pi_ref), plus on each answer's last token the
-    RM's score in units of its std on the reference's answers (so beta means the same for every
-    reward.pt), less `truncation_penalty` for a turn cut at max_answer_len (Huang et al.).
+ 1. Rollouts: `batch_size` prompts (speech starts), a whole turn each from the current policy (to
+    its blank line, or `max_answer_len` characters); padding after an answer's end is masked out.
+ 2. log pi and log pi_ref of the sampled characters at the sampling temperature, dropout off; the
+    reference is the policy PPO starts from (`policy`: sft.pt, InstructGPT's eq. 2; or gpt.pt).
+ 3. Reward per token: r_t = -beta (log pi - log pi_ref), plus on each answer's last token the RM
+    score in units of its std on the reference's answers (so beta means the same for any reward.pt),
+    less `truncation_penalty` for a turn cut at max_answer_len (Huang et al.).
  4. beta adapted to `kl_target` nats (Ziegler et al.), fed the exact KL (point 8).
- 5. Advantages: GAE (gamma 1, lambda 0.95) from the critic, whitened over the batch. Or, with
-    `advantage` rloo / grpo, a critic-free group baseline over `group_size` answers a prompt
-    (Ahmadian et al. 2024; Shao et al. 2024); the KL stays in the reward for every method.
- 6. PPO update: `update_epochs` x `num_minibatches`; clipped surrogate (clip_coef), clipped value
-    loss (cliprange_value), global grad-norm clip; optional entropy bonus and PPO-ptx (off).
- 7. The critic: a trainable copy of the RM (InstructGPT), which sums a per-character head, so its
-    running sum is a value from the first iteration (class Critic).
+ 5. Advantages: GAE (gamma 1, lambda 0.95) from the critic, whitened; or, with `advantage` rloo /
+    grpo, a critic-free group baseline over `group_size` answers a prompt (Ahmadian et al. 2024;
+    Shao et al. 2024); the KL stays in the reward for every method.
+ 6. PPO update: `update_epochs` x `num_minibatches`; clipped surrogate, clipped value loss, global
+    grad-norm clip; optional entropy bonus and PPO-ptx (off).
+ 7. The critic: a trainable copy of the RM (InstructGPT), whose per-character head makes its
+    running sum a value from the first iteration (class Critic).
  8. KL to the reference in nats per answer: k1, k3 (Schulman) at the sampled tokens, and exact.
  9. Evaluation on held-out prompts (frontier.py): best-of-n for n = 1, 2, 4, ..., best_of_max, and
     the policy every `eval_interval` iterations. Gold is only ever measured...
@@ -30,8 +28,8 @@ al., "The N Implementation Details of RLHF with PPO"); the reasons for each choi
 Run:  python ppo.py                   (after sft.py and reward.py; times and numbers: README)
       python ppo.py --advantage=rloo  (or grpo: the critic-free group baselines, beside PPO's files)
       python ppo.py --advantage=grpo --reward=gold --init_kl_coef=0 --kl_target=0   (TRL's GRPO)
-Writes out/ppo.pt, ppo.json (the eval and the path), ppo_log.csv (rloo.*, grpo.*, ... for the
-others), and redraws out/frontier.csv (+ .png with matplotlib) from every run (frontier.py).
+Writes out/ppo.pt, ppo.json (eval and path), ppo_log.csv (rloo.*, ... for the others), and redraws
+out/frontier.csv and .png from every run there.
 """
 import copy
 import csv
@@ -49,7 +47,7 @@ from configurator import ByDevice, configure
 from data import (END_OF_TURN, answer_mask, answer_sum, encode, ends_turn, forward_in_chunks, load_splits,
                   masked_mean, sample_prompts, turn_starts, whiten)
 from frontier import (NOT_RUNS, RunPath, best_of_n_kept, eval_result, held_out_prompts, print_frontier,
-                      print_samples, rm_calibration)
+                      rm_calibration)
 from labeler import gold_scores
 from model import (GPT, GPTConfig, answer_logits, exact_kl, load_policy_and_rm, log_probs, rm_scores,
                    token_logprobs)
@@ -97,13 +95,10 @@ allow_stale = False             # go on from checkpoints made from older ones th
 
 
 class Critic(nn.Module):
-    """V(s_t) for each answer position t, from a trainable copy of the reward model (point 7).
-
-    The RM scores b + sum_k c_k, c_k = w . h_k per character, summed up to the answer's end. The
-    critic starts as the score said so far: V(s_t) = gain (b + sum_{k<t} c_k). GAE's TD errors are
-    then each character's own share, delta_t = gain c_t - beta kl_t, whatever the answer's length
-    (at its last character the reward gain (b + sum_k c_k) minus V leaves gain c_last); the
-    value loss then teaches it what the rest of an answer is worth."""
+    """V(s_t) at each answer position t, from a trainable copy of the RM (point 7), which scores
+    b + sum_k c_k, c_k = w . h_k a character. It starts as the score said so far, V(s_t) = gain (b +
+    sum_{k<t} c_k), so GAE's TD errors are each character's own share, delta_t = gain c_t - beta kl_t,
+    whatever the answer's length; the value loss then teaches it what the rest is worth."""
     def __init__(self, rm, gain=1.0):
         super().__init__()
         self.rm = copy.deepcopy(rm)
@@ -178,8 +173,8 @@ def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, cl
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over the answer tokens: 1 = the critic predicts returns perfectly,
-    <= 0 = no better than a constant."""
+    """1 - Var(R - V) / Var(R) over the answer tokens: 1 = a perfect critic, <= 0 = no better than a
+    constant."""
     var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask).item()
     return float('nan') if var(returns) == 0 else 1 - var(returns - values) / var(returns)
 
@@ -198,9 +193,8 @@ class AdaptiveKLController:
 
 @torch.no_grad()
 def forward_rollout(policy, ref, critic, seqs, lengths, prompt_len, temperature, chunk):
-    """No-grad passes over the rollout seqs (B, Tp + Ta) with answer lengths (B,), in chunks: log pi,
-    log pi_ref, V (0 without a critic), the exact per-token KL(pi || pi_ref) and the entropy of pi,
-    each (B, Ta), 0 past each chunk's longest answer."""
+    """No-grad passes over the rollout (B, Tp + Ta), in chunks: log pi, log pi_ref, V (0 without a
+    critic), the exact per-token KL(pi || pi_ref) and pi's entropy, each (B, Ta)."""
     def passes(s, _):
         logits = answer_logits(policy(s)[0], prompt_len)  # (b, t, V)
         ref_logits = answer_logits(ref(s)[0], prompt_len)
@@ -393,7 +387,6 @@ if __name__ == '__main__':
     os.replace(log_path + '.part', log_path)
     path.save(out_dir, metrics, [f'{name}.json'])  # and the frontier of every run in out_dir, this one too
     print_frontier(curve, path.rows, result)
-    print_samples(result, name)
-    print("the RM's P against the labeler's, ece / prob_mae on 64 prompts x 8 answers: " + ', '.join(
-          f"of {n}'s {c['ece']:.3f} / {c['prob_mae']:.3f}" for n, c in calibration.items()))
+    print("the RM's P on 64 prompts x 8 answers, ece / prob_mae: " + ', '.join(
+          f"{n}'s {c['ece']:.3f} / {c['prob_mae']:.3f}" for n, c in calibration.items()))
     print(f"seconds {metrics['seconds']}")

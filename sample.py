@@ -30,7 +30,7 @@ from configurator import configure
 from data import (END_OF_TURN, answer_texts, as_turns, clean, encode, end_of_turn, format_chat, load_splits,
                   sample_answers, trim_to_whole)
 from frontier import (best_of_n, best_of_n_frontier, eval_result, held_out_prompts, policy_point,
-                      print_frontier, print_samples)
+                      print_frontier)
 from model import load_gpt, load_policy_and_rm, rm_scores
 from plumbing import MinibardError, die, prepare_out_dir, progress, write_json
 
@@ -274,9 +274,10 @@ if __name__ == '__main__':
                                       temperature, top_k)
     if mode == 'eval':  # ppo.py's evaluation again, with the settings and seeds it used (from ppo.pt)
         run = checkpoint.get('metrics', {}).get('eval', {})
-        if 'dpo' in run:
-            die(f'eval mode measures a run of ppo.py again; {path} is a run of dpo.py, whose points are in '
-                f'{out_dir}/dpo.json: python frontier.py draws them with the others')
+        stage = next((m for m in ('dpo', 'expert_iteration') if m in run), None)
+        if stage:
+            die(f'eval mode measures a run of ppo.py again; {path} is a run of {stage}.py, whose points '
+                f'are in {out_dir}/{stage}.json: python frontier.py draws them with the others')
         if 'best_of_n' not in run:
             die(f'eval mode measures a run of ppo.py again (PPO, or --advantage=rloo or grpo): {path} is '
                 'not one; run python ppo.py first')
@@ -296,7 +297,6 @@ if __name__ == '__main__':
         result = eval_result(curve, final, samples, ppo_samples, held_out, vocab)
         write_json(result, os.path.join(out_dir, 'eval.json'))
         print_frontier(curve, earlier + [final], result)
-        print_samples(result, method)
         print(f'{time.time() - t0:.1f} s; best-of-n and the final PPO policy measured again (the earlier PPO '
               f'points are read from {path}); written to {out_dir}/eval.json')
 

@@ -39,7 +39,7 @@ from data import (END_OF_TURN, answer_mask, answer_texts, decode, encode, ends_t
 from frontier import held_out_prompts, mean_se, measure_policy
 from labeler import gold_score, gold_scores
 from model import GPT, GPTConfig, answer_logits, load_gpt, token_logprobs
-from plumbing import (die, eta, made_from, prepare_out_dir, progress, refuse_to_replace, save_checkpoint, share_done,
+from plumbing import (die, eta, made_from, prepare_out_dir, refuse_to_replace, save_checkpoint, share_done,
                       write_json)
 
 # ----------------------------------------------------------------------------------------
@@ -174,7 +174,8 @@ if __name__ == '__main__':
             val_loss = demo_loss(model, val_demos, val_lengths, prompt_len)
             model.train()
             if not math.isfinite(val_loss):
-                die(f'held-out loss is {val_loss} at step {it}: training diverged; try a lower --learning_rate; '
+                die(f'held-out loss is {val_loss} at step {it}: training diverged; try a lower '
+                    '--learning_rate; '
                     f'{out_dir}/sft.pt was not written')
             since_best = 0 if val_loss < best[0] else since_best + 1
             if since_best == 0:
@@ -186,8 +187,8 @@ if __name__ == '__main__':
     model.eval()
     train_seconds = time.time() - t_start
     if best[1] == 0:
-        print(f'note: no step lowered the pretrained model\'s held-out loss ({pretrained_loss:.4f}): sft.pt is '
-              'the pretrained model; a lower --learning_rate may help', file=sys.stderr)
+        print(f"note: no step lowered the pretrained model's held-out loss ({pretrained_loss:.4f}): sft.pt "
+              'is the pretrained model; a lower --learning_rate may help', file=sys.stderr)
 
     # the SFT model and the pretrained one on the held-out prompts every later step measures on
     prompts = held_out_prompts(val_data, vocab, eval_prompts, prompt_len, seed, device)

@@ -8,8 +8,8 @@ script's __main__ as `python script args` would, in a process forked from one th
 torch once; torchrun, Ctrl-C and the second pretraining run are fresh `python` processes (that
 one gives the forked run's numbers). Sections follow the modules in the order they import each
 other (plumbing.py, configurator.py, data.py, model.py, labeler.py, frontier.py, gpt.py, sft.py,
-reward.py, ppo.py, dpo.py, sample.py), then the pipeline end to end, then every script's options,
---help and a user's mistakes.
+reward.py, ppo.py, dpo.py, expert_iteration.py, sample.py), then the pipeline end to end, then
+every script's options, --help and a user's mistakes.
 """
 import ast
 import csv
@@ -44,7 +44,8 @@ from gpt import get_lr, split_loss, start_processes
 from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
 from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, load_reward_model, rm_scores,
                    token_logprobs)
-from plumbing import MinibardError, cached, load_checkpoint, prepare_out_dir, read_json, save_checkpoint, write_json
+from plumbing import (MinibardError, cached, load_checkpoint, prepare_out_dir, read_json, save_checkpoint,
+                      write_json)
 from ppo import (AdaptiveKLController, Critic, explained_variance, gae, group_advantages, kl_estimates,
                  per_token_rewards, ppo_losses, train as ppo_train)
 from reward import (Preferences, bow_features, bow_scores, evaluate_rm, fit_bow, pairwise_loss,
@@ -126,7 +127,8 @@ def test_damaged_results_are_named_and_skipped(tmp_path, capsys):
     assert read_json(str(tmp_path / 'none.json')) is None and capsys.readouterr().err == ''
     key = {'model': 'abc'}
     write_json({json.dumps(key): {'rows': 'of another shape'}}, str(tmp_path / 'kept.json'))
-    kept = cached(str(tmp_path / 'kept.json'), key, lambda: {'rows': [1, 2]}, lambda r: isinstance(r['rows'], list))
+    kept = cached(str(tmp_path / 'kept.json'), key, lambda: {'rows': [1, 2]},
+                  lambda r: isinstance(r['rows'], list))
     assert kept == {'rows': [1, 2]} and 'another shape: measured again' in capsys.readouterr().out
     assert cached(str(tmp_path / 'kept.json'), key, lambda: 1 / 0) == {'rows': [1, 2]}  # read back
 
@@ -1282,7 +1284,8 @@ def test_ppo_stage_writes_log_and_eval(runs):
         assert set(m['eval'][name]) == {'gold', 'gold_se', 'rm', 'rm_se', 'prob', 'kl', 'length', 'ended',
                                         'repeats', 'logp_ref', 'samples'}
         assert len(m['eval'][name]['samples']) == 3
-    assert set(m['calibration']) == {'sft.pt', 'ppo'} and all(0 <= c['ece'] <= 1 for c in m['calibration'].values())
+    assert set(m['calibration']) == {'sft.pt', 'ppo'}
+    assert all(0 <= c['ece'] <= 1 for c in m['calibration'].values())
     assert m['eval']['reference']['kl'] == 0 and m['eval']['ppo']['kl'] >= 0
     assert abs(m['eval']['best_of_16']['kl'] - (math.log(16) - 15 / 16)) < 1e-9
     assert [r['n'] for r in m['eval']['best_of_n']] == [1, 2, 4, 8, 16]
@@ -1315,7 +1318,8 @@ def test_every_road_on_one_frontier(runs, run_here):
     assert 'groups of' not in runs['roads_rloo'][1] and ', 4 prompts x 4 (rloo)' in runs['roads_rloo'][1]
     assert rloo['eval']['best_of_n'] == ppo['eval']['best_of_n']  # the same seed: the same curve
     # the kept curve was damaged before RLOO ran (conftest.with_damaged_results): measured again, the same
-    assert 'of another shape: measured again' in runs['roads_rloo'][1] and 'measured before' not in runs['ppo_again'][1]
+    assert 'of another shape: measured again' in runs['roads_rloo'][1]
+    assert 'measured before' not in runs['ppo_again'][1]
     assert dpo['path'][0]['kl'] == 0 and all(r['beta'] == 0.3 for r in dpo['path']) and dpo == json.load(
         open(os.path.join(d, 'dpo_beta0.3.json')))
     assert 'chosen h' in runs['roads_dpo'][1] and 'rejected h' in runs['roads_dpo'][1]
@@ -1407,7 +1411,8 @@ def test_patience_stops_pretraining_without_a_better_val_loss(runs):
     m = json.load(open(os.path.join(runs.dirs['gpt_patience'], 'gpt.json')))
     vals = [float(l.split('val loss ')[1].split(',')[0]) for l in log.splitlines() if l.startswith('step ')]
     assert code == 0 and 'stopped: no better val loss in 1 evaluations' in log and m['iters'] < 400, log
-    assert vals[-1] >= min(vals[:-1]) and all(a >= b for a, b in zip(vals[:-2], vals[1:-1])), vals  # (4 decimals)
+    assert vals[-1] >= min(vals[:-1])
+    assert all(a >= b for a, b in zip(vals[:-2], vals[1:-1])), vals  # (printed to 4 decimals)
 
 
 def test_torchrun_ranks_draw_their_own_dropout(runs):
@@ -1574,8 +1579,10 @@ def test_files_of_another_kind_are_one_line(runs, run_here, tmp_path):
     assert runs['ppo'][0] == 0
     d = copy_ckpts(runs.dirs['out'], tmp_path / 'prefs', 'sft.pt', 'reward.pt')
     shutil.copy(os.path.join(runs.dirs['out'], 'gpt.pt'), os.path.join(d, 'preferences.pt'))
-    assert_one_clear_line(*run_here('dpo.py', f'--out_dir={d}'), 'preferences.pt holds a GPT, not preference data')
-    torch.save({'train': {'seqs': torch.zeros(2, 3)}, 'dev': {}, 'val': {}, 'vocab': VOCAB, 'policy': 'sft.pt',
+    assert_one_clear_line(*run_here('dpo.py', f'--out_dir={d}'),
+                          'preferences.pt holds a GPT, not preference data')
+    torch.save({'train': {'seqs': torch.zeros(2, 3)}, 'dev': {}, 'val': {}, 'vocab': VOCAB,
+                'policy': 'sft.pt',
                 'prompt_len': 16, 'max_answer_len': 32, 'tau': 1.0}, os.path.join(d, 'preferences.pt'))
     assert_one_clear_line(*run_here('dpo.py', f'--out_dir={d}'), 'is not preference data as reward.py writes')
     d = copy_ckpts(runs.dirs['out'], tmp_path / 'resume', 'gpt.pt')
@@ -1588,7 +1595,7 @@ def test_files_of_another_kind_are_one_line(runs, run_here, tmp_path):
         torch.save(broken, os.path.join(d, 'gpt.pt'))
         code, log = run_here('sft.py', f'--out_dir={d}')
         assert_one_clear_line(code, log, 'gpt.pt')
-    assert [f for f in os.listdir(d) if not f.startswith('.')] == ['gpt.pt']  # (.<stage>.lock: the runs' locks)
+    assert [f for f in os.listdir(d) if not f.startswith('.')] == ['gpt.pt']  # (.<stage>.lock: locks)
 
 
 def test_a_quick_try_never_replaces_a_trained_checkpoint(runs, run_here, tmp_path):
@@ -1692,7 +1699,7 @@ def test_size_defaults_follow_the_device(capsys):
     assert (cpu['n_layer'], cpu['n_embd'], cpu['batch_size']) == (2, 128, 3)
     assert (cuda['n_layer'], cuda['n_embd'], cuda['batch_size']) == (6, 384, 64)
     assert mps['n_layer'] == 2
-    for script in ('gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'dpo.py', 'sample.py'):
+    for script in ('gpt.py', 'sft.py', 'reward.py', 'ppo.py', 'dpo.py', 'expert_iteration.py', 'sample.py'):
         g = runpy.run_path(os.path.join(HERE, script), run_name='imported')
         sized = {k: v for k, v in g.items() if isinstance(v, ByDevice)}
         assert sized or script in ('sft.py', 'sample.py'), script

@@ -9,6 +9,7 @@ the labels, the best agreement any model can reach on them (the Bayes limit), ag
 noiseless gold order, and calibration.
 """
 import re
+from collections import Counter
 
 import torch
 
@@ -40,10 +41,12 @@ def gold_score(text):
 
 
 def repeats_a_word(text):
-    """Whether a text says a word twice in a row ('love love'): what an over-optimised policy does
-    to a summed reward that counts every word said (the labeler counts each distinct word once)."""
+    """Whether a text says a word over and over: twice in a row ('love love'), or a word of 4+
+    letters 3 times or more ('good love good love good'): what an over-optimised policy does to a
+    summed reward that counts every word said (the labeler counts each distinct word once). On the
+    held-out human turns: 4%."""
     w = words(text)
-    return any(a == b for a, b in zip(w, w[1:]))
+    return any(a == b for a, b in zip(w, w[1:])) or any(c >= 3 and len(x) >= 4 for x, c in Counter(w).items())
 
 
 def gold_scores(answers, lengths, vocab):

@@ -41,7 +41,7 @@ from dpo import answer_logprobs, dpo_loss
 from expert_iteration import fine_tune, keep_best
 from frontier import best_of_n, best_of_n_curve, gold_at_kl, measure_policy
 from gpt import get_lr, split_loss, start_processes
-from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word
+from labeler import all_pairs, choice_prob, gold_score, label, pair_metrics, repeated_word, repeats_a_word
 from model import (GPT, GPTConfig, KVCache, RewardModel, exact_kl, load_gpt, load_reward_model, rm_scores,
                    token_logprobs)
 from plumbing import (MinibardError, cached, load_checkpoint, prepare_out_dir, read_json, save_checkpoint,
@@ -396,6 +396,12 @@ def test_repeated_word_keeps_the_gold_and_only_one_word_answers():
         assert [gold_score(s) for s in said] == [gold_score(texts[i])] * 3 == [1] * 3
     assert [i for i, _ in repeated_word(texts, (1, 8), room=60, n_max=10)] == [0]  # 8 goods: 61 > 60
     assert len(repeated_word(texts, (1, 2), room=45, n_max=1)) == 1
+
+
+def test_repeats_a_word_on_hand_written_lines():
+    assert repeats_a_word('Good love love love') and repeats_a_word('O Romeo, Romeo!')  # twice in a row
+    assert repeats_a_word('Good love good love good love')  # a 4-letter word 3 times
+    assert not repeats_a_word('the king, the queen, the prince') and not repeats_a_word('Good love, good day')
 
 
 def test_labeler_choice_frequency_matches_bradley_terry():

@@ -113,7 +113,8 @@ def chat_check(out_dir, seed):
         turns.append(('ROMEO', line))
         answers.append(reply(model, rm, vocab, turns, 'JULIET', max_len, stop, gen))
         turns.append(('JULIET', answers[-1]['answer']))
-    kinds = [re.search(r'last whole (\w+)', a['note']).group(1) if a['cut'] else 'ended' for a in answers]
+    whole = [re.search(r'last whole (\w+)', a['note']) for a in answers]  # None: cut mid-word
+    kinds = [(m.group(1) if m else 'mid_word') if a['cut'] else 'ended' for a, m in zip(answers, whole)]
     count = {k: kinds.count(k) for k in ('ended', 'line', 'sentence', 'word')}
     mid_word = len(answers) - sum(count.values())  # cut with no whole line, sentence or word
     print(f'{len(answers)} chat lines: {count["ended"]} answers ended on their own, cut and shown to a '

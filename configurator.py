@@ -65,6 +65,8 @@ def configure(scope, argv, torchrun=False):
     if 'device' in scope:
         given = [literal(a.split('=', 1)[1]) for a in argv if a.startswith('--device=')]
         scope['device'] = given[-1] if given else scope['device']
+        if not isinstance(scope['device'], str):
+            raise MinibardError(f"--device expects str, got {scope['device']!r}: use 'cpu' or 'cuda'")
         check_device(scope['device'])
         resolve_defaults(scope, scope['device'])
         if torch.device(scope['device']).type == 'cuda':  # TF32 matmuls where fp32 remains (nanoGPT)

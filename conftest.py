@@ -316,7 +316,9 @@ def runs(tmp_path_factory):
     r.add('reward_no_sft', 'reward.py', *SMALL_RM, '--policy=gpt.pt', after='gpt', own=['gpt.pt'])
     r.add('ppo_no_sft', 'ppo.py', *SMALL_PPO, '--policy=gpt.pt', after='reward_no_sft', beside=True)
     r.add('reward_sft_copy', 'reward.py', *SMALL_RM, after='gpt', own=[], job=with_sft_as_gpt)
-    r.add('resume', 'gpt.py', *TINY_GPT, '--init_from=resume', '--max_iters=120', after='gpt', own=['gpt.pt'])
+    shape_given_once = [a for a in TINY_GPT if not a.startswith('--block_size')]  # resume: from gpt.pt
+    r.add('resume', 'gpt.py', *shape_given_once, '--init_from=resume', '--max_iters=120', after='gpt',
+          own=['gpt.pt'])
     r.add('ctrl_c', 'gpt.py', *TINY_GPT, after='gpt', own=['gpt.pt'], job=interrupted)
     r.add('gpt_accum2', 'gpt.py', *DDP_GPT, '--gradient_accumulation_steps=2', own=[])
     r.add('gpt_patience', 'gpt.py', *TINY_GPT, '--max_iters=400', '--eval_interval=5', '--eval_iters=1',

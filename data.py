@@ -78,9 +78,13 @@ def load_splits(path, vocab=None):
 # ------------------------------------------------------------------ turns: prompts and answers
 def turn_starts(data, vocab, prompt_len):
     """Where the speeches of a 1-D token tensor begin, after a blank line and the speaker's name
-    ('\\n\\nROMEO:\\n'), with prompt_len tokens before: a LongTensor of positions."""
+    ('\\n\\nROMEO:\\n'), with prompt_len tokens before: a LongTensor of positions (none: an error)."""
     text = decode(data, vocab)
-    return torch.tensor([m.end() for m in re.finditer(r'\n\n[^\n]+:\n', text) if m.end() >= prompt_len])
+    starts = [m.end() for m in re.finditer(r'\n\n[^\n]+:\n', text) if m.end() >= prompt_len]
+    if not starts:
+        raise MinibardError("the text has no speech start (a blank line, then a speaker's name and a colon "
+                            'on a line of its own) in its training or validation part: minibard needs a play')
+    return torch.tensor(starts, dtype=torch.long)
 
 
 def sample_prompts(data, starts, n, length, generator):

@@ -136,7 +136,7 @@ if __name__ == '__main__':
             group['lr'] = learning_rate * (1 - step / steps)  # linear decay to 0
         if step % (P // prompts_per_batch or 1) == 0:
             order = torch.randperm(P, generator=gen)  # a new shuffle each epoch
-        b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
+        b = order[(step % (P // prompts_per_batch or 1)) * prompts_per_batch:][:prompts_per_batch]
         rows = (b[:, None] * K + torch.arange(K)).flatten().to(device)  # the K answers of each prompt
         n = lengths[rows]
         logp = answer_logprobs(model, seqs[rows, :Tp + int(n.max())], n, Tp).view(len(b), K)  # (b, K)

@@ -213,7 +213,7 @@ class RunPath:
     def save(self, out_dir, metrics, names):
         for name in names:
             write_json(metrics, os.path.join(out_dir, name))
-        rows, reference = collect(out_dir)
+        rows, reference = collect(out_dir, names[0][:-5])  # this run's seed and reference decide
         if rows:
             save_frontier(rows, out_dir, reference)
 
@@ -269,18 +269,21 @@ def is_run(run):
     return len(run['path']) > 0 and all(map(is_row, rows)) and type(run.get('beta', 0.0)) in (int, float)
 
 
-def collect(out_dir):
+def collect(out_dir, anchor=None):
     """The frontier rows of out_dir: best-of-n (from the first run that measured it), the reference as
     'sft' when it is the SFT model, the path of every run. A run of another seed or reference, and a
-    damaged json, are left out with a note. -> (rows, the reference); no best-of-n curve: ([], None)."""
+    damaged json, are left out with a note (the first run: `anchor`'s, if given).
+    -> (rows, the reference); no best-of-n curve: ([], None)."""
     names = sorted(os.path.basename(f)[:-5] for f in glob.glob(os.path.join(out_dir, '*.json')))
     runs = {name: read_json(os.path.join(out_dir, f'{name}.json'), is_run, "a run's results")
             for name in names if name not in NOT_RUNS}
     runs = {name: run for name, run in runs.items() if run is not None}
-    first = next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
+    same = lambda run: tuple(run.get(k) for k in ('reference', 'seed', 'eval_prompts'))
+    first = runs.get(anchor) or next((run for run in runs.values() if 'best_of_n' in run['eval']), None)
+    curves = [r for r in runs.values() if first and 'best_of_n' in r['eval'] and same(r) == same(first)]
+    first = curves[0] if curves else None
     if first is None:
         return [], None
-    same = lambda run: tuple(run.get(k) for k in ('reference', 'seed', 'eval_prompts'))
     curve, reference = first['eval']['best_of_n'], first.get('reference', 'gpt.pt')
     rows = [dict(r) for r in curve]
     if reference == 'sft.pt':

@@ -175,7 +175,8 @@ if __name__ == '__main__':
         if any(model_args[k] != checkpoint['model_args'].get(k) for k in given):
             die(f'{ckpt_path} has {checkpoint["model_args"]}: a resumed model keeps its shape; drop '
                 + ', '.join(f'--{k}' for k in sorted(given)) + ', or train from scratch in another --out_dir')
-        model_args = checkpoint['model_args']
+        model_args = checkpoint['model_args']  # and the windows it was trained on:
+        block_size, tokens_per_iter = model_args['block_size'], batch_size * accum * model_args['block_size']
         iter_num, best_val = checkpoint['iter_num'], checkpoint['best_val_loss']
         states = checkpoint.get('rng_states') or [checkpoint['rng_state']]  # (before 2026-12-01: one)
         if len(states) != accum:  # one per data stream
@@ -197,7 +198,7 @@ if __name__ == '__main__':
           + (f', {world} processes x {accum // world} micro-batch(es) of {batch_size}' if ddp else '')
           + (f', {accum} micro-batches of {batch_size} a step' if accum > 1 and not ddp else ''))
 
-    train_time, since_best = 0.0, 0
+    train_time, since_best, saved = 0.0, 0, False
     diverged = f'try a lower --learning_rate; {ckpt_path} keeps the last good model'
     t_loop, start_iter = time.time(), iter_num  # the pace for the eta
     while True:
@@ -222,6 +223,7 @@ if __name__ == '__main__':
                                      'iter_num': iter_num, 'best_val_loss': best_val,
                                      'train_loss': losses['train'], 'rng_states': states,
                                      'budget': iter_num * tokens_per_iter}, ckpt_path)
+                    saved = True
         if patience and since_best >= patience and iter_num < max_iters:
             print(f'stopped: no better val loss in {patience} evaluations '
                   f'(--patience=None trains all {max_iters})')
@@ -262,6 +264,9 @@ if __name__ == '__main__':
         sys.exit(0)
 
     seconds = time.time() - t_start
+    if not saved and init_from == 'scratch':
+        die(f'no evaluation beat the untrained model\'s val loss: {ckpt_path} was not written; try another '
+            '--learning_rate or more --max_iters')
     model, _, best = load_gpt(ckpt_path, device=device)  # the best checkpoint:
     with ctx:
         val_loss = split_loss(model, val_data)  # its loss on the whole val split

@@ -306,7 +306,8 @@ if __name__ == '__main__':
     if reward == 'gold' and advantage == 'gae':
         die('--reward=gold runs critic-free, as verifiable-reward recipes do: add --advantage=grpo or rloo')
     name = run_name if run_name != 'auto' else advantage.replace('gae', 'ppo') + '_gold' * (reward == 'gold')
-    if not re.fullmatch(r'[\w.-]+', name) or name in NOT_RUNS | {'preferences', 'expert_iteration'}:
+    taken = NOT_RUNS | {'preferences', 'expert_iteration', 'reference', 'best_of_16', 'best_of_n', 'prompts'}
+    if not re.fullmatch(r'[\w.-]+', name) or name in taken or name.startswith(('dpo_beta', 'best_of_n_at')):
         die(f'--run_name={run_name!r} would name files of another stage, or no file: choose another')
     t_start = time.time()
     prepare_out_dir(out_dir, name)

@@ -144,7 +144,7 @@ def train_reward_model(rm, train, dev, prompt_len, tau, lr, epochs, prompts_per_
             group['lr'] = lr_now
         if step % (P // prompts_per_batch or 1) == 0:
             order = torch.randperm(P, generator=generator)  # a new shuffle each epoch
-        b = order[(step * prompts_per_batch) % P:][:prompts_per_batch]
+        b = order[(step % (P // prompts_per_batch or 1)) * prompts_per_batch:][:prompts_per_batch]
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
             r = rm_scores(rm, train.seqs[b].view(-1, T), prompt_len, train.lengths[b].flatten(), chunk)
         loss, acc = pairwise_loss(r.view(len(b), k), train.prefs[b].to(device))
@@ -269,11 +269,6 @@ if __name__ == '__main__':
           f"characters on average, {ends_turn(*answers['train'], stop).float().mean():.0%} end on their own; "
           f"gold mean {train.g.mean():.2f}, share non-zero {(train.g != 0).float().mean():.2f}")
 
-    labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
-    save_checkpoint({'policy': policy, 'vocab': vocab, 'prompt_len': prompt_len, 'seed': seed, 'tau': tau,
-                     'max_answer_len': max_answer_len, 'made_from': made_from(policy_path), **labelled},
-                    os.path.join(out_dir, 'preferences.pt'))  # for dpo.py, which never reads g
-
     # the reference learner on the same pairs
     texts = {name: answer_texts(*answers[name], vocab) for name in sets}
     bow = bow_reference(texts, sets, tau)
@@ -305,6 +300,11 @@ if __name__ == '__main__':
                'ended': ends_turn(*answers['val'], stop).float().mean().item(), 'best_step': best_step,
                'repeat_rewards': {str(n): round(r, 4) for n, r in reps.items()}, 'repeat_gain': gain,
                'norm_bias': norm_bias, 'seconds': round(time.time() - t_start, 1)}
+    # the labelled answers (dpo.py's data), then the RM: written together, after a training that may stop
+    labelled = {name: {**s._asdict(), 'seqs': s.seqs.to(torch.uint8)} for name, s in sets.items()}
+    save_checkpoint({'policy': policy, 'vocab': vocab, 'prompt_len': prompt_len, 'seed': seed, 'tau': tau,
+                     'max_answer_len': max_answer_len, 'made_from': made_from(policy_path), **labelled},
+                    os.path.join(out_dir, 'preferences.pt'))  # for dpo.py, which never reads g
     save_checkpoint({'model': rm.state_dict(), 'model_args': args, 'config': config, 'vocab': vocab,
                      'norm_bias': norm_bias, 'prompt_len': prompt_len, 'max_answer_len': max_answer_len,
                      'rm_context': rm_context, 'policy': policy, 'metrics': metrics, 'budget': budget,

@@ -317,7 +317,8 @@ def save_frontier(rows, out_dir, reference='the reference'):
     for r in rows:
         name = {'best_of_n': 'best-of-n (KL bound)', 'sft': 'SFT'}.get(r['method'], r['method'].upper())
         beta = f" β {r['beta']:g}" if r.get('beta', '') != '' else ''
-        lines.setdefault(name.replace('_GOLD', ' (gold as reward)') + beta, []).append(r)
+        name = name.replace('_GOLD', ' (gold as reward)').replace('_BETA', ', β ')  # e.g. grpo_gold_beta0
+        lines.setdefault(name + beta, []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, key in zip(axes, ('gold', 'rm', 'logp_ref')):
         for name, pts in lines.items():

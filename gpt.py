@@ -258,7 +258,8 @@ if __name__ == '__main__':
                 die(f'loss is {lossf} at iter {iter_num}: {diverged}')
             print(f'iter {share_done(iter_num, max_iters)}: loss {lossf:.4f}, time {dt * 1000:.1f} ms, '
                   f'{tokens_per_iter / dt:,.0f} tok/s, {eta(iter_num, max_iters, t_loop, start_iter)}')
-    if ddp:
+    if ddp:  # every rank done with gloo/NCCL before any lets go of it
+        dist.barrier()
         dist.destroy_process_group()
     if not master:
         sys.exit(0)

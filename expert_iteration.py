@@ -18,12 +18,16 @@ The simplest road from a reward model to a policy, AlpacaFarm's "expert iteratio
     `steps_per_round` AdamW steps at a constant lr over shuffled minibatches, one AdamW for all
     rounds, grad-norm clip. The policy goes on from where the last round left it (RAFT, Llama 2),
     not from the reference each round (as ReST-EM does, Singh et al. 2023).
+    Early stopping, as sft.py's: the same loss on `val_prompts` RM-kept answers to prompts of speech
+    starts held aside (every 16th of the training text's, never trained on), before the first step
+    and every `val_interval` steps; the round ends at its step of lowest loss (weights and AdamW
+    state). Never by gold.
  4. `rounds` rounds. Every round's policy is a point of its path on the frontier (frontier.RunPath:
     gold, RM score, exact KL to the reference on the held-out prompts every step uses); round 0 is
     the reference. Gold is only measured: no round is chosen by it, the last is saved.
  Left out: no KL penalty or anchor to the reference (the KL grows with each round, as best-of-n's
- with n; the number of rounds is the knob), no early stopping, no mixing in of older rounds' answers
- (Llama 2's later rounds).
+ with n; the number of rounds is the knob), no mixing in of older rounds' answers (Llama 2's later
+ rounds).
  n = 1 is plain self-distillation: the policy trained on its own samples, which moves it little.
 
 Run:  python expert_iteration.py           (after sft.py and reward.py)
@@ -33,6 +37,7 @@ Writes out/expert_iteration.pt, out/expert_iteration.json (path: a row per round
 rm, kl, length, ended, ...; kept: what each round trained on), and redraws out/frontier.csv and
 .png (frontier.py).
 """
+import copy
 import json
 import math
 import os
@@ -58,9 +63,11 @@ policy = 'sft.pt'               # a checkpoint of out_dir: the start and the ref
 seed = 1337                     # in [0, inf): prompts, answers, shuffles, the held-out prompts
 rounds = 3                      # in [1, inf): sample, keep the best, fine-tune: this many times
 prompts_per_round = 768         # in [1, inf): fresh training prompts a round
-n = 8                           # in [1, inf): answers sampled a prompt, the RM's best kept (1: self-distil)
+n = 12                          # in [1, inf): answers sampled a prompt, the RM's best kept (1: self-distil)
 threshold = None                # float in (-inf, inf) or None: keep only best answers scored above it
 steps_per_round = 48            # in [1, inf): AdamW steps on the kept answers a round (48 x 32: 2 passes)
+val_prompts = 128               # in [0, inf): held-aside prompts a round whose kept answers early-stop it (0: none)
+val_interval = 8                # in [1, inf): steps between two losses on those answers
 batch_size = 32                 # in [1, inf): kept answers a step
 learning_rate = 5e-5            # in (0, inf): AdamW, constant
 grad_clip = 1.0                 # in (0, inf): global grad-norm clip
@@ -85,12 +92,37 @@ def keep_best(prompts, answers, lengths, scores, threshold):
     return seqs, lengths[keep, best[keep]], best_scores[keep]
 
 
-def fine_tune(model, optimizer, seqs, lengths, prompt_len, steps, batch_size, grad_clip, generator):
+@torch.no_grad()
+def mean_loss(model, seqs, lengths, prompt_len, batch_size):
+    """sft.py's loss over all of seqs (K, Tp + Ta), lengths (K,), in batches: the mean of
+    -log pi over every answer character, each batch weighted by its characters."""
+    total = 0.0
+    for b in torch.arange(len(seqs), device=seqs.device).split(batch_size):
+        nb = lengths[b]
+        total += sft_loss(model, seqs[b, :prompt_len + int(nb.max())], nb, prompt_len).item() * nb.sum().item()
+    return total / lengths.sum().item()
+
+
+def fine_tune(model, optimizer, seqs, lengths, prompt_len, steps, batch_size, grad_clip, generator,
+              val=None, val_interval=8):
     """`steps` AdamW steps of sft.py's masked loss on the kept answers seqs (K, Tp + Ta), lengths
     (K,): minibatches of batch_size, a new shuffle each pass over them, each batch cut to its
-    longest answer. -> the loss of each step (none without a kept answer). A NaN/inf loss raises
-    FloatingPointError before the update, so nothing bad is saved."""
-    K, losses = len(seqs), []
+    longest answer. With val = (seqs, lengths) of held-aside answers: their loss before the first
+    step, every val_interval steps and after the last, and the model and optimizer are left as
+    they were at the lowest (early stopping). -> (the loss of each step (none without a kept
+    answer), [(step, val loss), ...]). A NaN/inf loss raises FloatingPointError before the update,
+    so nothing bad is saved."""
+    K, losses, val_log, best = len(seqs), [], [], None
+
+    def validate():  # the held-aside loss now, and a copy of the state if it is the lowest so far
+        nonlocal best
+        loss = mean_loss(model, *val, prompt_len, batch_size)
+        val_log.append((len(losses), loss))
+        if best is None or loss < best[0]:
+            best = loss, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+    if val is not None:
+        validate()
     while K and len(losses) < steps:
         for b in torch.randperm(K, generator=generator).to(seqs.device).split(batch_size):  # one pass
             if len(losses) == steps:
@@ -104,7 +136,12 @@ def fine_tune(model, optimizer, seqs, lengths, prompt_len, steps, batch_size, gr
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             losses.append(loss.item())
-    return losses
+            if val is not None and (len(losses) % val_interval == 0 or len(losses) == steps):
+                validate()
+    if best is not None and best[0] < val_log[-1][1]:  # back to the step of the lowest held-aside loss
+        model.load_state_dict(best[1])
+        optimizer.load_state_dict(best[2])
+    return losses, val_log
 
 
 if __name__ == '__main__':
@@ -133,12 +170,20 @@ if __name__ == '__main__':
     model.load_state_dict(ref.state_dict())
     prompt_gen, starts = torch.Generator().manual_seed(seed), turn_starts(train_data, vocab, Tp)
     sample_gen, shuffle_gen = torch.Generator(device).manual_seed(seed), torch.Generator().manual_seed(seed)
+    aside = torch.zeros(len(starts), dtype=torch.bool)
+    aside[::16] = val_prompts > 0  # every 16th speech start only validates: its prompts are never trained on
+    if val_prompts and len(starts) < 2:
+        die(f'the training text has {len(starts)} speech start: early stopping needs one held aside and '
+            'one to train on; add --val_prompts=0')
+    starts, val_starts = starts[~aside], starts[aside]
+    val_gen, val_sample_gen = torch.Generator().manual_seed(seed + 1), torch.Generator(device).manual_seed(seed + 1)
     held_out = held_out_prompts(val_data, vocab, eval_prompts, Tp, seed, device)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     print(f'{time.time() - t_start:.1f}s: expert iteration from {reference}, {rounds} round(s) of '
           f"{prompts_per_round} prompts x {n} answers of <= {max_len} chars, the RM's best kept"
           + ('' if threshold is None else f' if above {threshold:g}')
-          + f', {steps_per_round} steps x {batch_size} a round, device {device}')
+          + f', {steps_per_round} steps x {batch_size} a round'
+          + (f', early-stopped on {val_prompts} held-aside prompts' if val_prompts else '') + f', device {device}')
 
     path = RunPath(name, model, ref, rm, held_out, vocab, max_len, stop, temperature, eval_samples, seed,
                    forward_batch_size)
@@ -147,7 +192,7 @@ if __name__ == '__main__':
     for r in range(1, rounds + 1):
         # ---- sample n answers a prompt from the current policy, keep the RM's favourite
         prompts = sample_prompts(train_data, starts, prompts_per_round, Tp, prompt_gen).to(device)  # (P, Tp)
-        advance = progress(f'round {r} answers', prompts_per_round * n, 4 * sample_batch)
+        advance = progress(f'round {r} answers', (prompts_per_round + val_prompts) * n, 4 * sample_batch)
         *_, answers, lengths, scores = best_of_n(model, rm, prompts, n, max_len, stop, temperature,
                                                  sample_gen, sample_batch, on_progress=advance,
                                                  chunk=forward_batch_size)  # (P, n, Ta), (P, n), (P, n)
@@ -160,9 +205,16 @@ if __name__ == '__main__':
             kept_log.append({'round': r, 'kept': 0, 'rm_all': scores.mean().item()})
             path.add(r)
             continue
+        val = None  # the same pick on held-aside prompts: the answers that early-stop the round
+        if val_prompts:
+            vp = sample_prompts(train_data, val_starts, val_prompts, Tp, val_gen).to(device)  # (V, Tp)
+            *_, va, vl, vs = best_of_n(model, rm, vp, n, max_len, stop, temperature, val_sample_gen,
+                                       sample_batch, on_progress=advance, chunk=forward_batch_size)
+            val = keep_best(vp, va, vl, vs, threshold)[:2]  # seqs (V', Tp + Ta), lengths (V',)
+            val = val if len(val[0]) else None  # (none above the threshold: no early stop this round)
         try:
-            losses = fine_tune(model, opt, seqs, kept_lengths, Tp, steps_per_round, batch_size, grad_clip,
-                               shuffle_gen)
+            losses, val_log = fine_tune(model, opt, seqs, kept_lengths, Tp, steps_per_round, batch_size,
+                                        grad_clip, shuffle_gen, val, val_interval)
         except FloatingPointError as e:
             die(f'{e} of round {r}: stopped; {ckpt_path} was not written. Try a lower --learning_rate '
                 f'(now {learning_rate:g})')
@@ -170,10 +222,15 @@ if __name__ == '__main__':
         kept = {'round': r, 'kept': K, 'rm_all': scores.mean().item(), 'rm_kept': kept_scores.mean().item(),
                 'length_kept': kept_lengths.float().mean().item(), 'loss_start': sum(losses[:half]) / half,
                 'loss_end': sum(losses[-half:]) / half}
+        held = ''
+        if val_log:  # the step the round ended at: the lowest loss on the held-aside answers
+            kept['val_loss'] = val_log  # [(step, loss), ...]
+            kept['best_step'], low = min(val_log, key=lambda v: v[1])
+            held = f", held-aside loss {val_log[0][1]:.4f} -> {low:.4f}, kept step {kept['best_step']}"
         kept_log.append(kept)
         print(f"round {share_done(r, rounds)}: kept {K}/{prompts_per_round}, rm {kept['rm_kept']:.3f} kept "
               f"(all {kept['rm_all']:.3f}), length {kept['length_kept']:.0f}, loss {kept['loss_start']:.4f} "
-              f"-> {kept['loss_end']:.4f} (halves of {len(losses)} steps), {eta(r, rounds, t0)}")
+              f"-> {kept['loss_end']:.4f} (halves of {len(losses)} steps){held}, {eta(r, rounds, t0)}")
         path.add(r)
 
     final = path.rows[-1]

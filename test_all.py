@@ -1011,8 +1011,9 @@ def test_a_round_with_n_1_is_self_distillation_and_barely_moves_the_policy():
             assert torch.equal(seqs, model.generate(prompts, 1, generator=torch.Generator().manual_seed(0),
                                                     stop=stop)[0])
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        losses = fine_tune(model, opt, seqs, kept_lengths, 4, 16, 128, 1.0, torch.Generator().manual_seed(0))
-        assert len(losses) == 16 and all(map(math.isfinite, losses))
+        losses, val_log = fine_tune(model, opt, seqs, kept_lengths, 4, 16, 128, 1.0,
+                                    torch.Generator().manual_seed(0))
+        assert len(losses) == 16 and val_log == [] and all(map(math.isfinite, losses))
         kl[n] = measure_policy(model, start, held_out, VOCAB, 1, stop, 1.0, 4, seed=0)[2]['kl'].mean().item()
     assert 0 < kl[1] < 0.06 and kl[8] > 5 * kl[1], kl
 
@@ -1028,7 +1029,7 @@ def test_expert_iteration_trains_on_the_answer_characters_only():
     def first_step(seqs):  # -> (the first loss, the model after one step)
         m = tiny_model(1)  # the same weights as model
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
-        return fine_tune(m, opt, seqs, lengths, Tp, 1, 8, 1.0, torch.Generator().manual_seed(0))[0], m
+        return fine_tune(m, opt, seqs, lengths, Tp, 1, 8, 1.0, torch.Generator().manual_seed(0))[0][0], m
 
     logp = F.log_softmax(model(seqs)[0], -1)
     term = lambda b, t: -logp[b, t - 1, seqs[b, t]].item()  # -log pi(x_t | x_<t)
@@ -1049,6 +1050,41 @@ def test_expert_iteration_trains_on_the_answer_characters_only():
     assert abs(first_step(changed)[0] - loss) > 1e-4
 
 
+def test_expert_iteration_early_stops_each_round_at_its_lowest_held_aside_loss():
+    """With held-aside answers, fine_tune measures their loss before the first step, every
+    val_interval steps and after the last, each the mean of -log pi over their answer characters by
+    hand; it leaves the model and AdamW as a plain run of the best step's length leaves them (random
+    answers at a high lr: the held-aside loss dips once and then climbs)."""
+    Tp, g = 4, torch.Generator().manual_seed(0)
+    seqs, lengths = torch.randint(0, 65, (16, Tp + 8), generator=g), torch.randint(1, 9, (16,), generator=g)
+    val = torch.randint(0, 65, (8, Tp + 8), generator=g), torch.randint(1, 9, (8,), generator=g)
+
+    def run(steps, val=None, interval=4):  # -> (model, optimizer, losses, val_log)
+        m = tiny_model(1)
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+        return (m, opt, *fine_tune(m, opt, seqs, lengths, Tp, steps, 4, 1.0, torch.Generator().manual_seed(0),
+                                   val, interval))
+
+    def by_hand(m):  # -1/N sum_b sum_{t < len_b} log pi(y_{b,t} | ...) over the held-aside answers
+        v, vl = val
+        logp = F.log_softmax(m(v)[0], -1)
+        terms = [-logp[b, Tp + t - 1, v[b, Tp + t]].item() for b in range(len(v)) for t in range(vl[b])]
+        return sum(terms) / len(terms)
+
+    model, opt, losses, log = run(40, val)
+    assert len(losses) == 40 and [s for s, _ in log] == list(range(0, 41, 4))
+    assert abs(log[0][1] - by_hand(tiny_model(1))) < 1e-5
+    best_step, low = min(log, key=lambda v: v[1])
+    assert 0 < best_step < 40 and low < log[0][1] and log[-1][1] > low + 0.05, log  # (a dip, then a climb)
+    plain, plain_opt, plain_losses, plain_log = run(best_step)
+    assert plain_log == [] and plain_losses == losses[:best_step]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert all(torch.equal(opt.state[p]['exp_avg'], plain_opt.state[q]['exp_avg'])
+               for p, q in zip(model.parameters(), plain.parameters()))
+    assert abs(by_hand(model) - low) < 1e-5
+    assert [s for s, _ in run(10, val)[3]] == [0, 4, 8, 10]  # and after the last step
+
+
 def test_expert_iteration_stage_puts_its_rounds_on_the_frontier(runs):
     """A tiny run beside PPO's: exit 0, its json with a path of rounds + 1 points from the reference
     (KL 0), the checkpoint a GPT that loads and moved, and its points in that folder's frontier.csv."""
@@ -1063,6 +1099,8 @@ def test_expert_iteration_stage_puts_its_rounds_on_the_frontier(runs):
     assert m['eval']['expert_iteration']['gold'] == m['path'][-1]['gold']
     assert [k['kept'] for k in m['kept']] == [8, 8] and all(k['rm_kept'] >= k['rm_all'] for k in m['kept'])
     assert 'round 2/2 (100%): kept 8/8' in log and 'eval 2: gold' in log and 'seconds ' in log
+    assert all([s for s, _ in k['val_loss']] == [0, 2, 3] and k['best_step'] in (0, 2, 3) for k in m['kept'])
+    assert 'early-stopped on 4 held-aside prompts' in log and log.count('held-aside loss') == 2
     model, _, ck = load_gpt(os.path.join(d, 'expert_iteration.pt'))
     sft, _, _ = load_gpt(os.path.join(d, 'sft.pt'))
     assert ck['iter_num'] == 2 and ck['budget'] == 2 * 3 * 4  # rounds x steps x batch

@@ -176,7 +176,8 @@ TINY_SFT = ['--max_answer_len=32', '--batch_size=8', '--max_iters=15', '--eval_i
 TINY_DPO = ['--eval_prompts=8', '--eval_samples=1', '--prompts_per_batch=4', '--eval_interval=10',
             '--log_interval=5']
 TINY_EI = ['--rounds=2', '--prompts_per_round=8', '--n=4', '--steps_per_round=3', '--batch_size=4',
-           '--learning_rate=1e-3', '--eval_prompts=8', '--eval_samples=1', '--val_prompts=4', '--val_interval=2']
+           '--learning_rate=1e-3', '--eval_prompts=8', '--eval_samples=1', '--val_prompts=4',
+           '--val_interval=2']
 TINY_PPO = ['--max_iters=3', '--batch_size=16', '--eval_prompts=8', '--best_of_max=16', '--eval_samples=1',
             '--eval_interval=2']
 SMALL_RM = [*TINY_RM, '--train_prompts=16', '--dev_prompts=8', '--val_prompts=8']  # the road without SFT

@@ -66,7 +66,7 @@ prompts_per_round = 768         # in [1, inf): fresh training prompts a round
 n = 12                          # in [1, inf): answers sampled a prompt, the RM's best kept (1: self-distil)
 threshold = None                # float in (-inf, inf) or None: keep only best answers scored above it
 steps_per_round = 48            # in [1, inf): AdamW steps on the kept answers a round (48 x 32: 2 passes)
-val_prompts = 128               # in [0, inf): held-aside prompts a round whose kept answers early-stop it (0: none)
+val_prompts = 128               # in [0, inf): held-aside prompts whose kept answers early-stop a round (0: no)
 val_interval = 8                # in [1, inf): steps between two losses on those answers
 batch_size = 32                 # in [1, inf): kept answers a step
 learning_rate = 5e-5            # in (0, inf): AdamW, constant
@@ -99,7 +99,8 @@ def mean_loss(model, seqs, lengths, prompt_len, batch_size):
     total = 0.0
     for b in torch.arange(len(seqs), device=seqs.device).split(batch_size):
         nb = lengths[b]
-        total += sft_loss(model, seqs[b, :prompt_len + int(nb.max())], nb, prompt_len).item() * nb.sum().item()
+        loss = sft_loss(model, seqs[b, :prompt_len + int(nb.max())], nb, prompt_len)
+        total += loss.item() * nb.sum().item()
     return total / lengths.sum().item()
 
 
@@ -176,14 +177,16 @@ if __name__ == '__main__':
         die(f'the training text has {len(starts)} speech start: early stopping needs one held aside and '
             'one to train on; add --val_prompts=0')
     starts, val_starts = starts[~aside], starts[aside]
-    val_gen, val_sample_gen = torch.Generator().manual_seed(seed + 1), torch.Generator(device).manual_seed(seed + 1)
+    val_gen = torch.Generator().manual_seed(seed + 1)  # the held-aside prompts and their answers: own streams
+    val_sample_gen = torch.Generator(device).manual_seed(seed + 1)
     held_out = held_out_prompts(val_data, vocab, eval_prompts, Tp, seed, device)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     print(f'{time.time() - t_start:.1f}s: expert iteration from {reference}, {rounds} round(s) of '
           f"{prompts_per_round} prompts x {n} answers of <= {max_len} chars, the RM's best kept"
           + ('' if threshold is None else f' if above {threshold:g}')
           + f', {steps_per_round} steps x {batch_size} a round'
-          + (f', early-stopped on {val_prompts} held-aside prompts' if val_prompts else '') + f', device {device}')
+          + (f', early-stopped on {val_prompts} held-aside prompts' if val_prompts else '')
+          + f', device {device}')
 
     path = RunPath(name, model, ref, rm, held_out, vocab, max_len, stop, temperature, eval_samples, seed,
                    forward_batch_size)
